@@ -1,0 +1,45 @@
+# `make run` serves the API (embedded: SQLite, local storage, in-process worker) on 127.0.0.1:$(PORT).
+# `make test` runs the whole suite, starting PostgreSQL and Redis if they are down.
+# Both create .venv and install everything on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+BASE_STAMP := $(VENV)/.base-installed
+TEST_STAMP := $(VENV)/.test-installed
+
+.PHONY: run test worker migrate bench clean
+
+$(BASE_STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "modelpress needs Python 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# constraints.txt holds torch==2.13.0 so no dependency can pull a newer (CUDA) build.
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(TEST_STAMP): $(BASE_STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+run: $(BASE_STAMP)
+	$(PY) -m service.migrate
+	$(PY) -m service
+
+test: $(TEST_STAMP)
+	bash tests/ensure_services.sh
+	$(PY) -m pytest
+
+# Production shape, by hand: a worker for the cpu queue (set DATABASE_URL, BROKER_URL, STORAGE_URL).
+worker: $(BASE_STAMP)
+	$(VENV)/bin/celery -A worker.celery_app worker -Q cpu --concurrency 1 --loglevel INFO
+
+migrate: $(BASE_STAMP)
+	$(PY) -m service.migrate
+
+bench: $(TEST_STAMP)
+	$(PY) -m bench.quantize
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

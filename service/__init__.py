@@ -1,0 +1,1 @@
+"""modelpress API service. Knows about uploads, jobs and storage; never about tensors."""

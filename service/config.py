@@ -1,0 +1,92 @@
+"""All settings in one validated object, read from the environment by `get_settings()`.
+
+Nothing reads environment variables anywhere else: tests build a `Settings` and hand it in.
+"""
+
+import importlib
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(Path("data"), validation_alias=AliasChoices("MODELPRESS_DATA_DIR", "data_dir"))
+    # Empty means the embedded default: SQLite in data_dir.
+    database_url: str = Field("", validation_alias=AliasChoices("DATABASE_URL", "database_url"))
+    # Empty means no broker: jobs run on a worker thread inside the API process.
+    broker_url: str = Field("", validation_alias=AliasChoices("BROKER_URL", "broker_url"))
+    # "s3://bucket[/prefix]" or a folder; empty means data_dir/objects.
+    storage_url: str = Field("", validation_alias=AliasChoices("STORAGE_URL", "storage_url"))
+    s3_endpoint_url: str = Field("", validation_alias=AliasChoices("S3_ENDPOINT_URL", "s3_endpoint_url"))
+    s3_region: str = Field("us-east-1", validation_alias=AliasChoices("S3_REGION", "s3_region"))
+
+    max_model_bytes: int = Field(
+        1024 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_MODEL_BYTES", "max_model_bytes")
+    )
+    max_dataset_bytes: int = Field(
+        2048 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_DATASET_BYTES", "max_dataset_bytes")
+    )
+    max_dataset_samples: int = Field(
+        200_000, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_DATASET_SAMPLES", "max_dataset_samples")
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_IMAGE_PIXELS", "max_image_pixels")
+    )
+    job_time_limit_s: int = Field(
+        3600, gt=0, validation_alias=AliasChoices("MODELPRESS_JOB_TIME_LIMIT_S", "job_time_limit_s")
+    )
+    max_job_attempts: int = Field(3, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_JOB_ATTEMPTS", "max_job_attempts"))
+    # A running job whose heartbeat is older than this is taken as lost (its worker died).
+    stale_job_after_s: int = Field(
+        300, gt=0, validation_alias=AliasChoices("MODELPRESS_STALE_JOB_AFTER_S", "stale_job_after_s")
+    )
+    # Route jobs that train (they name a GPU-capable step) to the "gpu" queue.
+    gpu_queue: bool = Field(False, validation_alias=AliasChoices("MODELPRESS_GPU_QUEUE", "gpu_queue"))
+    # Threads used when measuring latency; recorded with every measurement.
+    bench_threads: int = Field(1, gt=0, validation_alias=AliasChoices("MODELPRESS_BENCH_THREADS", "bench_threads"))
+    # Modules imported at start-up by the API and the workers; each registers extra step types
+    # (a config with `register_config` and a handler with `register`).
+    plugins: str = Field("", validation_alias=AliasChoices("MODELPRESS_PLUGINS", "plugins"))
+    default_tenant: str = "default"
+    # Embedded mode only: run migrations at start-up.
+    migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'modelpress.db'}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or str(self.data_dir / "objects")
+
+    @property
+    def embedded_worker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def plugin_modules(self) -> list[str]:
+        return [name.strip() for name in self.plugins.split(",") if name.strip()]
+
+    def load_plugins(self) -> None:
+        for name in self.plugin_modules:
+            importlib.import_module(name)
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,27 @@
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class DatasetRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    count: int
+    # Shape of the whole `images` array, the sample count first.
+    shape: list[int]
+    dtype: str
+    # How the images are laid out: NCHW, NHWC or NHW (single channel without a channel axis).
+    layout: str
+    has_labels: bool
+    num_classes: int | None
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetRead]
+    next_cursor: str | None

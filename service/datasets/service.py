@@ -1,0 +1,55 @@
+"""Dataset records: create from an upload, read, list, delete."""
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.datasets.inspect import inspect_npz
+from service.datasets.tables import DatasetRow
+from service.errors import Conflict, NotFound
+from service.ids import new_id
+from service.pagination import newest_first
+from service.storage import ObjectStore
+from service.uploads import ReceivedUpload
+
+
+def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_id: str, upload: ReceivedUpload, name: str | None) -> DatasetRow:
+    info = inspect_npz(
+        upload.path, max_bytes=settings.max_dataset_bytes, max_samples=settings.max_dataset_samples,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    dataset_id = new_id("ds")
+    key = f"datasets/{dataset_id}/data.npz"
+    store.put_file(key, upload.path)
+    row = DatasetRow(
+        id=dataset_id, tenant_id=tenant_id, name=(name or Path(upload.filename).stem or dataset_id)[:255],
+        format="npz", size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key,
+        count=info.count, shape=info.shape, dtype=info.dtype, layout=info.layout,
+        has_labels=info.has_labels, num_classes=info.num_classes,
+    )
+    session.add(row)
+    session.commit()
+    return row
+
+
+def get(*, session: Session, tenant_id: str, dataset_id: str) -> DatasetRow:
+    row = session.get(DatasetRow, dataset_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"dataset {dataset_id} does not exist", code="dataset_not_found", dataset_id=dataset_id)
+    return row
+
+
+def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[DatasetRow], str | None]:
+    return newest_first(session=session, table=DatasetRow, tenant_id=tenant_id, limit=limit, cursor=cursor)
+
+
+def delete(*, session: Session, store: ObjectStore, tenant_id: str, dataset_id: str) -> None:
+    from service.jobs.service import active_jobs_using_dataset
+
+    row = get(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+    if active_jobs_using_dataset(session=session, dataset_id=dataset_id):
+        raise Conflict(f"dataset {dataset_id} is used by a queued or running job", code="dataset_in_use", dataset_id=dataset_id)
+    session.delete(row)
+    session.commit()
+    store.delete_prefix(f"datasets/{dataset_id}")

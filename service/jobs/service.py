@@ -1,0 +1,212 @@
+"""Jobs: accept, read, cancel (for the API) and claim, report, finish (for the runner).
+
+Status changes go through `states.transition`. The broker only ever carries a job id, sent after
+the job's row is committed.
+"""
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.datasets import service as datasets
+from service.db import utcnow
+from service.dispatch import Dispatcher
+from service.errors import Conflict, Invalid, NotFound
+from service.ids import new_id
+from service.jobs.schemas import JobCreate
+from service.jobs.states import ACTIVE, FINISHED, JobStatus, transition
+from service.jobs.tables import ArtifactRow, JobRow
+from service.models import service as models
+from service.pagination import newest_first
+from worker.engine.configs import parse_step
+from worker.engine.errors import EngineError
+from worker.engine.shapes import check_fits
+
+
+class DispatchFailed(Exception):
+    pass
+
+
+def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: JobCreate, gpu_queue: bool) -> JobRow:
+    model = models.get(session=session, tenant_id=tenant_id, model_id=body.model_id)
+    configs = []
+    for index, step in enumerate(body.steps):
+        try:
+            configs.append(parse_step(step.type, step.params))
+        except EngineError as exc:
+            raise Invalid(exc.message, code=exc.code, step=index) from exc
+
+    needed = set().union(*(c.required_data() for c in configs))
+    for role in sorted(needed):
+        if getattr(body.data, role) is None:
+            raise Invalid(f"a step needs a {role} dataset: set data.{role} to a dataset id", code=f"{role}_data_required")
+    image_input = model.inputs[0] if model.inputs else None
+    if len(model.inputs) > 1:
+        raise Invalid(f"models with {len(model.inputs)} inputs are not supported yet; one image input is", code="unsupported_model_input")
+    for role, dataset_id in body.data.model_dump().items():
+        if dataset_id is None:
+            continue
+        dataset = datasets.get(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+        try:
+            check_fits(dataset.shape, dataset.layout, image_input["shape"] if image_input else None,
+                       role=role, input_name=image_input["name"] if image_input else "input")
+        except EngineError as exc:
+            raise Invalid(exc.message, code=exc.code) from exc
+
+    job = JobRow(
+        id=new_id("job"), tenant_id=tenant_id, model_id=model.id, status=JobStatus.QUEUED.value, stage="queued",
+        progress=0.0, queue="gpu" if gpu_queue and any(c.uses_gpu for c in configs) else "cpu",
+        spec={
+            "steps": [{"type": s.type, "params": c.model_dump()} for s, c in zip(body.steps, configs)],
+            "data": body.data.model_dump(),
+        },
+        metrics={},
+    )
+    session.add(job)
+    session.commit()
+    enqueue(session=session, dispatcher=dispatcher, job=job)
+    return job
+
+
+def enqueue(*, session: Session, dispatcher: Dispatcher, job: JobRow) -> None:
+    """Send the committed job's id to a worker. If the broker refuses, the job fails with a clear
+    code instead of staying queued forever."""
+    try:
+        dispatcher.enqueue(job.id, queue=job.queue)
+    except Exception as exc:
+        transition(session, job.id, JobStatus.FAILED, error_code="broker_unavailable",
+                   error_message=f"the job could not be queued: {exc}", finished_at=utcnow())
+        session.commit()
+        session.refresh(job)
+        raise DispatchFailed(str(exc)) from exc
+
+
+def get(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
+    job = session.get(JobRow, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id} does not exist", code="job_not_found", job_id=job_id)
+    return job
+
+
+def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None, status: str | None = None):
+    where = (JobRow.status == status,) if status else ()
+    return newest_first(session=session, table=JobRow, tenant_id=tenant_id, limit=limit, cursor=cursor, where=where)
+
+
+def cancel(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
+    job = get(session=session, tenant_id=tenant_id, job_id=job_id)
+    if transition(session, job_id, JobStatus.CANCELLED, only_from=frozenset({JobStatus.QUEUED}),
+                  stage="cancelled", finished_at=utcnow()):
+        session.commit()
+    else:
+        # A running job stops at its runner's next progress check.
+        moved = session.execute(
+            update(JobRow).where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING.value).values(cancel_requested=True)
+        ).rowcount
+        session.commit()
+        if not moved:
+            session.refresh(job)
+            raise Conflict(f"job {job_id} has already finished ({job.status})", code="job_finished", status_value=job.status)
+    session.refresh(job)
+    return job
+
+
+def get_artifact(*, session: Session, tenant_id: str, job_id: str, name: str) -> ArtifactRow:
+    job = get(session=session, tenant_id=tenant_id, job_id=job_id)
+    for artifact in job.artifacts:
+        if artifact.name == name:
+            return artifact
+    raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found", job_id=job_id)
+
+
+def active_jobs_using_model(*, session: Session, model_id: str) -> bool:
+    query = select(JobRow.id).where(JobRow.model_id == model_id, JobRow.status.in_([s.value for s in ACTIVE]))
+    return session.scalar(query.limit(1)) is not None
+
+
+def active_jobs_using_dataset(*, session: Session, dataset_id: str) -> bool:
+    active = session.scalars(select(JobRow).where(JobRow.status.in_([s.value for s in ACTIVE])))
+    return any(dataset_id in job.spec.get("data", {}).values() for job in active)
+
+
+# --- for the runner -------------------------------------------------------------------------------
+
+def claim(*, session: Session, job_id: str, stale_after_s: int, max_attempts: int) -> tuple[JobRow, str] | None:
+    """Take the job for this delivery. A queued job is claimed; a running one only if its heartbeat
+    is stale (its worker died and the broker re-delivered it). Returns the job and this delivery's
+    token, or None when there is nothing to do."""
+    job = session.get(JobRow, job_id, populate_existing=True)
+    if job is None or job.status in FINISHED:
+        return None
+    if job.attempts >= max_attempts:
+        transition(session, job_id, JobStatus.FAILED, error_code="worker_lost",
+                   error_message=f"the job's worker stopped {job.attempts} times; giving up", finished_at=utcnow())
+        session.commit()
+        return None
+    token = uuid.uuid4().hex
+    stale_before = utcnow() - timedelta(seconds=stale_after_s)
+    claimed = transition(
+        session, job_id, JobStatus.RUNNING,
+        where=((JobRow.status == JobStatus.QUEUED.value) | (JobRow.heartbeat_at < stale_before) | (JobRow.heartbeat_at.is_(None)),),
+        run_token=token, attempts=JobRow.attempts + 1, heartbeat_at=utcnow(), started_at=utcnow(),
+        stage="starting", progress=0.0,
+    )
+    session.commit()
+    if not claimed:
+        return None
+    session.refresh(job)
+    return job, token
+
+
+def report(*, session: Session, job_id: str, token: str, stage: str, progress: float) -> str:
+    """Record progress and heartbeat. Returns "ok", "cancel" (a cancel was requested) or "lost"
+    (another delivery owns the job now)."""
+    moved = session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.run_token == token, JobRow.status == JobStatus.RUNNING.value)
+        .values(stage=stage[:64], progress=max(0.0, min(1.0, progress)), heartbeat_at=utcnow())
+    ).rowcount
+    session.commit()
+    if not moved:
+        return "lost"
+    return "cancel" if session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)) else "ok"
+
+
+def record_artifact(*, session: Session, job_id: str, name: str, size_bytes: int, sha256: str, storage_key: str) -> None:
+    existing = session.scalar(select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.name == name))
+    if existing is None:
+        session.add(ArtifactRow(job_id=job_id, name=name, size_bytes=size_bytes, sha256=sha256, storage_key=storage_key))
+    else:
+        existing.size_bytes, existing.sha256, existing.storage_key = size_bytes, sha256, storage_key
+    session.commit()
+
+
+def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metrics: dict | None = None,
+           error_code: str | None = None, error_message: str | None = None) -> bool:
+    values = {"finished_at": utcnow(), "stage": status.value, "error_code": error_code, "error_message": error_message}
+    if status == JobStatus.SUCCEEDED:
+        values["progress"] = 1.0
+    if metrics is not None:
+        values["metrics"] = metrics
+    moved = transition(session, job_id, status, owner_token=token, only_from=frozenset({JobStatus.RUNNING}), **values)
+    session.commit()
+    return moved
+
+
+def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:
+    """Hand jobs whose worker died (stale heartbeat) back to the queue. Returns their ids for the
+    caller to re-dispatch."""
+    stale_before = utcnow() - timedelta(seconds=stale_after_s)
+    stale = list(session.scalars(select(JobRow.id).where(
+        JobRow.status == JobStatus.RUNNING.value, JobRow.heartbeat_at < stale_before)))
+    requeued = [job_id for job_id in stale if transition(
+        session, job_id, JobStatus.QUEUED, only_from=frozenset({JobStatus.RUNNING}),
+        where=(JobRow.heartbeat_at < stale_before,), stage="requeued", run_token=None)]
+    session.commit()
+    return requeued
+
+
+def queued_ids(*, session: Session) -> list[str]:
+    return list(session.scalars(select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value).order_by(JobRow.created_at)))

@@ -1,0 +1,82 @@
+"""The app factory: builds settings, database, storage and dispatcher once, and wires the routers."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from service.config import Settings, get_settings
+from service.datasets.views import router as datasets_router
+from service.db import make_engine, make_session_factory
+from service.deps import AppContext, ContextDep
+from service.dispatch import make_dispatcher
+from service.errors import DomainError, install_error_handlers
+from service.jobs.views import router as jobs_router
+from service.models.views import router as models_router
+from service.storage import open_store
+
+log = logging.getLogger("modelpress")
+
+
+class NotReady(DomainError):
+    status, code, title = 503, "not_ready", "Service unavailable"
+
+
+def _ping_database(context: AppContext) -> None:
+    with context.session_factory() as session:
+        session.execute(text("SELECT 1"))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    settings.load_plugins()
+    if settings.embedded_worker and settings.migrate_on_start:
+        from service.migrate import upgrade
+
+        upgrade(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url)
+    session_factory = make_session_factory(engine)
+    store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    dispatcher = make_dispatcher(settings, session_factory, store)
+    context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        dispatcher.start()
+        yield
+        dispatcher.stop()
+        engine.dispose()
+
+    app = FastAPI(title="modelpress", version="0.1.0", lifespan=lifespan,
+                  description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
+    app.state.context = context
+    install_error_handlers(app)
+    app.include_router(models_router)
+    app.include_router(datasets_router)
+    app.include_router(jobs_router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(context: ContextDep):
+        checks = {}
+        for name, probe in (
+            ("database", lambda: _ping_database(context)),
+            ("storage", context.store.ping),
+            ("broker", context.dispatcher.ping),
+        ):
+            try:
+                probe()
+                checks[name] = "ok"
+            except Exception as exc:  # readiness reports every failure instead of raising the first
+                checks[name] = f"error: {exc.__class__.__name__}: {exc}"[:300]
+        if any(v != "ok" for v in checks.values()):
+            raise NotReady("a dependency is unreachable", checks=checks)
+        return {"status": "ready", "checks": checks, "worker": "embedded" if settings.embedded_worker else "celery"}
+
+    return app

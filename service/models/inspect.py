@@ -1,0 +1,195 @@
+"""Recognise an uploaded model from its content (never its file name) and read its signature.
+
+Nothing here executes the upload: pickles are only *scanned* opcode by opcode (pickletools), ONNX is
+parsed as protobuf, a torch.export archive's signature is read from its JSON. torch is not imported.
+"""
+
+import json
+import pickletools
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import Invalid
+
+ONNX = "onnx"
+TORCH_EXPORT = "torch_export"
+TORCHSCRIPT = "torchscript"
+
+MAX_METADATA_MEMBER_BYTES = 256 * 1024 * 1024
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+    "MatMulInteger", "MatMulNBits", "DynamicQuantizeLinear",
+}
+# Globals a plain `torch.save(state_dict)` file references; anything else means the pickle would
+# rebuild arbitrary objects (an nn.Module, or worse) when loaded.
+WEIGHTS_ONLY_GLOBALS = {
+    "collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter",
+    "torch._utils _rebuild_parameter_with_state", "torch device", "torch._tensor _rebuild_from_type_v2",
+}
+# torch.export serialises ScalarType as these numbers (torch/_export/serde/schema.py).
+_EXPORT_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32", 8: "float64", 12: "bool", 13: "bfloat16"}
+
+
+@dataclass
+class ModelInfo:
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def inspect_model(path: Path) -> ModelInfo:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        return _inspect_zip(path)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        with open(path, "rb") as f:
+            _refuse_pickle(f.read(MAX_METADATA_MEMBER_BYTES))
+    return _inspect_onnx(path, head)
+
+
+def _refuse_pickle(data: bytes) -> None:
+    """Always raises: a pickle is never a model we accept; say which kind it is."""
+    globals_used: set[str] = set()
+    recent_strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                globals_used.add(str(arg))
+            elif opcode.name == "STACK_GLOBAL":
+                globals_used.add(" ".join(recent_strings[-2:]) if len(recent_strings) >= 2 else "?")
+            elif isinstance(arg, str):
+                recent_strings.append(arg)
+    except Exception:
+        globals_used.add("?")
+    code_refs = sorted(g for g in globals_used if g not in WEIGHTS_ONLY_GLOBALS and not _is_storage(g))
+    if not code_refs:
+        raise Invalid(
+            "this is a plain weights file (a state_dict): it has no architecture to compress. Upload "
+            "ONNX, a torch.export archive (torch.export.save) or TorchScript (torch.jit.save) instead",
+            code="weights_only_file",
+        )
+    raise Invalid(
+        "pickled Python objects are refused: loading them runs code. Upload ONNX, a torch.export "
+        "archive (torch.export.save) or TorchScript (torch.jit.save) instead",
+        code="pickle_refused",
+        references=code_refs[:20],
+    )
+
+
+def _is_storage(global_name: str) -> bool:
+    module, _, name = global_name.partition(" ")
+    return module in ("torch", "torch.storage") and name.endswith("Storage")
+
+
+def _inspect_zip(path: Path) -> ModelInfo:
+    try:
+        archive = zipfile.ZipFile(path)
+        names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise Invalid(f"the upload looks like a zip archive but cannot be read: {exc}", code="invalid_archive") from exc
+    with archive:
+        if any(n.endswith("/models/model.json") for n in names):
+            return _inspect_torch_export(archive, names)
+        if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+            version = _read_member(archive, next((n for n in names if n.endswith("/version")), ""), default=b"")
+            return ModelInfo(
+                TORCHSCRIPT, inputs=[], outputs=[],
+                details={"torchscript_version": version.decode(errors="replace").strip(),
+                         "note": "TorchScript carries no input shapes; the job's dataset gives them"},
+            )
+        pickled = next((n for n in names if n.endswith("data.pkl")), None)
+        if pickled:
+            _refuse_pickle(_read_member(archive, pickled))
+    raise Invalid(
+        "the zip archive is not a model this service reads (ONNX, torch.export .pt2 or TorchScript)",
+        code="unsupported_model_format",
+    )
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, default: bytes | None = None) -> bytes:
+    if not name:
+        return default or b""
+    info = archive.getinfo(name)
+    if info.file_size > MAX_METADATA_MEMBER_BYTES:
+        raise Invalid(f"archive member {name} is too large to inspect", code="invalid_archive")
+    return archive.read(name)
+
+
+def _inspect_torch_export(archive: zipfile.ZipFile, names: list[str]) -> ModelInfo:
+    member = next(n for n in names if n.endswith("/models/model.json"))
+    try:
+        program = json.loads(_read_member(archive, member))
+        graph_module = program["graph_module"]
+        tensors = graph_module["graph"]["tensor_values"]
+        signature = graph_module["signature"]
+        inputs = [_export_tensor(spec["user_input"]["arg"], tensors) for spec in signature["input_specs"] if "user_input" in spec]
+        outputs = [_export_tensor(spec["user_output"]["arg"], tensors) for spec in signature["output_specs"] if "user_output" in spec]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Invalid(f"the torch.export archive cannot be read: {exc}", code="invalid_archive") from exc
+    details = {"torch_version": program.get("torch_version"), "schema_version": program.get("schema_version")}
+    return ModelInfo(TORCH_EXPORT, inputs=inputs, outputs=outputs, details=details)
+
+
+def _export_tensor(arg: dict, tensors: dict) -> dict[str, Any]:
+    name = arg.get("as_tensor", {}).get("name")
+    if name is None:
+        return {"name": "?", "shape": None, "dtype": "unknown"}
+    meta = tensors.get(name, {})
+    shape = [size.get("as_int") for size in meta.get("sizes", [])]  # symbolic sizes have no as_int
+    return {"name": name, "shape": shape, "dtype": _EXPORT_DTYPES.get(meta.get("dtype"), "unknown")}
+
+
+def _inspect_onnx(path: Path, head: bytes) -> ModelInfo:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        # ModelProto's first field on disk is ir_version (tag 0x08): such a file is ONNX gone bad.
+        if head[:1] == b"\x08":
+            raise Invalid(f"the ONNX file cannot be parsed (truncated or corrupt): {exc}", code="invalid_onnx") from exc
+        raise Invalid(
+            "the upload is not a model this service reads (ONNX, torch.export .pt2 or TorchScript)",
+            code="unsupported_model_format",
+        ) from exc
+    if model.ir_version <= 0 or not model.graph.node:
+        raise Invalid("the file is not an ONNX model with a graph", code="unsupported_model_format")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise Invalid("ONNX models with external weight files are not supported yet", code="external_data_unsupported")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise Invalid(f"the ONNX model is invalid: {str(exc).splitlines()[0]}", code="invalid_onnx") from exc
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [_onnx_value(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [_onnx_value(v) for v in model.graph.output]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    op_types = {n.op_type for n in model.graph.node}
+    details = {
+        "opset": opset,
+        "ir_version": model.ir_version,
+        "producer": model.producer_name,
+        "nodes": len(model.graph.node),
+        "quantized": bool(op_types & QUANTIZED_OPS),
+    }
+    return ModelInfo(ONNX, inputs=inputs, outputs=outputs, details=details)
+
+
+def _onnx_value(value) -> dict[str, Any]:
+    import onnx
+
+    tensor_type = value.type.tensor_type
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    try:
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except Exception:
+        dtype = "unknown"
+    return {"name": value.name, "shape": shape, "dtype": dtype}

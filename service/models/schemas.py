@@ -1,0 +1,30 @@
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class TensorSpec(BaseModel):
+    name: str
+    # None marks a dynamic dimension (e.g. the batch).
+    shape: list[int | None] | None
+    dtype: str
+
+
+class ModelRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    details: dict[str, Any] = {}
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelRead]
+    next_cursor: str | None

@@ -1,0 +1,60 @@
+"""Model records: create from an upload, read, list, delete. Keyword-only, no HTTP."""
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, NotFound
+from service.ids import new_id
+from service.models.inspect import inspect_model
+from service.models.tables import ModelRow
+from service.pagination import newest_first
+from service.storage import ObjectStore
+from service.uploads import ReceivedUpload
+
+FILE_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": "model.pt"}
+
+
+def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: ReceivedUpload, name: str | None) -> ModelRow:
+    info = inspect_model(upload.path)
+    model_id = new_id("mdl")
+    key = f"models/{model_id}/{FILE_NAMES[info.format]}"
+    # The object is written before the row: a row never points at a missing object.
+    store.put_file(key, upload.path)
+    row = ModelRow(
+        id=model_id,
+        tenant_id=tenant_id,
+        name=(name or Path(upload.filename).stem or model_id)[:255],
+        format=info.format,
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256,
+        storage_key=key,
+        inputs=info.inputs,
+        outputs=info.outputs,
+        details=info.details,
+    )
+    session.add(row)
+    session.commit()
+    return row
+
+
+def get(*, session: Session, tenant_id: str, model_id: str) -> ModelRow:
+    row = session.get(ModelRow, model_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"model {model_id} does not exist", code="model_not_found", model_id=model_id)
+    return row
+
+
+def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[ModelRow], str | None]:
+    return newest_first(session=session, table=ModelRow, tenant_id=tenant_id, limit=limit, cursor=cursor)
+
+
+def delete(*, session: Session, store: ObjectStore, tenant_id: str, model_id: str) -> None:
+    from service.jobs.service import active_jobs_using_model
+
+    row = get(session=session, tenant_id=tenant_id, model_id=model_id)
+    if active_jobs_using_model(session=session, model_id=model_id):
+        raise Conflict(f"model {model_id} is used by a queued or running job", code="model_in_use", model_id=model_id)
+    session.delete(row)
+    session.commit()
+    store.delete_prefix(f"models/{model_id}")

@@ -1,0 +1,125 @@
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.processes import VENV_BIN, Process, free_port, wait_for
+
+PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379/15")
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass
+class Reference:
+    """A small ResNet-style CNN trained on scikit-learn digits, in every upload format, and data."""
+
+    onnx: Path
+    pt2: Path
+    torchscript: Path
+    eval_npz: Path  # labelled, NCHW uint8
+    calib_npz: Path  # unlabelled
+    nhwc_npz: Path  # the eval images as N,H,W,C
+    nhw_npz: Path  # the eval images as N,H,W
+    wrong_size_npz: Path  # 12x12 images: do not fit the 8x8 model
+    eval_images: np.ndarray
+    eval_labels: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Reference:
+    from bench.reference import ResNetSmall, export_all, load_digits_split, train
+
+    out = tmp_path_factory.mktemp("reference")
+    train_split, test_split = load_digits_split()
+    model = train(ResNetSmall(widths=(8, 16, 32)), train_split, epochs=4)
+    paths = export_all(model, test_split.images, out, "resnet")
+    images, labels = test_split.images, test_split.labels
+    np.savez(out / "eval.npz", images=images, labels=labels)
+    np.savez(out / "calib.npz", images=train_split.images[:200])
+    np.savez(out / "nhwc.npz", images=images.transpose(0, 2, 3, 1), labels=labels)
+    np.savez(out / "nhw.npz", images=images[:, 0], labels=labels)
+    np.savez(out / "wrong.npz", images=np.zeros((20, 1, 12, 12), np.uint8))
+    return Reference(paths["onnx"], paths["pt2"], paths["torchscript"], out / "eval.npz", out / "calib.npz",
+                     out / "nhwc.npz", out / "nhw.npz", out / "wrong.npz", images, labels)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from service.config import Settings
+
+    return Settings(data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def client(settings):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+# --- real servers ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for the session, migrated by the tests that need it."""
+    import psycopg
+
+    name = f"modelpress_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on loopback (a real HTTP S3 endpoint)."""
+    import httpx
+
+    port = free_port()
+    log_dir = tmp_path_factory.mktemp("moto")
+    server = Process("moto", [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], S3_ENV, log_dir)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 30, "moto server")
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    import boto3
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"mp-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket

@@ -1,0 +1,104 @@
+"""The user's path through HTTP, shared by the embedded and the Postgres+Redis+Celery+S3 tests."""
+
+import hashlib
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def upload_model(http, path, name=None):
+    response = http.post("/v1/models", files={"file": (path.name, path.read_bytes())}, data={"name": name} if name else None)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def upload_dataset(http, path):
+    response = http.post("/v1/datasets", files={"file": (path.name, path.read_bytes())})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def submit(http, model_id, calibration, eval_id, params=None):
+    response = http.post("/v1/jobs", json={
+        "model_id": model_id, "steps": [{"type": "quantize", "params": params or {"method": "static_int8"}}],
+        "data": {"calibration": calibration, "eval": eval_id},
+    })
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+    return response.json()
+
+
+def wait_finished(http, job_id, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        seen.append((job["status"], job["stage"], job["progress"]))
+        if job["status"] in FINISHED:
+            return job, seen
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish; last states {seen[-5:]}")
+
+
+def download(http, url, to):
+    response = http.get(url)
+    assert response.status_code == 200, response.text
+    to.write_bytes(response.content)
+    return response
+
+
+def check_quantized_job(http, reference, tmp_path, model_path):
+    """Upload, run static int8, poll to succeeded, download, and check the numbers independently."""
+    model = upload_model(http, model_path)
+    eval_set = upload_dataset(http, reference.eval_npz)
+    calibration = upload_dataset(http, reference.calib_npz)
+    job = submit(http, model["id"], calibration["id"], eval_set["id"])
+    assert job["status"] in ("queued", "running", "succeeded")
+    job, seen = wait_finished(http, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["error"] is None and job["progress"] == 1.0
+    assert job["started_at"] <= job["finished_at"]
+    progress = [p for _, _, p in seen]
+    assert progress == sorted(progress), "progress never goes backwards"
+
+    artifacts = {a["name"]: a for a in job["artifacts"]}
+    assert set(artifacts) >= {"model.onnx", "metrics.json"}
+    quantized = tmp_path / "model.onnx"
+    response = download(http, artifacts["model.onnx"]["url"], quantized)
+    digest = hashlib.sha256(quantized.read_bytes()).hexdigest()
+    assert digest == artifacts["model.onnx"]["sha256"] == response.headers["etag"].strip('"')
+    metrics_file = tmp_path / "metrics.json"
+    download(http, artifacts["metrics.json"]["url"], metrics_file)
+
+    # The artifact is a real QDQ int8 model with int8 weights that ONNX Runtime runs.
+    graph = onnx.load(str(quantized)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    images = reference.eval_images.astype(np.float32) / 255.0
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    independent_accuracy = float(np.mean(logits.argmax(1) == reference.eval_labels))
+
+    metrics = job["metrics"]
+    assert metrics == __import__("json").loads(metrics_file.read_text())
+    assert metrics["compressed"]["size_bytes"] == artifacts["model.onnx"]["size_bytes"] == quantized.stat().st_size
+    # The test model is tiny (25k parameters): tensor names and scales are half its file, so it stays
+    # well under the ~3.8x of real models (see bench/).
+    assert metrics["comparison"]["size_ratio"] > 1.7, metrics["comparison"]
+    assert abs(metrics["compressed"]["accuracy"]["top1"] - independent_accuracy) < 1e-9
+    assert metrics["original"]["accuracy"]["top1"] > 0.85
+    assert metrics["comparison"]["accuracy_drop"] < 0.05
+    fidelity = metrics["comparison"]["fidelity"][0]
+    assert fidelity["top1_agreement"] > 0.95 and fidelity["cosine_mean"] > 0.98
+    for which in ("original", "compressed"):
+        for batch in ("batch_1", "batch_32"):
+            latency = metrics[which]["latency"][batch]
+            assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+    step = metrics["steps"][0]
+    assert step["int8_compute_nodes"] > 0 and step["float_compute_nodes"] == 0
+    return job

@@ -1,0 +1,114 @@
+"""Jobs end to end on the embedded default (SQLite, local folder, in-process worker)."""
+
+import pytest
+
+from tests.jobs_flow import check_quantized_job, submit, upload_dataset, upload_model, wait_finished
+from tests.test_models_api import assert_problem
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2", "torchscript"])
+def test_static_int8_job_end_to_end(client, reference, tmp_path, fmt):
+    job = check_quantized_job(client, reference, tmp_path, getattr(reference, fmt))
+    assert job["queue"] == "cpu"
+    assert job["metrics"]["model_format"] == {"onnx": "onnx", "pt2": "torch_export", "torchscript": "torchscript"}[fmt]
+
+
+@pytest.mark.parametrize("dataset", ["nhwc_npz", "nhw_npz"])
+def test_other_layouts_are_laid_out_for_the_model(client, reference, dataset):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, getattr(reference, dataset))
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], data["id"])["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["compressed"]["accuracy"]["top1"] > 0.85
+
+
+def test_defaults_are_filled_in(client, reference):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job = submit(client, model["id"], data["id"], None, params={})
+    assert job["steps"][0]["params"] == {
+        "version": 1, "method": "static_int8", "per_channel": True, "calibration": "minmax", "percentile": 99.999,
+        "activation_type": "uint8", "weight_type": "int8", "calibration_samples": 256,
+    }
+    finished, _ = wait_finished(client, job["id"])
+    # Unlabelled evaluation data: fidelity, no accuracy.
+    assert finished["status"] == "succeeded"
+    assert "accuracy" not in finished["metrics"]["compressed"]
+    assert finished["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] > 0.9
+
+
+def test_bad_job_requests(client, reference):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    wrong = upload_dataset(client, reference.wrong_size_npz)
+
+    def post(body):
+        return client.post("/v1/jobs", json=body)
+
+    quantize = [{"type": "quantize", "params": {}}]
+    assert_problem(post({"model_id": "mdl_x", "steps": quantize, "data": {"calibration": data["id"]}}), 404, "model_not_found")
+    assert_problem(post({"model_id": model["id"], "steps": quantize, "data": {"calibration": "ds_x"}}), 404, "dataset_not_found")
+    assert_problem(post({"model_id": model["id"], "steps": quantize}), 422, "calibration_data_required")
+    assert_problem(post({"model_id": model["id"], "steps": [{"type": "sharpen"}], "data": {"calibration": data["id"]}}), 422, "unknown_step_type")
+    body = assert_problem(post({"model_id": model["id"], "steps": [{"type": "quantize", "params": {"method": "int3"}}],
+                                "data": {"calibration": data["id"]}}), 422, "invalid_step_params")
+    assert "method" in body["detail"]
+    assert_problem(post({"model_id": model["id"], "steps": [{"type": "quantize", "params": {"colour": 1}}],
+                         "data": {"calibration": data["id"]}}), 422, "invalid_step_params")
+    assert_problem(post({"model_id": model["id"], "steps": [], "data": {"calibration": data["id"]}}), 422, "validation_error")
+    assert_problem(post({"model_id": model["id"]}), 422, "validation_error")
+    assert_problem(client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422, "validation_error")
+    mismatch = assert_problem(post({"model_id": model["id"], "steps": quantize, "data": {"calibration": wrong["id"]}}), 422, "dataset_shape_mismatch")
+    assert "H (height) = 12" in mismatch["detail"] and "expects 8" in mismatch["detail"]
+    assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_cancel_of_finished_or_unknown_job(client, reference):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], None)["id"])
+    assert_problem(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+    assert_problem(client.post("/v1/jobs/job_nope/cancel"), 404, "job_not_found")
+
+
+def test_models_in_use_cannot_be_deleted(client, settings, reference):
+    from service.db import make_engine, make_session_factory
+    from service.jobs.tables import JobRow
+
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], None)["id"])
+    # Put the job back to queued by hand to hold the model as a queued job would.
+    session = make_session_factory(make_engine(settings.effective_database_url))()
+    session.get(JobRow, job["id"]).status = "queued"
+    session.commit()
+    assert_problem(client.delete(f"/v1/models/{model['id']}"), 409, "model_in_use")
+    assert_problem(client.delete(f"/v1/datasets/{data['id']}"), 409, "dataset_in_use")
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+    session.close()
+
+
+def test_job_whose_model_was_deleted_fails_cleanly(client, reference, settings):
+    """The job still reads; its artifacts stay downloadable after the model is gone."""
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], None)["id"])
+    assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+    assert client.get(job["artifacts"][0]["url"]).status_code == 200
+    assert_problem(client.get(f"/v1/jobs/{job['id']}/artifacts/nope.bin"), 404, "artifact_not_found")
+
+
+def test_already_quantized_model_fails_with_clear_code(client, reference, tmp_path):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], None)["id"])
+    quantized = tmp_path / "q.onnx"
+    quantized.write_bytes(client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content)
+    again = upload_model(client, quantized)
+    assert again["details"]["quantized"] is True
+    failed, _ = wait_finished(client, submit(client, again["id"], data["id"], None)["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "already_quantized"

@@ -1,0 +1,139 @@
+"""The runner's promises: a claim is exclusive, a dead delivery is taken over cleanly, cancel stops a
+running job at its next progress check, and a step that overruns the time limit fails clearly."""
+
+import time
+from datetime import timedelta
+
+import pytest
+
+from service.db import make_engine, make_session_factory, utcnow
+from service.jobs import service as jobs
+from service.jobs.states import JobStatus
+from service.jobs.tables import JobRow
+from service.migrate import upgrade
+from tests.jobs_flow import upload_dataset, upload_model, wait_finished
+from tests.test_models_api import assert_problem
+
+
+@pytest.fixture
+def wait_step():
+    """The test-only `wait` step (tests/plugins.py); yields the list of times it started."""
+    from tests import plugins
+
+    plugins.started.clear()
+    return plugins.started
+
+
+@pytest.fixture
+def session_factory(settings):
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    return make_session_factory(make_engine(settings.effective_database_url))
+
+
+def make_job(session_factory, status="queued", heartbeat_age_s=None) -> str:
+    with session_factory() as session:
+        job = JobRow(id=f"job_{time.monotonic_ns()}", tenant_id="default", model_id="mdl_x", status=status, stage=status,
+                     progress=0.0, spec={"steps": [], "data": {}}, metrics={}, attempts=0,
+                     heartbeat_at=None if heartbeat_age_s is None else utcnow() - timedelta(seconds=heartbeat_age_s))
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def test_claim_is_exclusive(session_factory):
+    job_id = make_job(session_factory)
+    with session_factory() as session:
+        first = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
+        second = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
+    assert first is not None and second is None
+
+
+def test_stale_delivery_is_taken_over_and_the_old_one_is_ignored(session_factory):
+    job_id = make_job(session_factory)
+    with session_factory() as session:
+        _, old_token = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
+        session.get(JobRow, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)
+        session.commit()
+        job, new_token = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
+        assert job.attempts == 2 and new_token != old_token
+        assert jobs.report(session=session, job_id=job_id, token=old_token, stage="x", progress=0.5) == "lost"
+        assert not jobs.finish(session=session, job_id=job_id, token=old_token, status=JobStatus.SUCCEEDED)
+        assert jobs.report(session=session, job_id=job_id, token=new_token, stage="x", progress=0.5) == "ok"
+        assert jobs.finish(session=session, job_id=job_id, token=new_token, status=JobStatus.SUCCEEDED)
+        assert session.get(JobRow, job_id, populate_existing=True).status == "succeeded"
+
+
+def test_reaper_requeues_only_stale_jobs_and_gives_up_after_max_attempts(session_factory):
+    stale = make_job(session_factory, status="running", heartbeat_age_s=600)
+    fresh = make_job(session_factory, status="running", heartbeat_age_s=1)
+    with session_factory() as session:
+        assert jobs.reap_stale(session=session, stale_after_s=300) == [stale]
+        assert session.get(JobRow, fresh, populate_existing=True).status == "running"
+        session.get(JobRow, stale).attempts = 3
+        session.commit()
+        assert jobs.claim(session=session, job_id=stale, stale_after_s=300, max_attempts=3) is None
+        job = session.get(JobRow, stale, populate_existing=True)
+        assert (job.status, job.error_code) == ("failed", "worker_lost")
+
+
+def test_finished_jobs_never_move(session_factory):
+    job_id = make_job(session_factory, status="succeeded")
+    with session_factory() as session:
+        assert jobs.claim(session=session, job_id=job_id, stale_after_s=0, max_attempts=3) is None
+        assert jobs.reap_stale(session=session, stale_after_s=0) == []
+        assert session.get(JobRow, job_id, populate_existing=True).status == "succeeded"
+
+
+def test_cancel_stops_a_running_job(client, reference, wait_step):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 60}}],
+                                         "data": {"eval": data["id"]}}).json()
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/jobs/{job['id']}").json()["stage"] != "0:wait:waiting" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202
+    asked = time.monotonic()
+    finished, _ = wait_finished(client, job["id"], timeout=20)
+    assert finished["status"] == "cancelled"
+    assert time.monotonic() - asked < 5
+    assert_problem(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+
+
+def test_time_limit_fails_the_job_with_a_clear_code(tmp_path, reference, wait_step):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "d", job_time_limit_s=2))) as client:
+        model = upload_model(client, reference.onnx)
+        data = upload_dataset(client, reference.calib_npz)
+        job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 30}}],
+                                             "data": {"eval": data["id"]}}).json()
+        finished, _ = wait_finished(client, job["id"], timeout=30)
+    assert finished["status"] == "failed"
+    assert finished["error"]["code"] == "time_limit_exceeded"
+
+
+def test_embedded_restart_takes_up_interrupted_jobs(tmp_path, reference, wait_step):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    settings = Settings(data_dir=tmp_path / "d")
+    with TestClient(create_app(settings)) as client:
+        model = upload_model(client, reference.onnx)
+        data = upload_dataset(client, reference.calib_npz)
+        job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 2}}],
+                                             "data": {"eval": data["id"]}}).json()
+        while not wait_step:
+            time.sleep(0.05)
+    # The process stopped mid-job; the job is left running, not failed and not lost.
+    with TestClient(create_app(settings)) as client:
+        finished, _ = wait_finished(client, job["id"], timeout=60)
+        assert finished["status"] == "succeeded", finished["error"]
+        assert finished["attempts"] == 2

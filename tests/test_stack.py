@@ -1,0 +1,143 @@
+"""The production shape, really started: the API under uvicorn and a Celery worker process, both on
+PostgreSQL, Redis and S3 (moto's server), configured by environment variables only."""
+
+import sys
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from service.migrate import downgrade, upgrade
+from tests.jobs_flow import check_quantized_job, submit, upload_dataset, upload_model, wait_finished
+from tests.processes import Process, free_port, wait_for, wait_http
+from tests.test_models_api import assert_problem
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
+    import boto3
+
+    from tests.conftest import S3_ENV
+
+    bucket = "modelpress-stack"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    upgrade(postgres_url)
+    logs = tmp_path_factory.mktemp("stack")
+    env = {
+        **S3_ENV,
+        "DATABASE_URL": postgres_url, "BROKER_URL": redis_url, "STORAGE_URL": f"s3://{bucket}/objects",
+        "S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_DATA_DIR": str(logs / "data"), "MODELPRESS_STALE_JOB_AFTER_S": "5",
+        # A slow test-only step, loaded the way a technique plug-in is.
+        "MODELPRESS_PLUGINS": "tests.plugins",
+    }
+    worker = Process("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
+                                "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", "cpu@%h"], env, logs)
+    port = free_port()
+    api = Process("api", [sys.executable, "-m", "service"], {**env, "PORT": str(port)}, logs)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", api)
+        wait_for(lambda: "ready" in worker.output() or not worker.alive(), 60, "celery worker")
+        assert worker.alive(), worker.output()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            yield http, worker, api
+    finally:
+        api.stop()
+        worker.stop()
+
+
+def test_ready_reports_every_dependency(stack):
+    http, _, _ = stack
+    body = http.get("/readyz").json()
+    assert body["checks"] == {"database": "ok", "storage": "ok", "broker": "ok"}
+    assert body["worker"] == "celery"
+
+
+def test_static_int8_job_through_celery_postgres_and_s3(stack, reference, tmp_path, postgres_url):
+    http, worker, _ = stack
+    job = check_quantized_job(http, reference, tmp_path, reference.onnx)
+    assert job["attempts"] == 1
+    assert job["id"] in worker.output()
+    # The job's rows are in PostgreSQL, its objects in the bucket: nothing in the local data folder.
+    engine = create_engine(postgres_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql(f"SELECT status FROM jobs WHERE id = '{job['id']}'").scalar() == "succeeded"
+        keys = [row[0] for row in connection.exec_driver_sql(f"SELECT storage_key FROM artifacts WHERE job_id = '{job['id']}'")]
+    engine.dispose()
+    assert keys and all(key.startswith(f"jobs/{job['id']}/") for key in keys)
+
+
+def test_errors_on_the_stack(stack, reference):
+    http, _, _ = stack
+    assert_problem(http.get("/v1/jobs/job_missing"), 404, "job_not_found")
+    assert_problem(http.post("/v1/models", files={"file": ("m.onnx", b"\x08\x07garbage")}), 422, "invalid_onnx")
+    model = upload_model(http, reference.onnx)
+    wrong = upload_dataset(http, reference.wrong_size_npz)
+    response = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "quantize"}], "data": {"calibration": wrong["id"]}})
+    assert_problem(response, 422, "dataset_shape_mismatch")
+
+
+def test_job_queued_while_no_worker_runs_waits_and_then_runs(stack, reference):
+    http, worker, _ = stack
+    model = upload_model(http, reference.onnx)
+    data = upload_dataset(http, reference.calib_npz)
+    worker.stop()
+    job = submit(http, model["id"], data["id"], None)
+    replacement = worker.restarted("worker-2")
+    try:
+        assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+        finished, _ = wait_finished(http, job["id"], timeout=120)
+        assert finished["status"] == "succeeded", finished["error"]
+    finally:
+        replacement.stop()
+
+
+def test_worker_killed_mid_job_is_taken_over_by_another_worker(stack, reference):
+    """SIGKILL the whole worker mid-step: its heartbeat goes stale, the next worker's reaper re-queues
+    the job, and it runs again from the start to success (attempt 2), with no half-written artifact."""
+    http, worker, _ = stack
+    first = worker.restarted("worker-3")
+    try:
+        model = upload_model(http, reference.onnx)
+        data = upload_dataset(http, reference.calib_npz)
+        job = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 4}}],
+                                           "data": {"eval": data["id"]}}).json()
+        wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["stage"] == "0:wait:waiting", 60, "the step to start")
+        first.kill()
+        assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    finally:
+        first.stop()
+    second = worker.restarted("worker-4")
+    try:
+        finished, _ = wait_finished(http, job["id"], timeout=120)
+        assert finished["status"] == "succeeded", finished["error"]
+        assert finished["attempts"] == 2
+        assert {a["name"] for a in finished["artifacts"]} == {"model.onnx", "metrics.json"}
+    finally:
+        second.stop()
+
+
+def test_migrations_roundtrip_on_a_fresh_postgres_database():
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"modelpress_mig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    try:
+        upgrade(url)
+        engine = create_engine(url)
+        assert {"models", "datasets", "jobs", "artifacts"} <= set(inspect(engine).get_table_names())
+        downgrade(url)
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        upgrade(url)
+        engine.dispose()
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,1 @@
+"""modelpress workers: the Celery app, the job runner and the compression engine."""

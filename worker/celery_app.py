@@ -1,0 +1,98 @@
+"""The Celery app of the worker processes: `celery -A worker.celery_app worker -Q cpu` (or gpu).
+
+Tasks carry only a job id; the job's state lives in the database. acks_late with
+reject_on_worker_lost re-delivers a job whose worker died; the runner's claim and heartbeat make
+that re-delivery start cleanly, and a reaper thread re-queues jobs whose heartbeat went stale.
+"""
+
+import logging
+import threading
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+
+from service.config import get_settings
+from service.db import make_engine, make_session_factory
+from service.dispatch import RUN_JOB_TASK
+from service.jobs import service as jobs
+from service.jobs.tables import JobRow
+from service.storage import open_store
+from worker.runner import RunnerDeps, run_job
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+settings.load_plugins()
+
+app = Celery("modelpress", broker=settings.broker_url or "memory://")
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue="cpu",
+    task_soft_time_limit=settings.job_time_limit_s,
+    task_time_limit=settings.job_time_limit_s + 120,
+    # The broker must not hand a job to a second worker while the first is still within its limit.
+    broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 600},
+    broker_connection_retry_on_startup=True,
+    worker_send_task_events=False,
+    task_ignore_result=True,
+)
+
+_deps: RunnerDeps | None = None
+
+
+def deps() -> RunnerDeps:
+    # Built per process, after the fork, so no database connection is shared between processes.
+    global _deps
+    if _deps is None:
+        _deps = RunnerDeps(
+            settings=settings,
+            session_factory=make_session_factory(make_engine(settings.effective_database_url)),
+            store=open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region),
+        )
+    return _deps
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_):
+    global _deps
+    _deps = None
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=20)
+def run_job_task(self, job_id: str) -> str:
+    outcome = run_job(job_id, deps())
+    if outcome == "skipped":
+        with deps().session_factory() as session:
+            job = session.get(JobRow, job_id)
+            busy = job is not None and job.status == "running"
+        if busy:
+            # Another delivery holds the job. If its worker died, the heartbeat goes stale and
+            # this delivery takes over on retry.
+            raise self.retry(countdown=max(5, settings.stale_job_after_s // 2))
+    return outcome
+
+
+def _reap_forever(stop: threading.Event) -> None:
+    while not stop.wait(max(5, settings.stale_job_after_s // 2)):
+        try:
+            with deps().session_factory() as session:
+                for job_id in jobs.reap_stale(session=session, stale_after_s=settings.stale_job_after_s):
+                    job = session.get(JobRow, job_id)
+                    log.warning("job %s: worker lost, re-queued", job_id)
+                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=job.queue)
+        except Exception:
+            log.warning("stale-job reaper failed", exc_info=True)
+
+
+_reaper_stop = threading.Event()
+
+
+@worker_ready.connect
+def _start_reaper(**_):
+    threading.Thread(target=_reap_forever, args=(_reaper_stop,), name="stale-job-reaper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _stop_reaper(**_):
+    _reaper_stop.set()

@@ -1,0 +1,52 @@
+"""The embedded default: jobs run on one worker thread inside the API process (no broker)."""
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from service.config import Settings
+from service.jobs import service as jobs
+from service.storage import ObjectStore
+from worker.runner import RunnerDeps, run_job
+
+log = logging.getLogger(__name__)
+
+
+class InProcessDispatcher:
+    def __init__(self, *, settings: Settings, session_factory, store: ObjectStore):
+        self.deps = RunnerDeps(settings=settings, session_factory=session_factory, store=store)
+        self.executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self.deps.stopping = threading.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelpress-worker")
+        # Nothing else runs this database's jobs: whatever was running when the last process
+        # stopped is taken up again, and queued jobs are queued again.
+        with self.deps.session_factory() as session:
+            requeued = jobs.reap_stale(session=session, stale_after_s=0)
+            pending = jobs.queued_ids(session=session)
+        if requeued:
+            log.info("taking up %d job(s) left running by the previous process", len(requeued))
+        for job_id in pending:
+            self.executor.submit(self._run, job_id)
+
+    def _run(self, job_id: str) -> None:
+        try:
+            run_job(job_id, self.deps)
+        except Exception:
+            log.exception("job %s: runner crashed", job_id)
+
+    def enqueue(self, job_id: str, *, queue: str) -> None:
+        if self.executor is None:
+            raise RuntimeError("the embedded worker is not running")
+        self.executor.submit(self._run, job_id)
+
+    def stop(self) -> None:
+        self.deps.stopping.set()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+    def ping(self) -> None:
+        if self.executor is None:
+            raise RuntimeError("the embedded worker is not running")

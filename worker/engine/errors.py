@@ -1,0 +1,15 @@
+class EngineError(Exception):
+    """A failure the user can act on. `code` is stable and documented in docs/ERRORS.md."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class JobCancelled(Exception):
+    """Raised at a progress check once a cancel was requested."""
+
+
+class JobSuperseded(Exception):
+    """Raised at a progress check when another delivery of the same job has taken it over."""

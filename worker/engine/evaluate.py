@@ -1,0 +1,165 @@
+"""Measure a model and compare it with another, on the same data and the same settings.
+
+Everything here is measured: file size on disk, ONNX Runtime latency after warm-up with pinned
+threads, outputs on the evaluation data. Nothing is estimated.
+"""
+
+import importlib.metadata
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from worker.engine.data import ImageSet
+from worker.engine.errors import EngineError
+
+LARGE_BATCH = 32
+
+
+@dataclass
+class RunSettings:
+    threads: int = 1
+    max_eval_samples: int = 2000
+    warmup_runs: int = 3
+    min_timed_runs: int = 10
+    max_timed_runs: int = 200
+    time_budget_s: float = 1.5  # per batch size, after warm-up
+
+
+def open_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EngineError("model_not_runnable", f"ONNX Runtime cannot load the model: {str(exc)[:1000]}") from exc
+
+
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size the model insists on, or None if the batch is dynamic."""
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def run_outputs(session: ort.InferenceSession, images: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+    name = session.get_inputs()[0].name
+    fixed = fixed_batch(session)
+    batch = fixed or batch
+    # A fixed-batch model cannot take a short last batch; those few samples are left out.
+    usable = len(images) - len(images) % batch if fixed else len(images)
+    chunks = [session.run(None, {name: images[start : start + batch]}) for start in range(0, usable, batch)]
+    if not chunks:
+        raise EngineError("dataset_too_small", f"the model needs batches of {batch} images; the data has {len(images)}")
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def latency(session: ort.InferenceSession, sample: np.ndarray, batch: int, settings: RunSettings) -> dict | None:
+    fixed = fixed_batch(session)
+    if fixed is not None and fixed != batch:
+        return None
+    name = session.get_inputs()[0].name
+    inputs = np.ascontiguousarray(np.repeat(sample[:1], batch, axis=0))
+    for _ in range(settings.warmup_runs):
+        session.run(None, {name: inputs})
+    timings = []
+    started = time.perf_counter()
+    while len(timings) < settings.max_timed_runs and (
+        len(timings) < settings.min_timed_runs or time.perf_counter() - started < settings.time_budget_s
+    ):
+        t0 = time.perf_counter()
+        session.run(None, {name: inputs})
+        timings.append(time.perf_counter() - t0)
+    ms = np.array(timings) * 1000.0
+    p50 = float(np.percentile(ms, 50))
+    return {
+        "batch": batch, "runs": len(timings),
+        "p50_ms": round(p50, 4), "p95_ms": round(float(np.percentile(ms, 95)), 4),
+        "p99_ms": round(float(np.percentile(ms, 99)), 4),
+        "throughput_per_s": round(batch * 1000.0 / p50, 2),
+    }
+
+
+def measure(path: Path, data: ImageSet, settings: RunSettings) -> tuple[dict, list[np.ndarray]]:
+    """Size, latency at batch 1 and LARGE_BATCH, and the model's outputs on the data."""
+    session = open_session(path, settings.threads)
+    data = data.head(settings.max_eval_samples)
+    report = {
+        "size_bytes": path.stat().st_size,
+        "latency": {
+            "batch_1": latency(session, data.images, 1, settings),
+            f"batch_{LARGE_BATCH}": latency(session, data.images, LARGE_BATCH, settings),
+            "threads": settings.threads,
+        },
+    }
+    outputs = run_outputs(session, data.images)
+    if data.labels is not None:
+        report["accuracy"] = accuracy(outputs[0], data.labels[: len(outputs[0])])
+    return report, outputs
+
+
+def _is_class_scores(output: np.ndarray) -> bool:
+    return output.ndim == 2 and output.shape[1] > 1
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> dict | None:
+    if not _is_class_scores(scores):
+        return None
+    top = np.argsort(-scores, axis=1)
+    result = {"top1": float(np.mean(top[:, 0] == labels)), "samples": int(len(labels))}
+    if scores.shape[1] >= 5:
+        result["top5"] = float(np.mean(np.any(top[:, :5] == labels[:, None], axis=1)))
+    return result
+
+
+def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> list[dict]:
+    """Per output: how closely the candidate reproduces the reference, sample by sample."""
+    results = []
+    for index, (ref, cand) in enumerate(zip(reference, candidate)):
+        ref64 = ref.reshape(len(ref), -1).astype(np.float64)
+        cand64 = cand.reshape(len(cand), -1).astype(np.float64)
+        norms = np.linalg.norm(ref64, axis=1) * np.linalg.norm(cand64, axis=1)
+        cosine = np.where(norms > 0, np.sum(ref64 * cand64, axis=1) / np.maximum(norms, 1e-30), 1.0)
+        entry = {
+            "output": index,
+            "cosine_mean": float(np.mean(cosine)),
+            "cosine_min": float(np.min(cosine)),
+            "max_abs_error": float(np.max(np.abs(ref64 - cand64))),
+        }
+        if _is_class_scores(ref):
+            entry["top1_agreement"] = float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+        results.append(entry)
+    return results
+
+
+def environment(threads: int) -> dict:
+    flags = set()
+    model_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model_name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("onnxruntime", "onnx", "torch", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": model_name, "cpu_count": os.cpu_count(),
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "amx": "amx_int8" in flags,
+        "avx512": "avx512f" in flags, "threads": threads, "versions": versions,
+    }

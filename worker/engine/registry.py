@@ -1,0 +1,52 @@
+"""Step types and their handlers. A technique registers one handler for its step type; the runner
+looks handlers up here and knows nothing else about them."""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.engine.configs import StepConfig
+from worker.engine.data import ImageSet
+from worker.engine.errors import EngineError
+
+# Modules that register handlers when imported; one per technique.
+TECHNIQUE_MODULES = ("worker.engine.quantize",)
+
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class StepContext:
+    model_path: Path  # the ONNX model this step starts from (the previous step's output)
+    original_path: Path  # the job's original model, as ONNX (a teacher, a reference)
+    workdir: Path
+    data: dict[str, ImageSet]  # by role: calibration, train, eval
+    progress: ProgressFn  # (stage, fraction of this step in 0..1)
+
+
+@dataclass
+class StepResult:
+    model_path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+StepHandler = Callable[[StepConfig, StepContext], StepResult]
+_HANDLERS: dict[str, StepHandler] = {}
+
+
+def register(step_type: str) -> Callable[[StepHandler], StepHandler]:
+    def decorate(handler: StepHandler) -> StepHandler:
+        _HANDLERS[step_type] = handler
+        return handler
+
+    return decorate
+
+
+def handler_for(step_type: str) -> StepHandler:
+    for module in TECHNIQUE_MODULES:  # imported once; later calls find them in sys.modules
+        importlib.import_module(module)
+    if step_type not in _HANDLERS:
+        raise EngineError("unknown_step_type", f"no handler for step type {step_type!r}")
+    return _HANDLERS[step_type]
