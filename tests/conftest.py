@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from tests.processes import VENV_BIN, Process, free_port, wait_for
+from tests.stack import S3_ENV
 
 PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379/15")
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @dataclass

@@ -112,3 +112,19 @@ def test_already_quantized_model_fails_with_clear_code(client, reference, tmp_pa
     failed, _ = wait_finished(client, submit(client, again["id"], data["id"], None)["id"])
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "already_quantized"
+
+
+@pytest.mark.parametrize("params", [
+    {"calibration": "percentile", "percentile": 99.9},
+    {"calibration": "entropy"},
+    {"per_channel": False},
+    {"activation_type": "int8"},
+])
+def test_quantize_settings_each_run(client, reference, params):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.eval_npz)
+    job = submit(client, model["id"], data["id"], data["id"], params=params)
+    finished, _ = wait_finished(client, job["id"])
+    assert finished["status"] == "succeeded", finished["error"]
+    assert finished["steps"][0]["params"].items() >= params.items()
+    assert finished["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] > 0.9

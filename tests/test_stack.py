@@ -1,15 +1,14 @@
 """The production shape, really started: the API under uvicorn and a Celery worker process, both on
 PostgreSQL, Redis and S3 (moto's server), configured by environment variables only."""
 
-import sys
-
 import httpx
 import pytest
 from sqlalchemy import create_engine, inspect
 
 from service.migrate import downgrade, upgrade
 from tests.jobs_flow import check_quantized_job, submit, upload_dataset, upload_model, wait_finished
-from tests.processes import Process, free_port, wait_for, wait_http
+from tests.processes import wait_for
+from tests.stack import production_stack
 from tests.test_models_api import assert_problem
 
 pytestmark = pytest.mark.integration
@@ -17,35 +16,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
-    import boto3
-
-    from tests.conftest import S3_ENV
-
-    bucket = "modelpress-stack"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
-    upgrade(postgres_url)
     logs = tmp_path_factory.mktemp("stack")
-    env = {
-        **S3_ENV,
-        "DATABASE_URL": postgres_url, "BROKER_URL": redis_url, "STORAGE_URL": f"s3://{bucket}/objects",
-        "S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_DATA_DIR": str(logs / "data"), "MODELPRESS_STALE_JOB_AFTER_S": "5",
-        # A slow test-only step, loaded the way a technique plug-in is.
-        "MODELPRESS_PLUGINS": "tests.plugins",
-    }
-    worker = Process("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
-                                "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", "cpu@%h"], env, logs)
-    port = free_port()
-    api = Process("api", [sys.executable, "-m", "service"], {**env, "PORT": str(port)}, logs)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", api)
-        wait_for(lambda: "ready" in worker.output() or not worker.alive(), 60, "celery worker")
-        assert worker.alive(), worker.output()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
+                          bucket="modelpress-stack") as (url, worker, api):
+        with httpx.Client(base_url=url, timeout=30) as http:
             yield http, worker, api
-    finally:
-        api.stop()
-        worker.stop()
 
 
 def test_ready_reports_every_dependency(stack):

@@ -24,9 +24,10 @@ CALIBRATION_BATCH = 16
 class _CalibrationReader:
     """Feeds calibration batches to ORT's calibrator (duck-types CalibrationDataReader)."""
 
-    def __init__(self, input_name: str, images: np.ndarray, batch: int, fixed: bool):
-        # A fixed-batch model cannot take a short last batch.
-        usable = len(images) - len(images) % batch if fixed else len(images)
+    def __init__(self, input_name: str, images: np.ndarray, batch: int):
+        # Equal batches only: a fixed-batch model cannot take a short last batch, and ORT's
+        # histogram calibrators (percentile, entropy) stack the batches' outputs.
+        usable = len(images) - len(images) % batch
         self.batches = [images[i : i + batch] for i in range(0, usable, batch)]
         self.input_name = input_name
         self.position = 0
@@ -79,12 +80,12 @@ def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
         prepared = ctx.model_path
 
     session = open_session(prepared, threads=1)
-    fixed = fixed_batch(session)
-    batch = fixed or CALIBRATION_BATCH
     images = calibration.images[: config.calibration_samples]
+    fixed = fixed_batch(session)
+    batch = fixed or min(CALIBRATION_BATCH, len(images))
     if fixed and len(images) < fixed:
         raise EngineError("dataset_too_small", f"the model takes batches of {fixed}; calibration has {len(images)} images")
-    reader = _CalibrationReader(session.get_inputs()[0].name, images, batch, fixed=bool(fixed))
+    reader = _CalibrationReader(session.get_inputs()[0].name, images, batch)
     del session
 
     ctx.progress("calibrate", 0.2)

@@ -1,0 +1,238 @@
+"""`modelpress`: compress a model from a shell, a CI job or a pipeline step.
+
+Exit codes (stable): 0 succeeded, 1 job failed, 2 usage error (including a request the server
+refused as invalid), 3 accuracy guard not met, 4 server unreachable.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from modelpress.client import Client, Job
+from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_GUARD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+class UsageError(Exception):
+    pass
+
+
+def _model_ref(client: Client, value: str) -> str:
+    path = Path(value)
+    if path.is_file():
+        return client.upload_model(path).id
+    if value.startswith("mdl_"):
+        return value
+    raise UsageError(f"{value} is neither a file nor a model id (mdl_...)")
+
+
+def _dataset_ref(client: Client, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return client.upload_dataset(path).id
+    if value.startswith("ds_"):
+        return value
+    raise UsageError(f"{value} is neither a file nor a dataset id (ds_...)")
+
+
+def _parse_step(text: str) -> dict:
+    try:
+        step = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--step is not JSON: {exc}") from exc
+    if not isinstance(step, dict) or "type" not in step:
+        raise UsageError('--step takes a JSON object like {"type": "quantize", "params": {...}}')
+    return step
+
+
+def _summary(job: Job) -> str:
+    metrics = job.metrics
+    before, after, comparison = metrics.get("original", {}), metrics.get("compressed", {}), metrics.get("comparison", {})
+    lines = [f"job {job.id}: {job.status}"]
+    if before and after:
+        lines.append(f"  size      {before['size_bytes'] / 1024:,.1f} KiB -> {after['size_bytes'] / 1024:,.1f} KiB "
+                     f"({comparison.get('size_ratio', 0):.2f}x smaller)")
+        for key in ("batch_1", "batch_32"):
+            b, a = before.get("latency", {}).get(key), after.get("latency", {}).get(key)
+            if b and a:
+                lines.append(f"  latency   {key.replace('_', ' ')}: p50 {b['p50_ms']:.3f} ms -> {a['p50_ms']:.3f} ms "
+                             f"({comparison.get(f'speedup_{key}', 0):.2f}x)")
+        if before.get("accuracy") and after.get("accuracy"):
+            lines.append(f"  accuracy  top-1 {before['accuracy']['top1']:.4f} -> {after['accuracy']['top1']:.4f} "
+                         f"(drop {100 * comparison.get('accuracy_drop', 0):.2f} points)")
+        for output in comparison.get("fidelity", []):
+            agreement = f"top-1 agreement {output['top1_agreement']:.4f}, " if "top1_agreement" in output else ""
+            lines.append(f"  fidelity  output {output['output']}: {agreement}cosine {output['cosine_mean']:.5f}")
+    if job.error:
+        lines.append(f"  error     {job.error['code']}: {job.error['message']}")
+    return "\n".join(lines)
+
+
+def _emit(args, payload, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def _finish(args, client: Client, job: Job) -> int:
+    """Wait (unless --no-wait), download into --output, print; the exit code follows the job."""
+    if not args.wait:
+        _emit(args, {"job": job.raw}, f"submitted {job.id} ({job.status})")
+        return EXIT_OK
+    failure = None
+    try:
+        job.wait(timeout=args.timeout, progress=not args.json)
+    except (JobFailed, JobCancelled) as exc:
+        failure = exc
+    downloaded = {}
+    output = getattr(args, "output", None)
+    if output and job.artifacts:
+        for name in job.artifacts:
+            downloaded[name] = str(job.download(name, to=Path(output) / name))
+    text = _summary(job) + "".join(f"\n  saved     {path}" for path in downloaded.values())
+    _emit(args, {"job": job.raw, "downloaded": downloaded}, text)
+    if isinstance(failure, GuardNotMet):
+        return EXIT_GUARD
+    return EXIT_JOB_FAILED if failure else EXIT_OK
+
+
+def cmd_compress(args, client: Client) -> int:
+    body = {}
+    if args.recipe:
+        try:
+            body = json.loads(Path(args.recipe).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--recipe {args.recipe}: {exc}") from exc
+    steps = [_parse_step(s) for s in args.step]
+    if args.method:
+        steps.insert(0, {"type": "quantize", "params": {"method": args.method}})
+    steps = steps or body.get("steps") or [{"type": "quantize", "params": {"method": "static_int8"}}]
+    data = dict(body.get("data") or {})
+    for role in ("calibration", "eval", "train"):
+        ref = _dataset_ref(client, getattr(args, role))
+        if ref:
+            data[role] = ref
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    job = client.submit(_model_ref(client, args.model), steps, data=data)
+    if not args.json:
+        print(f"submitted {job.id}", file=sys.stderr)
+    return _finish(args, client, job)
+
+
+def cmd_jobs(args, client: Client) -> int:
+    if args.action == "list":
+        jobs = [job.raw for _, job in zip(range(args.limit), client.jobs(status=args.status))]
+        _emit(args, jobs, "\n".join(f"{j['id']}  {j['status']:<9}  {j['progress'] * 100:5.1f}%  {j['stage']}" for j in jobs))
+        return EXIT_OK
+    if not args.job_id:
+        raise UsageError(f"jobs {args.action} needs a job id")
+    job = client.job(args.job_id)
+    if args.action == "show":
+        _emit(args, job.raw, _summary(job))
+        return EXIT_OK
+    if args.action == "cancel":
+        job.cancel()
+        _emit(args, job.raw, f"{job.id}: {job.status}")
+        return EXIT_OK
+    if args.action == "download":
+        args.wait = True
+        if not args.output:
+            raise UsageError("jobs download needs --output DIR")
+    return _finish(args, client, job)
+
+
+def cmd_models(args, client: Client) -> int:
+    if args.action == "list":
+        models = [m.raw for _, m in zip(range(args.limit), client.models())]
+        _emit(args, models, "\n".join(f"{m['id']}  {m['format']:<12} {m['size_bytes']:>12,d}  {m['name']}" for m in models))
+    elif args.action == "show":
+        if not args.target:
+            raise UsageError("models show needs a model id")
+        model = client.model(args.target).raw
+        _emit(args, model, json.dumps(model, indent=2))
+    else:
+        if not args.target:
+            raise UsageError("models upload needs a file")
+        model = client.upload_model(args.target, name=args.name).raw
+        _emit(args, model, f"{model['id']}  {model['format']}  {model['size_bytes']:,d} bytes")
+    return EXIT_OK
+
+
+def cmd_datasets(args, client: Client) -> int:
+    dataset = client.upload_dataset(args.file, name=args.name).raw
+    _emit(args, dataset, f"{dataset['id']}  {dataset['count']} images {dataset['shape']}  labels: {dataset['has_labels']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="server URL (default: $MODELPRESS_URL or http://127.0.0.1:8000)")
+    common.add_argument("--api-key", help="API key (default: $MODELPRESS_API_KEY)")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait for the job to finish (default)")
+    waiting.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+
+    parser = argparse.ArgumentParser(prog="modelpress", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", parents=[common, waiting], help="upload, compress, wait, download")
+    compress.add_argument("model", help="a model file (ONNX, .pt2, TorchScript) or a model id")
+    compress.add_argument("--method", help="quantize method, e.g. static_int8")
+    compress.add_argument("--step", action="append", default=[], help='a step as JSON, e.g. \'{"type": "quantize", "params": {}}\' (repeatable)')
+    compress.add_argument("--recipe", help="a recipe.json (a POST /v1/jobs body); its steps and data are used")
+    compress.add_argument("--calibration", help="calibration data: an .npz file or a dataset id")
+    compress.add_argument("--eval", help="evaluation data: an .npz file or a dataset id")
+    compress.add_argument("--train", help="training data: an .npz file or a dataset id")
+    compress.add_argument("--output", required=True, help="folder for the downloaded artifacts")
+    compress.set_defaults(handler=cmd_compress)
+
+    jobs = commands.add_parser("jobs", parents=[common, waiting], help="list, show, cancel, wait for or download jobs")
+    jobs.add_argument("action", choices=["list", "show", "cancel", "wait", "download"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--output", help="folder for downloaded artifacts (wait, download)")
+    jobs.set_defaults(handler=cmd_jobs)
+
+    models = commands.add_parser("models", parents=[common], help="list, show or upload models")
+    models.add_argument("action", choices=["list", "show", "upload"])
+    models.add_argument("target", nargs="?", help="a model id (show) or a file (upload)")
+    models.add_argument("--name")
+    models.add_argument("--limit", type=int, default=20)
+    models.set_defaults(handler=cmd_models)
+
+    datasets = commands.add_parser("datasets", parents=[common], help="upload datasets")
+    datasets.add_argument("action", choices=["upload"])
+    datasets.add_argument("file")
+    datasets.add_argument("--name")
+    datasets.set_defaults(handler=cmd_datasets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    client = Client(base_url=args.url, api_key=args.api_key)
+    try:
+        return args.handler(args, client)
+    except UsageError as exc:
+        print(f"modelpress: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ServerUnreachable as exc:
+        print(f"modelpress: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except WaitTimeout as exc:
+        print(f"modelpress: {exc.message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except ModelpressError as exc:
+        print(f"modelpress: {exc.code}: {exc.message}", file=sys.stderr)
+        # The server refused the request as given (unknown id, invalid params): a usage error.
+        return EXIT_USAGE if exc.status is not None and 400 <= exc.status < 500 else EXIT_JOB_FAILED
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

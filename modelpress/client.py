@@ -1,0 +1,305 @@
+"""A typed client for the modelpress API, built on httpx.
+
+    from modelpress import Client
+    client = Client()                      # MODELPRESS_URL / MODELPRESS_API_KEY, or arguments
+    job = client.submit(client.upload_model("resnet.onnx"), [{"type": "quantize", "params": {}}],
+                        data={"calibration": client.upload_dataset("calib.npz")})
+    job.wait()                             # raises JobFailed / GuardNotMet on failure
+    job.download("model.onnx", to="out/model.onnx")
+
+Transient failures (connection errors, 429, 5xx) are retried a bounded number of times with
+backoff; waiting polls with backoff; downloads are streamed and verified against the sha256.
+"""
+
+import hashlib
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Model:
+    id: str
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: dict) -> "Model":
+        return cls(body["id"], body["name"], body["format"], body["size_bytes"], body["sha256"], body)
+
+
+@dataclass
+class Dataset:
+    id: str
+    name: str
+    count: int
+    shape: list[int]
+    has_labels: bool
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: dict) -> "Dataset":
+        return cls(body["id"], body["name"], body["count"], body["shape"], body["has_labels"], body)
+
+
+class Job:
+    """A job as last seen; `refresh()` reads it again."""
+
+    def __init__(self, client: "Client", body: dict):
+        self._client = client
+        self.raw = body
+
+    id = property(lambda self: self.raw["id"])
+    status = property(lambda self: self.raw["status"])
+    stage = property(lambda self: self.raw["stage"])
+    progress = property(lambda self: float(self.raw["progress"]))
+    metrics = property(lambda self: self.raw.get("metrics") or {})
+    error = property(lambda self: self.raw.get("error"))
+    artifacts = property(lambda self: {a["name"]: a for a in self.raw.get("artifacts", [])})
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, status={self.status!r}, stage={self.stage!r}, progress={self.progress:.2f})"
+
+    def refresh(self) -> "Job":
+        self.raw = self._client._json("GET", f"/v1/jobs/{self.id}")
+        return self
+
+    def cancel(self) -> "Job":
+        self.raw = self._client._json("POST", f"/v1/jobs/{self.id}/cancel")
+        return self
+
+    def wait(self, timeout: float | None = None, progress: bool = True, poll_interval: float = 0.5,
+             max_interval: float = 5.0, on_update=None) -> "Job":
+        """Poll until the job finishes. Raises JobFailed (GuardNotMet for a failed guard),
+        JobCancelled, or WaitTimeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reporter = on_update or (ProgressBar(sys.stderr) if progress else None)
+        interval, last = poll_interval, None
+        while True:
+            self.refresh()
+            seen = (self.status, self.stage, round(self.progress, 3))
+            if reporter is not None:
+                reporter(self)
+            if self.status in FINISHED:
+                break
+            # Back off while nothing moves; poll briskly again once it does.
+            interval = poll_interval if seen != last else min(max_interval, interval * 1.5)
+            last = seen
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise WaitTimeout("wait_timeout", f"job {self.id} still {self.status} after {timeout} s")
+            time.sleep(interval)
+        if isinstance(reporter, ProgressBar):
+            reporter.close()
+        return self.raise_for_status()
+
+    def raise_for_status(self) -> "Job":
+        if self.status == "failed":
+            code = (self.error or {}).get("code", "job_failed")
+            message = (self.error or {}).get("message", "")
+            raise (GuardNotMet if code == "guard_not_met" else JobFailed)(self, code, message)
+        if self.status == "cancelled":
+            raise JobCancelled(self)
+        return self
+
+    def download(self, name: str = "model.onnx", to: str | os.PathLike | None = None) -> Path:
+        """Stream an artifact to `to` (a file, or a folder to put `name` in), verify its sha256,
+        and retry an interrupted transfer a bounded number of times."""
+        artifact = self.artifacts.get(name) or self.refresh().artifacts.get(name)
+        if artifact is None:
+            raise ModelpressError("artifact_not_found", f"job {self.id} has no artifact {name!r} (has: {sorted(self.artifacts)})")
+        target = Path(to) if to is not None else Path(name)
+        if target.is_dir():
+            target = target / name
+        return self._client._download(artifact["url"], target, artifact["sha256"])
+
+
+class ProgressBar:
+    """Stage and percent on one redrawn line on a terminal; one plain line per change otherwise."""
+
+    def __init__(self, stream, width: int = 30):
+        self.stream, self.width = stream, width
+        # A bar only when a person watches; pipes and CI logs get one plain line per change.
+        self.tty = stream.isatty() and sys.stdout.isatty()
+        self.last: tuple | None = None
+
+    def __call__(self, job: Job) -> None:
+        percent = int(job.progress * 100)
+        state = (job.status, job.stage, percent)
+        if state == self.last:
+            return
+        self.last = state
+        if self.tty:
+            filled = int(self.width * job.progress)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}% {job.status}: {job.stage:<40}")
+        else:
+            self.stream.write(f"{job.id} {job.status} {percent}% {job.stage}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 4, backoff: float = 0.5, transport: httpx.BaseTransport | None = None):
+        self.base_url = (base_url or os.environ.get("MODELPRESS_URL") or DEFAULT_URL).rstrip("/")
+        api_key = api_key or os.environ.get("MODELPRESS_API_KEY")
+        headers = {"User-Agent": "modelpress-client/0.1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.retries, self.backoff = retries, backoff
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- resources --------------------------------------------------------------------------------
+
+    def upload_model(self, path: str | os.PathLike, name: str | None = None) -> Model:
+        return Model.from_json(self._upload("/v1/models", Path(path), name))
+
+    def upload_dataset(self, path: str | os.PathLike, name: str | None = None) -> Dataset:
+        return Dataset.from_json(self._upload("/v1/datasets", Path(path), name))
+
+    def model(self, model_id: str) -> Model:
+        return Model.from_json(self._json("GET", f"/v1/models/{model_id}"))
+
+    def models(self, limit: int = 50) -> Iterator[Model]:
+        for body in self._pages("/v1/models", limit):
+            yield Model.from_json(body)
+
+    def dataset(self, dataset_id: str) -> Dataset:
+        return Dataset.from_json(self._json("GET", f"/v1/datasets/{dataset_id}"))
+
+    def submit(self, model: "str | Model", steps: Sequence[Mapping[str, Any]],
+               data: Mapping[str, "str | Dataset | None"] | None = None) -> Job:
+        body = {
+            "model_id": model.id if isinstance(model, Model) else model,
+            "steps": [dict(step) for step in steps],
+            "data": {role: (d.id if isinstance(d, Dataset) else d) for role, d in (data or {}).items() if d is not None},
+        }
+        return Job(self, self._json("POST", "/v1/jobs", json=body))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self._json("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> Iterator[Job]:
+        for body in self._pages("/v1/jobs", limit, status=status):
+            yield Job(self, body)
+
+    # --- transport --------------------------------------------------------------------------------
+
+    def _pages(self, path: str, limit: int, **params) -> Iterator[dict]:
+        cursor = None
+        while True:
+            query = {"limit": min(limit, 200), **{k: v for k, v in params.items() if v}}
+            if cursor:
+                query["cursor"] = cursor
+            page = self._json("GET", path, params=query)
+            yield from page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def _upload(self, path: str, file: Path, name: str | None) -> dict:
+        if not file.is_file():
+            raise ModelpressError("file_not_found", f"{file} is not a file")
+
+        def send():
+            with open(file, "rb") as handle:  # reopened per try: a retry resends from the start
+                return self.http.post(path, files={"file": (file.name, handle)}, data={"name": name} if name else None)
+
+        return self._parse(self._send(send, idempotent=False))
+
+    def _json(self, method: str, path: str, **kwargs) -> dict:
+        return self._parse(self._send(lambda: self.http.request(method, path, **kwargs), idempotent=method == "GET"))
+
+    def _send(self, send, idempotent: bool) -> httpx.Response:
+        """Retry transient failures with jittered exponential backoff. A request that may have
+        reached the server (a read error on a POST) is not retried, so nothing is created twice."""
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = send()
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last:
+                    raise ServerUnreachable("server_unreachable", f"cannot reach {self.base_url}: {exc}") from exc
+            except httpx.TransportError as exc:
+                if last or not idempotent:
+                    raise ServerUnreachable("server_unreachable", f"connection to {self.base_url} failed: {exc}") from exc
+            else:
+                if response.status_code not in RETRY_STATUSES or last:
+                    return response
+                if response.status_code >= 500 and not idempotent and response.status_code != 503:
+                    return response
+                retry_after = response.headers.get("retry-after", "")
+                if retry_after.isdigit():
+                    time.sleep(min(float(retry_after), 30.0))
+                    continue
+            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _parse(response: httpx.Response) -> dict:
+        if response.is_success:
+            return response.json() if response.content else {}
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = {}
+        code = problem.get("code") or f"http_{response.status_code}"
+        message = problem.get("detail") or response.text[:500] or response.reason_phrase
+        raise ModelpressError(code, message, status=response.status_code, problem=problem)
+
+    def _download(self, url: str, target: Path, sha256: str) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        for attempt in range(self.retries + 1):
+            digest = hashlib.sha256()
+            try:
+                with self.http.stream("GET", url) as response:
+                    if not response.is_success:
+                        response.read()
+                        self._parse(response)
+                    with open(partial, "wb") as out:
+                        for chunk in response.iter_bytes(1024 * 1024):
+                            digest.update(chunk)
+                            out.write(chunk)
+            except httpx.TransportError as exc:
+                partial.unlink(missing_ok=True)
+                if attempt == self.retries:
+                    raise ServerUnreachable("download_failed", f"download of {url} kept failing: {exc}") from exc
+                time.sleep(self.backoff * (2**attempt))
+                continue
+            if digest.hexdigest() != sha256:
+                partial.unlink(missing_ok=True)
+                if attempt == self.retries:
+                    raise ModelpressError("checksum_mismatch", f"{url}: sha256 {digest.hexdigest()} != {sha256}")
+                continue
+            partial.replace(target)
+            return target
+        raise AssertionError("unreachable")

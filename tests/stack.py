@@ -1,0 +1,52 @@
+"""Start the service the way it runs for real: the embedded default (`python -m service`), or the
+production shape (API under uvicorn + a Celery worker process on PostgreSQL, Redis and S3)."""
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+
+from tests.processes import Process, free_port, wait_for, wait_http
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def embedded_server(data_dir: Path):
+    port = free_port()
+    api = Process("api-embedded", [sys.executable, "-m", "service"],
+                  {"PORT": str(port), "MODELPRESS_DATA_DIR": str(data_dir)}, data_dir.parent)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", api)
+        yield f"http://127.0.0.1:{port}", api
+    finally:
+        api.stop()
+
+
+@contextmanager
+def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoint: str, bucket: str):
+    from service.migrate import upgrade
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    upgrade(postgres_url)
+    env = {
+        **S3_ENV,
+        "DATABASE_URL": postgres_url, "BROKER_URL": redis_url, "STORAGE_URL": f"s3://{bucket}/objects",
+        "S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_DATA_DIR": str(logs / "data"), "MODELPRESS_STALE_JOB_AFTER_S": "5",
+        # A slow test-only step, loaded the way a technique plug-in is.
+        "MODELPRESS_PLUGINS": "tests.plugins",
+    }
+    worker = Process("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
+                                "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", f"cpu-{bucket}@%h"], env, logs)
+    port = free_port()
+    api = Process("api", [sys.executable, "-m", "service"], {**env, "PORT": str(port)}, logs)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", api)
+        wait_for(lambda: "ready" in worker.output() or not worker.alive(), 60, "celery worker")
+        assert worker.alive(), worker.output()
+        yield f"http://127.0.0.1:{port}", worker, api
+    finally:
+        api.stop()
+        worker.stop()
