@@ -128,3 +128,15 @@ def test_quantize_settings_each_run(client, reference, params):
     assert finished["status"] == "succeeded", finished["error"]
     assert finished["steps"][0]["params"].items() >= params.items()
     assert finished["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] > 0.9
+
+
+def test_environment_is_recorded(client, reference):
+    import onnxruntime
+
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.calib_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], None)["id"])
+    environment = job["metrics"]["environment"]
+    assert environment["versions"]["onnxruntime"] == onnxruntime.__version__
+    assert environment["threads"] == 1 and environment["torch_device"] in ("cpu", "cuda")
+    assert isinstance(environment["vnni"], bool)

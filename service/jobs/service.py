@@ -177,7 +177,9 @@ def report(*, session: Session, job_id: str, token: str, stage: str, progress: f
 def record_artifact(*, session: Session, job_id: str, name: str, size_bytes: int, sha256: str, storage_key: str) -> None:
     existing = session.scalar(select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.name == name))
     if existing is None:
-        session.add(ArtifactRow(job_id=job_id, name=name, size_bytes=size_bytes, sha256=sha256, storage_key=storage_key))
+        tenant_id = session.scalar(select(JobRow.tenant_id).where(JobRow.id == job_id))
+        session.add(ArtifactRow(tenant_id=tenant_id, job_id=job_id, name=name, size_bytes=size_bytes, sha256=sha256,
+                                storage_key=storage_key))
     else:
         existing.size_bytes, existing.sha256, existing.storage_key = size_bytes, sha256, storage_key
     session.commit()

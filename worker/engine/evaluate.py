@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.engine.data import ImageSet
+from worker.engine.device import gpu_name, pick_device
 from worker.engine.errors import EngineError
 
 LARGE_BATCH = 32
@@ -161,5 +162,6 @@ def environment(threads: int) -> dict:
     return {
         "cpu": model_name, "cpu_count": os.cpu_count(),
         "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}), "amx": "amx_int8" in flags,
-        "avx512": "avx512f" in flags, "threads": threads, "versions": versions,
+        "avx512": "avx512f" in flags, "threads": threads, "torch_device": pick_device(), "gpu": gpu_name(),
+        "versions": versions,
     }
