@@ -15,6 +15,7 @@ from bench.reference import MobileNetSmall, ResNetSmall, export_all, load_digits
 from worker.engine import evaluate
 from worker.engine.configs import QuantizeConfig
 from worker.engine.data import ImageSet
+from worker.engine.fidelity import fidelity
 from worker.engine.quantize import count_compute_nodes, quantize
 from worker.engine.registry import StepContext
 
@@ -63,7 +64,7 @@ def main() -> None:
         for label, path in candidates.items():
             after, outputs = evaluate.measure(path, eval_set, settings)
             nodes = count_compute_nodes(path, work)
-            rows.append((name, label, after, before, (evaluate.fidelity(reference, outputs)[0], nodes)))
+            rows.append((name, label, after, before, (fidelity(reference, outputs)[0], nodes)))
 
     header = "| model | variant | size KB | x smaller | p50 b1 ms | speed-up b1 | p50 b32 ms | speed-up b32 | top-1 | drop (pts) | agreement | int8/fp32 convs |"
     print(header)

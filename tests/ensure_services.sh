@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the servers the integration tests talk to are up on loopback; start any that is down.
+# Make sure the servers the integration tests talk to are up on loopback; start any that is down,
+# and that the browser the report test uses is installed.
 # (The S3 endpoint is moto's server, which the tests start themselves.)
 set -euo pipefail
 
@@ -15,6 +16,13 @@ if ! redis_up; then
   mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+fi
+
+# The report test renders report.html in a real headless browser (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "could not install chromium; the report rendering test will fail" >&2
 fi
 
 for _ in $(seq 1 30); do

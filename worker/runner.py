@@ -28,8 +28,11 @@ from worker.engine import evaluate
 from worker.engine.configs import parse_step
 from worker.engine.data import ImageSet, load_npz
 from worker.engine.errors import EngineError, JobCancelled, JobSuperseded
+from worker.engine.fidelity import fidelity
 from worker.engine.formats import to_onnx
+from worker.engine.layers import layer_sqnr
 from worker.engine.registry import StepContext, handler_for
+from worker.engine.report import render as render_report
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +200,9 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     progress("store", LOAD_SHARE + STEPS_SHARE + EVALUATE_SHARE)
     metrics_file = work / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2))
-    for name, path in (("model.onnx", current), ("metrics.json", metrics_file)):
+    report_file = work / "report.html"
+    report_file.write_text(render_report(metrics, job_id=job.id))
+    for name, path in (("model.onnx", current), ("metrics.json", metrics_file), ("report.html", report_file)):
         _store_artifact(deps, job.id, token, name, path)
     return metrics
 
@@ -216,10 +221,22 @@ def _evaluate(original: Path, compressed: Path, eval_data: ImageSet | None, deps
             comparison[f"speedup_{key}"] = round(before["latency"][key]["p50_ms"] / after["latency"][key]["p50_ms"], 3)
     if before.get("accuracy") and after.get("accuracy"):
         comparison["accuracy_drop"] = round(before["accuracy"]["top1"] - after["accuracy"]["top1"], 6)
-    comparison["fidelity"] = evaluate.fidelity(reference, outputs)
+    comparison["fidelity"] = fidelity(reference, outputs)
+    result = {"original": before, "compressed": after, "comparison": comparison}
+    if _is_quantized(compressed):
+        progress("layers", 0.9)
+        fixed = evaluate.fixed_batch(evaluate.open_session(compressed, 1))
+        sample = eval_data.images[: fixed or 64]
+        result["layers"] = layer_sqnr(original, compressed, sample, compressed.parent)
     progress("done", 1.0)
-    return {"original": before, "compressed": after, "comparison": comparison,
+    return {**result,
             "eval_samples": len(reference[0]), "environment": evaluate.environment(settings.threads)}
+
+
+def _is_quantized(path: Path) -> bool:
+    import onnx
+
+    return any(node.op_type == "DequantizeLinear" for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _store_artifact(deps: RunnerDeps, job_id: str, token: str, name: str, path: Path) -> None:

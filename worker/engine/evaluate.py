@@ -16,6 +16,8 @@ import onnxruntime as ort
 
 from worker.engine.data import ImageSet
 from worker.engine.device import gpu_name, pick_device
+from worker.engine.fidelity import accuracy
+from worker.engine.graph_stats import graph_stats
 from worker.engine.errors import EngineError
 
 LARGE_BATCH = 32
@@ -94,6 +96,7 @@ def measure(path: Path, data: ImageSet, settings: RunSettings) -> tuple[dict, li
     data = data.head(settings.max_eval_samples)
     report = {
         "size_bytes": path.stat().st_size,
+        **graph_stats(path),
         "latency": {
             "batch_1": latency(session, data.images, 1, settings),
             f"batch_{LARGE_BATCH}": latency(session, data.images, LARGE_BATCH, settings),
@@ -104,40 +107,6 @@ def measure(path: Path, data: ImageSet, settings: RunSettings) -> tuple[dict, li
     if data.labels is not None:
         report["accuracy"] = accuracy(outputs[0], data.labels[: len(outputs[0])])
     return report, outputs
-
-
-def _is_class_scores(output: np.ndarray) -> bool:
-    return output.ndim == 2 and output.shape[1] > 1
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray) -> dict | None:
-    if not _is_class_scores(scores):
-        return None
-    top = np.argsort(-scores, axis=1)
-    result = {"top1": float(np.mean(top[:, 0] == labels)), "samples": int(len(labels))}
-    if scores.shape[1] >= 5:
-        result["top5"] = float(np.mean(np.any(top[:, :5] == labels[:, None], axis=1)))
-    return result
-
-
-def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> list[dict]:
-    """Per output: how closely the candidate reproduces the reference, sample by sample."""
-    results = []
-    for index, (ref, cand) in enumerate(zip(reference, candidate)):
-        ref64 = ref.reshape(len(ref), -1).astype(np.float64)
-        cand64 = cand.reshape(len(cand), -1).astype(np.float64)
-        norms = np.linalg.norm(ref64, axis=1) * np.linalg.norm(cand64, axis=1)
-        cosine = np.where(norms > 0, np.sum(ref64 * cand64, axis=1) / np.maximum(norms, 1e-30), 1.0)
-        entry = {
-            "output": index,
-            "cosine_mean": float(np.mean(cosine)),
-            "cosine_min": float(np.min(cosine)),
-            "max_abs_error": float(np.max(np.abs(ref64 - cand64))),
-        }
-        if _is_class_scores(ref):
-            entry["top1_agreement"] = float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
-        results.append(entry)
-    return results
 
 
 def environment(threads: int) -> dict:

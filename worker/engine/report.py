@@ -1,0 +1,120 @@
+"""report.html: a self-contained page (inline CSS and SVG, no scripts, no external resources) with
+the before/after table and charts, readable without the service."""
+
+from html import escape
+
+BEFORE, AFTER = "#8a94a6", "#2f6fde"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,d}"
+    return escape(str(value))
+
+
+def _bars(title: str, unit: str, before: float | None, after: float | None, better: str) -> str:
+    """Two horizontal bars (original, compressed) scaled to the larger value."""
+    if before is None or after is None:
+        return ""
+    top = max(before, after) or 1.0
+    rows = []
+    for index, (label, value, colour) in enumerate((("original", before, BEFORE), ("compressed", after, AFTER))):
+        width = max(1.0, 300.0 * value / top)
+        y = 8 + index * 30
+        rows.append(f'<text x="0" y="{y + 15}" class="label">{label}</text>'
+                    f'<rect x="90" y="{y}" width="{width:.1f}" height="20" fill="{colour}"/>'
+                    f'<text x="{95 + width:.1f}" y="{y + 15}" class="value">{_fmt(value)} {escape(unit)}</text>')
+    return (f'<figure><figcaption>{escape(title)} <small>({escape(better)} is better)</small></figcaption>'
+            f'<svg role="img" aria-label="{escape(title)}" width="520" height="70" xmlns="http://www.w3.org/2000/svg">'
+            + "".join(rows) + "</svg></figure>")
+
+
+def _row(name: str, before, after, change: str = "") -> str:
+    return f"<tr><th>{escape(name)}</th><td>{_fmt(before)}</td><td>{_fmt(after)}</td><td>{escape(change)}</td></tr>"
+
+
+def _latency(section: dict, key: str) -> float | None:
+    entry = (section.get("latency") or {}).get(key)
+    return entry["p50_ms"] if entry else None
+
+
+def render(metrics: dict, *, job_id: str = "") -> str:
+    before, after = metrics.get("original", {}), metrics.get("compressed", {})
+    comparison = metrics.get("comparison", {})
+    acc_before = (before.get("accuracy") or {}).get("top1")
+    acc_after = (after.get("accuracy") or {}).get("top1")
+
+    table = [
+        _row("size (bytes)", before.get("size_bytes"), after.get("size_bytes"), f"{comparison.get('size_ratio', 0):.2f}x smaller"),
+        _row("parameters", before.get("parameters"), after.get("parameters")),
+        _row("non-zero parameters", before.get("nonzero_parameters"), after.get("nonzero_parameters")),
+        _row("MACs (batch 1)", before.get("macs"), after.get("macs")),
+    ]
+    for key in ("batch_1", "batch_32"):
+        speedup = comparison.get(f"speedup_{key}")
+        change = "" if speedup is None else (f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x SLOWER")
+        table.append(_row(f"latency p50, {key.replace('_', ' ')} (ms)", _latency(before, key), _latency(after, key), change))
+    if acc_before is not None:
+        table.append(_row("top-1 accuracy", acc_before, acc_after, f"drop {100 * comparison.get('accuracy_drop', 0):.2f} points"))
+        table.append(_row("top-5 accuracy", before["accuracy"].get("top5"), after["accuracy"].get("top5")))
+
+    fidelity_rows = "".join(
+        f"<tr><td>{f['output']}</td><td>{_fmt(f.get('top1_agreement'), 4)}</td><td>{_fmt(f['cosine_mean'], 5)}</td>"
+        f"<td>{_fmt(f['max_abs_error'], 4)}</td><td>{_fmt(f.get('kl_softmax'), 6)}</td>"
+        f"<td>{_worst(f.get('worst_slice'))}</td></tr>"
+        for f in comparison.get("fidelity", []))
+    layers = metrics.get("layers") or []
+    layer_rows = "".join(
+        f"<tr><td>{escape(layer['layer'])}</td><td>{escape(layer['op'])}</td><td>{_fmt(layer['sqnr_db'], 2)}</td></tr>"
+        for layer in sorted(layers, key=lambda item: item["sqnr_db"] if item["sqnr_db"] is not None else 1e9))
+    steps = "".join(f"<li><code>{escape(step['type'])}</code> {escape(_step_summary(step))}</li>" for step in metrics.get("steps", []))
+    environment = metrics.get("environment", {})
+    versions = ", ".join(f"{k} {v}" for k, v in (environment.get("versions") or {}).items() if v)
+
+    charts = "".join([
+        _bars("Size", "bytes", before.get("size_bytes"), after.get("size_bytes"), "smaller"),
+        _bars("Latency p50, batch 1", "ms", _latency(before, "batch_1"), _latency(after, "batch_1"), "smaller"),
+        _bars("Latency p50, batch 32", "ms", _latency(before, "batch_32"), _latency(after, "batch_32"), "smaller"),
+        _bars("Top-1 accuracy", "", acc_before, acc_after, "larger"),
+    ])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>modelpress report {escape(job_id)}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #1d2330; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem .8rem; border-bottom: 1px solid #dde2ea; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0; }} figcaption {{ font-weight: 600; }}
+.label {{ font-size: 12px; fill: #1d2330; }} .value {{ font-size: 12px; fill: #1d2330; }} small {{ color: #667085; font-weight: 400; }}
+</style></head><body>
+<h1>Compression report</h1>
+<p>Job <code id="job-id">{escape(job_id)}</code> · model <code>{escape(str(metrics.get('model_id', '')))}</code>
+({escape(str(metrics.get('model_format', '')))}) · evaluated on {_fmt(metrics.get('eval_samples'))} samples of
+<code>{escape(str(metrics.get('eval_dataset', '')))}</code> · metrics schema v{_fmt(metrics.get('schema_version'))}</p>
+<h2>Before and after</h2>
+<table id="summary"><thead><tr><th></th><th>original</th><th>compressed</th><th>change</th></tr></thead>
+<tbody>{''.join(table)}</tbody></table>
+{charts}
+<h2>Fidelity against the original</h2>
+<table id="fidelity"><thead><tr><th>output</th><th>top-1 agreement</th><th>cosine (mean)</th><th>max abs error</th><th>KL(softmax)</th><th>worst slice</th></tr></thead>
+<tbody>{fidelity_rows}</tbody></table>
+{f'<h2>Per-layer error (SQNR, dB; lowest first)</h2><table id="layers"><thead><tr><th>layer</th><th>op</th><th>SQNR dB</th></tr></thead><tbody>{layer_rows}</tbody></table>' if layers else ''}
+<h2>Steps</h2><ol>{steps}</ol>
+<h2>Environment</h2>
+<p>{escape(str(environment.get('cpu', '')))} · {_fmt(environment.get('cpu_count'))} cores · VNNI {escape(str(environment.get('vnni')))}
+· AMX {escape(str(environment.get('amx')))} · GPU {escape(str(environment.get('gpu') or 'none'))} · {_fmt(environment.get('threads'))} thread(s) for latency · {escape(versions)}</p>
+</body></html>
+"""
+
+
+def _worst(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    return f"axis {entry['axis']} index {entry['index']}: cosine {entry['cosine']:.4f}"
+
+
+def _step_summary(step: dict) -> str:
+    skip = {"type"}
+    return ", ".join(f"{k} {v}" for k, v in step.items() if k not in skip)
