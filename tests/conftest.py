@@ -27,6 +27,7 @@ class Reference:
     wrong_size_npz: Path  # 12x12 images: do not fit the 8x8 model
     eval_images: np.ndarray
     eval_labels: np.ndarray
+    module: object  # the trained torch module
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,7 @@ def reference(tmp_path_factory) -> Reference:
     np.savez(out / "nhw.npz", images=images[:, 0], labels=labels)
     np.savez(out / "wrong.npz", images=np.zeros((20, 1, 12, 12), np.uint8))
     return Reference(paths["onnx"], paths["pt2"], paths["torchscript"], out / "eval.npz", out / "calib.npz",
-                     out / "nhwc.npz", out / "nhw.npz", out / "wrong.npz", images, labels)
+                     out / "nhwc.npz", out / "nhw.npz", out / "wrong.npz", images, labels, model)
 
 
 @pytest.fixture

@@ -40,11 +40,11 @@ class ModelInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def inspect_model(path: Path) -> ModelInfo:
+def inspect_model(path: Path, *, max_unpacked_bytes: int = 8 * 1024**3) -> ModelInfo:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"PK\x03\x04"):
-        return _inspect_zip(path)
+        return _inspect_zip(path, max_unpacked_bytes)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         with open(path, "rb") as f:
             _refuse_pickle(f.read(MAX_METADATA_MEMBER_BYTES))
@@ -85,13 +85,15 @@ def _is_storage(global_name: str) -> bool:
     return module in ("torch", "torch.storage") and name.endswith("Storage")
 
 
-def _inspect_zip(path: Path) -> ModelInfo:
+def _inspect_zip(path: Path, max_unpacked_bytes: int) -> ModelInfo:
     try:
         archive = zipfile.ZipFile(path)
         names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise Invalid(f"the upload looks like a zip archive but cannot be read: {exc}", code="invalid_archive") from exc
     with archive:
+        if any(n.lower().endswith(".onnx") for n in names):
+            return _inspect_onnx_zip(archive, names, max_unpacked_bytes)
         if any(n.endswith("/models/model.json") for n in names):
             return _inspect_torch_export(archive, names)
         if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
@@ -108,6 +110,44 @@ def _inspect_zip(path: Path) -> ModelInfo:
         "the zip archive is not a model this service reads (ONNX, torch.export .pt2 or TorchScript)",
         code="unsupported_model_format",
     )
+
+
+def check_archive_names(names: list[str]) -> None:
+    for name in names:
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise Invalid(f"archive entry {name!r} points outside the archive", code="unsafe_archive")
+
+
+def _inspect_onnx_zip(archive: zipfile.ZipFile, names: list[str], max_unpacked_bytes: int) -> ModelInfo:
+    """ONNX with its weights in external files, zipped together."""
+    check_archive_names(names)
+    if sum(info.file_size for info in archive.infolist()) > max_unpacked_bytes:
+        raise Invalid(f"the archive unpacks to more than {max_unpacked_bytes} bytes", code="archive_too_large")
+    models = [n for n in names if n.lower().endswith(".onnx")]
+    if len(models) != 1:
+        raise Invalid(f"the archive must hold exactly one .onnx file; it holds {len(models)}", code="invalid_archive")
+    import onnx
+
+    folder = models[0].rsplit("/", 1)[0] + "/" if "/" in models[0] else ""
+    model_bytes = _read_member(archive, models[0])
+    info = _inspect_onnx_bytes(model_bytes, external_ok=True)
+    for tensor in _external_tensors(onnx.load_model_from_string(model_bytes)):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        check_archive_names([location])
+        if folder + location not in names:
+            raise Invalid(f"tensor {tensor.name!r} keeps its data in {location!r}, which is not in the archive",
+                          code="external_data_missing")
+    info.details.update({"packaging": "zip", "external_data": True})
+    return info
+
+
+def _external_tensors(model) -> list:
+    import onnx
+
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, default: bytes | None = None) -> bytes:
@@ -144,11 +184,16 @@ def _export_tensor(arg: dict, tensors: dict) -> dict[str, Any]:
 
 
 def _inspect_onnx(path: Path, head: bytes) -> ModelInfo:
+    return _inspect_onnx_bytes(path.read_bytes(), external_ok=False)
+
+
+def _inspect_onnx_bytes(content: bytes, *, external_ok: bool) -> ModelInfo:
     import onnx
     from google.protobuf.message import DecodeError
 
+    head = content[:8]
     try:
-        model = onnx.load_model(str(path), load_external_data=False)
+        model = onnx.load_model_from_string(content)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         # ModelProto's first field on disk is ir_version (tag 0x08): such a file is ONNX gone bad.
         if head[:1] == b"\x08":
@@ -159,10 +204,12 @@ def _inspect_onnx(path: Path, head: bytes) -> ModelInfo:
         ) from exc
     if model.ir_version <= 0 or not model.graph.node:
         raise Invalid("the file is not an ONNX model with a graph", code="unsupported_model_format")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise Invalid("ONNX models with external weight files are not supported yet", code="external_data_unsupported")
+    if not external_ok and _external_tensors(model):
+        raise Invalid("this ONNX model keeps its weights in external files: upload a .zip holding the .onnx file "
+                      "and its data files", code="external_data_unsupported")
     try:
-        onnx.checker.check_model(model)
+        if not _external_tensors(model):  # the checker would look for external files on our disk
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise Invalid(f"the ONNX model is invalid: {str(exc).splitlines()[0]}", code="invalid_onnx") from exc
 

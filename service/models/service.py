@@ -15,10 +15,12 @@ from service.uploads import ReceivedUpload
 FILE_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": "model.pt"}
 
 
-def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: ReceivedUpload, name: str | None) -> ModelRow:
-    info = inspect_model(upload.path)
+def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: ReceivedUpload, name: str | None,
+           max_unpacked_bytes: int) -> ModelRow:
+    info = inspect_model(upload.path, max_unpacked_bytes=max_unpacked_bytes)
     model_id = new_id("mdl")
-    key = f"models/{model_id}/{FILE_NAMES[info.format]}"
+    file_name = "model.zip" if info.details.get("packaging") == "zip" else FILE_NAMES[info.format]
+    key = f"models/{model_id}/{file_name}"
     # The object is written before the row: a row never points at a missing object.
     store.put_file(key, upload.path)
     row = ModelRow(

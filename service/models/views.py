@@ -18,7 +18,7 @@ async def upload_model(request: Request, context: ContextDep, session: SessionDe
     try:
         return await run_in_threadpool(
             service.create, session=session, store=context.store, tenant_id=tenant_id,
-            upload=upload, name=upload.fields.get("name"),
+            upload=upload, name=upload.fields.get("name"), max_unpacked_bytes=4 * context.settings.max_model_bytes,
         )
     finally:
         upload.discard()

@@ -7,21 +7,31 @@
 - TorchScript: `torch.jit.load` (TorchScript's own restricted loader, not Python's unpickler), then
   the same exporter. TorchScript carries no input shape; the job's dataset gives one sample.
 Conversion failures become `conversion_failed` with the exporter's message (it names the operator).
+
+Every ONNX model is then normalised (`normalize_onnx`), so techniques see one shape of graph:
+- a .zip with external weight files is unpacked (entries checked again) and loaded whole;
+- weights held in Constant nodes become initializers (quantizers only look at initializers: left
+  in Constant nodes, weights stay float while activations are quantized);
+- opsets below 13 are converted to 13 with ONNX's version converter (per-channel Q/DQ needs 13).
 """
 
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from worker.engine.errors import EngineError
 
 EXPORT_OPSET = 17
+MIN_OPSET = 13
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024 * 1024  # one file above this must keep external data
 
 
 def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | None) -> Path:
     if model_format == "onnx":
-        return path
+        return normalize_onnx(path, workdir)
     import torch
 
     try:
@@ -52,4 +62,60 @@ def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | 
             )
     except Exception as exc:
         raise EngineError("conversion_failed", f"the {model_format} model cannot be converted to ONNX: {str(exc)[:2000]}") from exc
+    return output
+
+
+def _unpack(path: Path, workdir: Path) -> Path:
+    target = workdir / "unpacked"
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            resolved = (target / name).resolve()
+            if not resolved.is_relative_to(target.resolve()):
+                raise EngineError("unsafe_archive", f"archive entry {name!r} points outside the archive")
+        archive.extractall(target)
+    models = sorted(target.rglob("*.onnx"))
+    if len(models) != 1:
+        raise EngineError("invalid_archive", f"the archive must hold exactly one .onnx file; it holds {len(models)}")
+    return models[0]
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> int:
+    keep, moved = [], 0
+    for node in model.graph.node:
+        tensor = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and tensor is not None and len(node.attribute) == 1:
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
+
+
+def normalize_onnx(path: Path, workdir: Path) -> Path:
+    source = _unpack(path, workdir) if zipfile.is_zipfile(path) else path
+    try:
+        model = onnx.load(str(source))  # external data is read relative to the model's folder
+    except Exception as exc:
+        raise EngineError("invalid_onnx", f"the ONNX model cannot be loaded: {exc}") from exc
+    changed = source != path
+    if model.ir_version >= 4 and _constants_to_initializers(model):
+        changed = True
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+    if opset < MIN_OPSET:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            raise EngineError("opset_conversion_failed", f"the model's opset {opset} cannot be converted to {MIN_OPSET}: {exc}") from exc
+        changed = True
+    if not changed:
+        return path
+    output = workdir / "normalized.onnx"
+    large = model.ByteSize() > PROTOBUF_LIMIT
+    onnx.save(model, str(output), save_as_external_data=large, location="normalized.onnx.data" if large else None)
     return output
