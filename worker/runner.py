@@ -26,7 +26,7 @@ from service.models import service as models
 from service.storage import ObjectStore
 from worker.engine import evaluate
 from worker.engine.configs import parse_step
-from worker.engine.data import ImageSet, load_npz
+from worker.engine.data import ImageSet, load_dataset, split
 from worker.engine.errors import EngineError, JobCancelled, JobSuperseded
 from worker.engine.fidelity import fidelity
 from worker.engine.formats import to_onnx
@@ -152,11 +152,16 @@ def run_job(job_id: str, deps: RunnerDeps) -> str:
 def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) -> dict:
     store, tenant_id = deps.store, job.tenant_id
     progress("load", 0.0, force=True)
+    data_spec = job.spec["data"]
+    split_spec = data_spec.get("split")
+    wanted = {role: ds_id for role, ds_id in data_spec.items() if role != "split" and ds_id}
+    if split_spec:
+        wanted["split"] = split_spec["dataset"]
     with deps.session_factory() as session:
         try:
             model = models.get(session=session, tenant_id=tenant_id, model_id=job.model_id)
             dataset_rows = {role: datasets.get(session=session, tenant_id=tenant_id, dataset_id=ds_id)
-                            for role, ds_id in job.spec["data"].items() if ds_id}
+                            for role, ds_id in wanted.items()}
         except NotFound as exc:
             raise EngineError(exc.code, exc.message) from exc
     if len(model.inputs) > 1:
@@ -167,8 +172,15 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     original_file = store.get_file(model.storage_key, work / Path(model.storage_key).name)
     data: dict[str, ImageSet] = {}
     for role, row in dataset_rows.items():
-        local = store.get_file(row.storage_key, work / f"{role}.npz")
-        data[role] = load_npz(local, layout=row.layout, model_shape=input_shape, role=role, input_name=input_name)
+        local = store.get_file(row.storage_key, work / f"{role}-{Path(row.storage_key).name}")
+        data[role] = load_dataset(local, dataset_format=row.format, layout=row.layout, preprocess=row.preprocess,
+                                  model_shape=input_shape, role=role, input_name=input_name)
+        progress("load", LOAD_SHARE * 0.5 * len(data) / len(dataset_rows))
+    if split_spec:
+        rest, held_out = split(data.pop("split"), eval_fraction=split_spec["eval_fraction"], seed=split_spec["seed"])
+        data.setdefault("eval", held_out)
+        data.setdefault("calibration", rest)
+        data.setdefault("train", rest)
     eval_data = data.get("eval") or data.get("calibration") or data.get("train")
     example = eval_data.images if eval_data is not None else None
     original = to_onnx(original_file, model.format, work, example)
@@ -193,7 +205,8 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         "schema_version": METRICS_SCHEMA_VERSION,
         "model_id": job.model_id,
         "model_format": model.format,
-        "eval_dataset": job.spec["data"].get("eval") or job.spec["data"].get("calibration"),
+        "eval_dataset": data_spec.get("eval") or (split_spec and f"{split_spec['dataset']} (held-out {split_spec['eval_fraction']:.0%})")
+        or data_spec.get("calibration"),
         **evaluation,
         "steps": step_metrics,
     }

@@ -22,11 +22,28 @@ MAX_MEMBERS = 16
 @dataclass
 class DatasetInfo:
     count: int
-    shape: list[int]
+    shape: list[int | None]
     dtype: str
     layout: str
     has_labels: bool
     num_classes: int | None
+    format: str = "npz"
+    classes: list[str] | None = None
+
+
+def inspect_dataset(path: Path, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:
+    """An .npz of arrays, or a .zip of image files; both are zips, told apart by their entries."""
+    limits = {"max_bytes": max_bytes, "max_samples": max_samples, "max_image_pixels": max_image_pixels}
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise Invalid("the dataset is neither an .npz file nor a .zip of images", code="invalid_dataset") from exc
+    with archive:
+        if any(name.endswith(".npy") for name in archive.namelist()):
+            return inspect_npz(archive, layout=layout, **limits)
+        from service.datasets.images import inspect_image_zip
+
+        return inspect_image_zip(archive, **limits)
 
 
 def guess_layout(shape: tuple[int, ...]) -> str:
@@ -48,53 +65,50 @@ def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...],
     return shape, dtype
 
 
-def inspect_npz(path: Path, *, max_bytes: int, max_samples: int, max_image_pixels: int) -> DatasetInfo:
+def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:
+    infos = {i.filename: i for i in archive.infolist()}
+    if len(infos) > MAX_MEMBERS:
+        raise Invalid(f"the .npz holds more than {MAX_MEMBERS} arrays", code="invalid_dataset")
+    if sum(i.file_size for i in infos.values()) > max_bytes:
+        raise Invalid(f"the .npz decompresses to more than {max_bytes} bytes", code="dataset_too_large")
+    if "images.npy" not in infos:
+        raise Invalid("the .npz has no array named 'images'", code="missing_images")
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise Invalid("the dataset is not an .npz file (a zip of .npy arrays)", code="invalid_dataset") from exc
-    with archive:
-        infos = {i.filename: i for i in archive.infolist()}
-        if len(infos) > MAX_MEMBERS:
-            raise Invalid(f"the .npz holds more than {MAX_MEMBERS} arrays", code="invalid_dataset")
-        if sum(i.file_size for i in infos.values()) > max_bytes:
-            raise Invalid(f"the .npz decompresses to more than {max_bytes} bytes", code="dataset_too_large")
-        if "images.npy" not in infos:
-            raise Invalid("the .npz has no array named 'images'", code="missing_images")
-        try:
-            shape, dtype = _npy_header(archive, "images.npy")
-        except ValueError as exc:
-            raise Invalid(f"'images' cannot be read: {exc}", code="invalid_dataset") from exc
-        if dtype.hasobject or dtype.name not in IMAGE_DTYPES:
-            raise Invalid(f"'images' has dtype {dtype}; use uint8 or float", code="invalid_dataset")
-        if len(shape) not in (3, 4):
-            raise Invalid(f"'images' has shape {list(shape)}; expected N,H,W or N,C,H,W or N,H,W,C", code="invalid_dataset")
-        count = shape[0]
-        if count == 0 or count > max_samples:
-            raise Invalid(f"'images' holds {count} samples; between 1 and {max_samples} are accepted", code="invalid_dataset")
-        layout = guess_layout(shape)
-        height, width = (shape[1], shape[2]) if layout in ("NHW", "NHWC") else (shape[2], shape[3])
-        if height * width > max_image_pixels or min(height, width) < 1:
-            raise Invalid(f"images of {height}x{width} pixels are outside the limit of {max_image_pixels} pixels", code="invalid_dataset")
-        expected = int(np.prod(shape)) * dtype.itemsize
-        if infos["images.npy"].file_size < expected:
-            raise Invalid("'images' is truncated", code="invalid_dataset")
+        shape, dtype = _npy_header(archive, "images.npy")
+    except ValueError as exc:
+        raise Invalid(f"'images' cannot be read: {exc}", code="invalid_dataset") from exc
+    if dtype.hasobject or dtype.name not in IMAGE_DTYPES:
+        raise Invalid(f"'images' has dtype {dtype}; use uint8 or float", code="invalid_dataset")
+    if len(shape) not in (3, 4):
+        raise Invalid(f"'images' has shape {list(shape)}; expected N,H,W or N,C,H,W or N,H,W,C", code="invalid_dataset")
+    count = shape[0]
+    if count == 0 or count > max_samples:
+        raise Invalid(f"'images' holds {count} samples; between 1 and {max_samples} are accepted", code="invalid_dataset")
+    layout = layout or guess_layout(shape)
+    if (layout == "NHW") != (len(shape) == 3):
+        raise Invalid(f"layout {layout} does not fit 'images' of shape {list(shape)}", code="invalid_dataset")
+    height, width = (shape[1], shape[2]) if layout in ("NHW", "NHWC") else (shape[2], shape[3])
+    if height * width > max_image_pixels or min(height, width) < 1:
+        raise Invalid(f"images of {height}x{width} pixels are outside the limit of {max_image_pixels} pixels", code="invalid_dataset")
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if infos["images.npy"].file_size < expected:
+        raise Invalid("'images' is truncated", code="invalid_dataset")
 
-        has_labels = "labels.npy" in infos
-        num_classes = None
-        if has_labels:
-            try:
-                labels_shape, labels_dtype = _npy_header(archive, "labels.npy")
-            except ValueError as exc:
-                raise Invalid(f"'labels' cannot be read: {exc}", code="invalid_dataset") from exc
-            if labels_dtype.hasobject or labels_dtype.name not in LABEL_DTYPES:
-                raise Invalid(f"'labels' has dtype {labels_dtype}; use integers", code="invalid_labels")
-            if labels_shape != (count,):
-                raise Invalid(f"'labels' has shape {list(labels_shape)}; expected [{count}] (one per image)", code="invalid_labels")
-            with archive.open("labels.npy") as f:
-                labels = np.lib.format.read_array(f, allow_pickle=False)
-            if labels.min() < 0:
-                raise Invalid("'labels' holds negative class indices", code="invalid_labels")
-            num_classes = int(labels.max()) + 1
+    has_labels = "labels.npy" in infos
+    num_classes = None
+    if has_labels:
+        try:
+            labels_shape, labels_dtype = _npy_header(archive, "labels.npy")
+        except ValueError as exc:
+            raise Invalid(f"'labels' cannot be read: {exc}", code="invalid_dataset") from exc
+        if labels_dtype.hasobject or labels_dtype.name not in LABEL_DTYPES:
+            raise Invalid(f"'labels' has dtype {labels_dtype}; use integers", code="invalid_labels")
+        if labels_shape != (count,):
+            raise Invalid(f"'labels' has shape {list(labels_shape)}; expected [{count}] (one per image)", code="invalid_labels")
+        with archive.open("labels.npy") as f:
+            labels = np.lib.format.read_array(f, allow_pickle=False)
+        if labels.min() < 0:
+            raise Invalid("'labels' holds negative class indices", code="invalid_labels")
+        num_classes = int(labels.max()) + 1
     return DatasetInfo(count=int(count), shape=[int(s) for s in shape], dtype=dtype.name, layout=layout,
                        has_labels=has_labels, num_classes=num_classes)

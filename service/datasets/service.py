@@ -1,32 +1,54 @@
 """Dataset records: create from an upload, read, list, delete."""
 
+import json
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.datasets.inspect import inspect_npz
+from service.datasets.inspect import inspect_dataset
 from service.datasets.tables import DatasetRow
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, Invalid, NotFound
 from service.ids import new_id
 from service.pagination import newest_first
 from service.storage import ObjectStore
 from service.uploads import ReceivedUpload
+from worker.engine.configs import PreprocessSpec, parse_preprocess
+from worker.engine.errors import EngineError
 
 
-def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_id: str, upload: ReceivedUpload, name: str | None) -> DatasetRow:
-    info = inspect_npz(
+def _preprocess(raw: str | None) -> PreprocessSpec:
+    try:
+        data = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise Invalid(f"the preprocess field is not JSON: {exc}", code="invalid_preprocess") from exc
+    if not isinstance(data, dict):
+        raise Invalid("the preprocess field must be a JSON object", code="invalid_preprocess")
+    try:
+        return parse_preprocess(data)
+    except EngineError as exc:
+        raise Invalid(exc.message, code=exc.code) from exc
+
+
+def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_id: str, upload: ReceivedUpload,
+           name: str | None, preprocess: str | None = None) -> DatasetRow:
+    spec = _preprocess(preprocess)
+    info = inspect_dataset(
         upload.path, max_bytes=settings.max_dataset_bytes, max_samples=settings.max_dataset_samples,
-        max_image_pixels=settings.max_image_pixels,
+        max_image_pixels=settings.max_image_pixels, layout=spec.layout,
     )
+    if info.format == "npz" and (spec.resize or spec.center_crop):
+        raise Invalid("resize and center_crop apply to image files; an .npz must already hold the model's size",
+                      code="invalid_preprocess")
     dataset_id = new_id("ds")
-    key = f"datasets/{dataset_id}/data.npz"
+    key = f"datasets/{dataset_id}/{'data.npz' if info.format == 'npz' else 'images.zip'}"
     store.put_file(key, upload.path)
     row = DatasetRow(
         id=dataset_id, tenant_id=tenant_id, name=(name or Path(upload.filename).stem or dataset_id)[:255],
-        format="npz", size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key,
+        format=info.format, size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key,
         count=info.count, shape=info.shape, dtype=info.dtype, layout=info.layout,
-        has_labels=info.has_labels, num_classes=info.num_classes,
+        has_labels=info.has_labels, num_classes=info.num_classes, classes=info.classes,
+        preprocess=spec.model_dump(exclude_defaults=True),
     )
     session.add(row)
     session.commit()

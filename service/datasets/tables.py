@@ -22,6 +22,9 @@ class DatasetRow(Base):
     layout: Mapped[str] = mapped_column(String(8))
     has_labels: Mapped[bool] = mapped_column(Boolean)
     num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Class names of an image-folder dataset, in label order.
+    classes: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    preprocess: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)

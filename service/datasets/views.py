@@ -13,13 +13,14 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 @router.post("", status_code=201, response_model=DatasetRead)
 async def upload_dataset(request: Request, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
-    """Multipart: `file`, an .npz with `images` (uint8 or float; NCHW, NHWC or NHW) and optional int `labels`."""
+    """Multipart: `file` (an .npz with `images` and optional int `labels`, or a .zip of images in
+    ImageFolder layout or flat), optional `name`, optional `preprocess` (JSON, see PreprocessSpec)."""
     settings = context.settings
     upload = await receive_upload(request, tmp_dir=settings.tmp_dir, max_bytes=settings.max_dataset_bytes)
     try:
         return await run_in_threadpool(
             service.create, session=session, store=context.store, settings=settings, tenant_id=tenant_id,
-            upload=upload, name=upload.fields.get("name"),
+            upload=upload, name=upload.fields.get("name"), preprocess=upload.fields.get("preprocess"),
         )
     finally:
         upload.discard()

@@ -11,6 +11,17 @@ class StepSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class SplitSpec(BaseModel):
+    """Split one dataset: `eval_fraction` of it (shuffled with `seed`) becomes the eval data, the
+    rest the calibration and train data, for the roles the job does not name itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=64)
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
 class DataSpec(BaseModel):
     """Dataset ids by role. Without `eval`, evaluation uses the calibration data."""
 
@@ -19,6 +30,7 @@ class DataSpec(BaseModel):
     calibration: str | None = None
     eval: str | None = None
     train: str | None = None
+    split: SplitSpec | None = None
 
 
 class JobCreate(BaseModel):

@@ -22,7 +22,7 @@ from service.models import service as models
 from service.pagination import newest_first
 from worker.engine.configs import parse_step
 from worker.engine.errors import EngineError
-from worker.engine.shapes import check_fits
+from worker.engine.shapes import check_dataset_fits
 
 
 class DispatchFailed(Exception):
@@ -39,21 +39,26 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
             raise Invalid(exc.message, code=exc.code, step=index) from exc
 
     needed = set().union(*(c.required_data() for c in configs))
+    split = body.data.split
     for role in sorted(needed):
-        if getattr(body.data, role) is None:
-            raise Invalid(f"a step needs a {role} dataset: set data.{role} to a dataset id", code=f"{role}_data_required")
+        if getattr(body.data, role) is None and split is None:
+            raise Invalid(f"a step needs a {role} dataset: set data.{role} to a dataset id (or data.split)", code=f"{role}_data_required")
     image_input = model.inputs[0] if model.inputs else None
     if len(model.inputs) > 1:
         raise Invalid(f"models with {len(model.inputs)} inputs are not supported yet; one image input is", code="unsupported_model_input")
-    for role, dataset_id in body.data.model_dump().items():
-        if dataset_id is None:
-            continue
+    named = {role: dataset_id for role, dataset_id in body.data.model_dump(exclude={"split"}).items() if dataset_id}
+    if split is not None:
+        named["split"] = split.dataset
+    for role, dataset_id in named.items():
         dataset = datasets.get(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
         try:
-            check_fits(dataset.shape, dataset.layout, image_input["shape"] if image_input else None,
-                       role=role, input_name=image_input["name"] if image_input else "input")
+            check_dataset_fits(dataset.shape, dataset.layout, dataset.preprocess or {},
+                               image_input["shape"] if image_input else None,
+                               role=role, input_name=image_input["name"] if image_input else "input")
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code) from exc
+    if split is not None and datasets.get(session=session, tenant_id=tenant_id, dataset_id=split.dataset).count < 2:
+        raise Invalid("a dataset of one sample cannot be split", code="dataset_too_small")
 
     job = JobRow(
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, status=JobStatus.QUEUED.value, stage="queued",
@@ -128,7 +133,14 @@ def active_jobs_using_model(*, session: Session, model_id: str) -> bool:
 
 def active_jobs_using_dataset(*, session: Session, dataset_id: str) -> bool:
     active = session.scalars(select(JobRow).where(JobRow.status.in_([s.value for s in ACTIVE])))
-    return any(dataset_id in job.spec.get("data", {}).values() for job in active)
+    return any(dataset_id in _dataset_ids(job.spec.get("data", {})) for job in active)
+
+
+def _dataset_ids(data: dict) -> set[str]:
+    ids = {value for key, value in data.items() if key != "split" and value}
+    if data.get("split"):
+        ids.add(data["split"]["dataset"])
+    return ids
 
 
 # --- for the runner -------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""Datasets as arrays the model takes: decoded, scaled and laid out like the model's input.
+"""Datasets as arrays the model takes: decoded, preprocessed and laid out like the model's input.
 
-Default preprocessing (the common convention): uint8 pixels become float32 in [0, 1] (divided by
-255, no mean/std); float images are used as they are.
+Defaults (no preprocess spec): uint8 pixels become float32 in [0, 1] (divided by 255, no mean/std);
+float images are used as they are; decoded image files take the model's channel count (1:
+grayscale, 3: RGB) and its spatial size when fixed. A spec (configs.PreprocessSpec) stored with the
+dataset changes these the same way wherever the dataset is used.
 """
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from worker.engine.configs import PreprocessSpec, parse_preprocess
 from worker.engine.errors import EngineError
-from worker.engine.shapes import check_fits, model_layout
+from worker.engine.imagefiles import image_entries
+from worker.engine.shapes import InputLayout, check_dataset_fits, check_fits, model_layout
 
 
 @dataclass
@@ -24,25 +29,120 @@ class ImageSet:
     def head(self, n: int) -> "ImageSet":
         return ImageSet(self.images[:n], None if self.labels is None else self.labels[:n])
 
+    def take(self, indices: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[indices], None if self.labels is None else self.labels[indices])
 
-def load_npz(path: Path, *, layout: str, model_shape: list[int | None] | None, role: str, input_name: str = "input") -> ImageSet:
+
+def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: dict | None,
+                 model_shape: list[int | None] | None, role: str, input_name: str = "input") -> ImageSet:
+    spec = parse_preprocess(preprocess)
+    if dataset_format == "image_zip":
+        images, labels = _decode_image_zip(path, spec, model_layout(model_shape), role)
+        shape = list(images.shape)
+        check_dataset_fits([shape[0], shape[1], shape[2], shape[3]], "NCHW", {}, model_shape, role=role, input_name=input_name)
+        scale = spec.scale if spec.scale is not None else 1.0 / 255.0
+    else:
+        images, labels = _load_npz(path, role)
+        layout = spec.layout or layout
+        check_fits(list(images.shape), layout, model_shape, role=role, input_name=input_name)
+        scale = spec.scale if spec.scale is not None else (1.0 / 255.0 if images.dtype == np.uint8 else 1.0)
+        images = _to_nchw(images, layout)
+        if spec.channels == "bgr" and images.shape[1] == 3:
+            images = images[:, ::-1]
+    images = images.astype(np.float32) * np.float32(scale)
+    images = _normalize(images, spec)
+    target = model_layout(model_shape)
+    if target is not None and target.channels_last:
+        images = images.transpose(0, 2, 3, 1)
+    return ImageSet(np.ascontiguousarray(images), labels)
+
+
+def split(data: ImageSet, *, eval_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(rest, held-out eval): a seeded shuffle, so the same job spec gives the same split."""
+    order = np.random.default_rng(seed).permutation(len(data))
+    held_out = min(len(data) - 1, max(1, round(len(data) * eval_fraction)))
+    return data.take(np.sort(order[held_out:])), data.take(np.sort(order[:held_out]))
+
+
+def _load_npz(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             images = archive["images"]
             labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
     except (OSError, ValueError, KeyError) as exc:
         raise EngineError("invalid_dataset", f"the {role} dataset cannot be read: {exc}") from exc
-    check_fits(list(images.shape), layout, model_shape, role=role, input_name=input_name)
+    return images, labels
 
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / 255.0
-    else:
-        images = images.astype(np.float32, copy=False)
+
+def _to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
     if layout == "NHW":
-        images = images[:, None, :, :]
-    elif layout == "NHWC":
-        images = images.transpose(0, 3, 1, 2)
-    target = model_layout(model_shape)
-    if target is not None and target.channels_last:
-        images = images.transpose(0, 2, 3, 1)
-    return ImageSet(np.ascontiguousarray(images), labels)
+        return images[:, None, :, :]
+    if layout == "NHWC":
+        return images.transpose(0, 3, 1, 2)
+    return images
+
+
+def _normalize(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    channels = images.shape[1]
+    for name, values in (("mean", spec.mean), ("std", spec.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise EngineError("invalid_preprocess", f"{name} has {len(values)} values; the images have {channels} channels")
+    if spec.mean is not None:
+        images = images - np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+    if spec.std is not None:
+        images = images / np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+    return images
+
+
+def _decode_image_zip(path: Path, spec: PreprocessSpec, target: InputLayout | None, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+    from PIL import Image
+
+
+    mode = {"gray": "L", "rgb": "RGB", "bgr": "RGB"}.get(spec.channels or "", None)
+    if mode is None:
+        mode = "L" if target is not None and target.channels == 1 else "RGB"
+    arrays = []
+    with zipfile.ZipFile(path) as archive:
+        files, _, labels = image_entries(archive.namelist())
+        for name in files:
+            try:
+                with archive.open(name) as handle, Image.open(handle) as image:
+                    image = image.convert(mode)
+                    if spec.resize is not None or (target is not None and target.height and not spec.center_crop):
+                        image = _resize(image, spec, target)
+                    if spec.center_crop:
+                        image = _center_crop(image, spec.center_crop)
+                    pixels = np.asarray(image, dtype=np.uint8)
+            except (OSError, ValueError) as exc:
+                raise EngineError("invalid_dataset", f"{name} in the {role} dataset cannot be decoded: {exc}") from exc
+            arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise EngineError("dataset_shape_mismatch", f"the {role} dataset's images differ in size after preprocessing "
+                          f"({sorted(shapes)[:3]}...): give a resize or center_crop")
+    images = np.stack(arrays)
+    if spec.channels == "bgr":
+        images = images[:, ::-1]
+    return images, None if labels is None else np.asarray(labels, np.int64)
+
+
+def _resize(image, spec: PreprocessSpec, target: InputLayout | None):
+    from PIL import Image
+
+    if isinstance(spec.resize, int):
+        shorter = min(image.width, image.height)
+        size = (round(image.width * spec.resize / shorter), round(image.height * spec.resize / shorter))
+    elif spec.resize is not None:
+        size = (spec.resize[1], spec.resize[0])
+    else:
+        size = (target.width, target.height)
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
+def _center_crop(image, crop: tuple[int, int]):
+    height, width = crop
+    if image.height < height or image.width < width:
+        raise EngineError("dataset_shape_mismatch", f"an image of {image.height}x{image.width} is smaller than the "
+                          f"center_crop {height}x{width}: resize first")
+    top, left = (image.height - height) // 2, (image.width - width) // 2
+    return image.crop((left, top, left + width, top + height))

@@ -1,0 +1,49 @@
+"""Validate a .zip of image files: ImageFolder layout (one folder per class) or a flat, unlabelled
+set. Every entry is checked before anything is decoded: names (no path traversal), count, the
+declared decompressed size (zip bombs), then each image's header (pixel count) and integrity."""
+
+import zipfile
+
+from PIL import Image, UnidentifiedImageError
+
+from service.datasets.inspect import DatasetInfo
+from service.errors import Invalid
+from service.models.inspect import check_archive_names
+from worker.engine.errors import EngineError
+from worker.engine.imagefiles import image_entries
+
+CHANNELS = {"1": 1, "L": 1, "LA": 1, "I;16": 1, "P": 3, "RGB": 3, "RGBA": 3, "CMYK": 3, "YCbCr": 3}
+
+
+def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, max_image_pixels: int) -> DatasetInfo:
+    names = archive.namelist()
+    check_archive_names(names)
+    if len(names) > max_samples + 1000:
+        raise Invalid(f"the zip holds {len(names)} entries; at most {max_samples} images are accepted", code="invalid_dataset")
+    if sum(info.file_size for info in archive.infolist()) > max_bytes:
+        raise Invalid(f"the zip decompresses to more than {max_bytes} bytes", code="dataset_too_large")
+    try:
+        files, classes, _ = image_entries(names)
+    except EngineError as exc:
+        raise Invalid(exc.message, code=exc.code) from exc
+    if len(files) > max_samples:
+        raise Invalid(f"the zip holds {len(files)} images; at most {max_samples} are accepted", code="invalid_dataset")
+
+    sizes, channels = set(), set()
+    for name in files:
+        try:
+            with archive.open(name) as handle, Image.open(handle) as image:
+                width, height = image.size
+                if width * height > max_image_pixels:
+                    raise Invalid(f"{name} has {width}x{height} pixels, over the limit of {max_image_pixels}", code="invalid_dataset")
+                image.verify()
+                sizes.add((height, width))
+                channels.add(CHANNELS.get(image.mode, 3))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise Invalid(f"{name} is not a decodable image: {exc}", code="invalid_dataset") from exc
+    height, width = sizes.pop() if len(sizes) == 1 else (None, None)
+    return DatasetInfo(
+        count=len(files), shape=[len(files), channels.pop() if len(channels) == 1 else 3, height, width],
+        dtype="uint8", layout="files", has_labels=classes is not None,
+        num_classes=len(classes) if classes else None, format="image_zip", classes=classes,
+    )
