@@ -176,10 +176,15 @@ def main() -> None:
     parser.add_argument("--dataset", choices=["digits", "fashion"], default="digits")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--force", action="store_true", help="train again even if the exports are cached in --out")
     args = parser.parse_args()
     train_split, test_split = load_digits_split() if args.dataset == "digits" else load_fashion_split()
     epochs = args.epochs or (15 if args.dataset == "digits" else 3)
     for name, model in (("resnet", ResNetSmall()), ("mobilenet", MobileNetSmall())):
+        cached = [args.out / f"{name}-{args.dataset}{suffix}" for suffix in (".onnx", ".pt2", ".ts.pt")]
+        if not args.force and all(p.is_file() for p in cached):
+            print(f"{name}-{args.dataset}: cached in {args.out} (--force to train again)")
+            continue
         train(model, train_split, epochs=epochs)
         with torch.no_grad():
             logits = model(torch.from_numpy(test_split.images.astype(np.float32) / 255.0))

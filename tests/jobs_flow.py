@@ -51,6 +51,11 @@ def download(http, url, to):
     return response
 
 
+def _softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def check_quantized_job(http, reference, tmp_path, model_path):
     """Upload, run static int8, poll to succeeded, download, and check the numbers independently."""
     model = upload_model(http, model_path)
@@ -101,4 +106,17 @@ def check_quantized_job(http, reference, tmp_path, model_path):
             assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     step = metrics["steps"][0]
     assert step["int8_compute_nodes"] > 0 and step["float_compute_nodes"] == 0
+
+    if model_path.suffix == ".onnx":
+        # Fidelity recomputed here from both models' ONNX Runtime outputs on the same images.
+        original = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        reference_logits = original.run(None, {"input": images})[0]
+        agreement = float(np.mean(reference_logits.argmax(1) == logits.argmax(1)))
+        assert fidelity["top1_agreement"] == agreement
+        cosine = np.sum(reference_logits * logits, 1) / (np.linalg.norm(reference_logits, axis=1) * np.linalg.norm(logits, axis=1))
+        assert abs(fidelity["cosine_mean"] - float(cosine.mean())) < 1e-4
+        assert abs(fidelity["max_abs_error"] - float(np.abs(reference_logits - logits).max())) < 1e-3
+        p, q = _softmax(reference_logits.astype(np.float64)), _softmax(logits.astype(np.float64))
+        kl = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+        assert abs(fidelity["kl_softmax"] - kl) < 1e-5
     return job

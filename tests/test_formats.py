@@ -142,3 +142,18 @@ def test_worst_slice_catches_a_collapsed_part_that_the_whole_tensor_hides():
     assert entry["cosine_mean"] > 0.99
     assert entry["worst_slice"]["axis"] == 1 and entry["worst_slice"]["index"] >= 4
     assert entry["worst_slice"]["cosine"] < 0.5
+
+
+def test_mobilenet_style_reference_with_depthwise_and_squeeze_excite(client, reference, tmp_path):
+    from bench.reference import MobileNetSmall, load_digits_split, train
+
+    train_split, _ = load_digits_split()
+    module = train(MobileNetSmall(widths=(8, 16, 16)), train_split, epochs=3)
+    model, job = run_job(client, export(module, tmp_path / "mobilenet.onnx"), reference.eval_npz)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "mobilenet.onnx")).graph.node}
+    assert {"Conv", "Sigmoid", "Mul", "GlobalAveragePool"} <= ops
+    session = __import__("onnxruntime").InferenceSession(str(tmp_path / "mobilenet.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": reference.eval_images.astype(np.float32) / 255.0})[0]
+    assert job["metrics"]["original"]["accuracy"]["top1"] == float(np.mean(logits.argmax(1) == reference.eval_labels))
+    assert job["metrics"]["steps"][0]["int8_compute_nodes"] > 0
+    assert job["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] > 0.9
