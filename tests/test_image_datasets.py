@@ -156,3 +156,11 @@ def test_split_of_one_dataset(client, reference):
     assert_problem(client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "quantize"}],
                                                  "data": {"split": {"dataset": dataset["id"], "eval_fraction": 1.5}}}),
                    422, "validation_error")
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_image_folder_with_torch_uploads(client, reference, fmt):
+    dataset = upload(client, digits_folder(reference)).json()
+    model = upload_model(client, getattr(reference, fmt))
+    job = run(client, model["id"], calibration=dataset["id"], eval=dataset["id"])
+    assert job["metrics"]["original"]["accuracy"]["top1"] > 0.85

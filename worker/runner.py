@@ -174,7 +174,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     for role, row in dataset_rows.items():
         local = store.get_file(row.storage_key, work / f"{role}-{Path(row.storage_key).name}")
         data[role] = load_dataset(local, dataset_format=row.format, layout=row.layout, preprocess=row.preprocess,
-                                  model_shape=input_shape, role=role, input_name=input_name)
+                                  model_shape=input_shape, role=role, input_name=input_name, channels_hint=row.shape[1])
         progress("load", LOAD_SHARE * 0.5 * len(data) / len(dataset_rows))
     if split_spec:
         rest, held_out = split(data.pop("split"), eval_fraction=split_spec["eval_fraction"], seed=split_spec["seed"])

@@ -34,10 +34,13 @@ class ImageSet:
 
 
 def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: dict | None,
-                 model_shape: list[int | None] | None, role: str, input_name: str = "input") -> ImageSet:
+                 model_shape: list[int | None] | None, role: str, input_name: str = "input",
+                 channels_hint: int | None = None) -> ImageSet:
+    """`channels_hint`: the image files' own channel count (from upload), used when neither the
+    spec nor the model says (a TorchScript model carries no input shape)."""
     spec = parse_preprocess(preprocess)
     if dataset_format == "image_zip":
-        images, labels = _decode_image_zip(path, spec, model_layout(model_shape), role)
+        images, labels = _decode_image_zip(path, spec, model_layout(model_shape), role, channels_hint)
         shape = list(images.shape)
         check_dataset_fits([shape[0], shape[1], shape[2], shape[3]], "NCHW", {}, model_shape, role=role, input_name=input_name)
         scale = spec.scale if spec.scale is not None else 1.0 / 255.0
@@ -94,13 +97,14 @@ def _normalize(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return images
 
 
-def _decode_image_zip(path: Path, spec: PreprocessSpec, target: InputLayout | None, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode_image_zip(path: Path, spec: PreprocessSpec, target: InputLayout | None, role: str,
+                      channels_hint: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     from PIL import Image
-
 
     mode = {"gray": "L", "rgb": "RGB", "bgr": "RGB"}.get(spec.channels or "", None)
     if mode is None:
-        mode = "L" if target is not None and target.channels == 1 else "RGB"
+        channels = target.channels if target is not None and target.channels else channels_hint
+        mode = "L" if channels == 1 else "RGB"
     arrays = []
     with zipfile.ZipFile(path) as archive:
         files, _, labels = image_entries(archive.namelist())
