@@ -27,8 +27,9 @@ def test_defaults_are_filled_in(client, reference):
     data = upload_dataset(client, reference.calib_npz)
     job = submit(client, model["id"], data["id"], None, params={})
     assert job["steps"][0]["params"] == {
-        "version": 1, "method": "static_int8", "per_channel": True, "calibration": "minmax", "percentile": 99.999,
-        "activation_type": "uint8", "weight_type": "int8", "calibration_samples": 256,
+        "version": 1, "method": "static_int8", "bits": 8, "per_channel": True, "symmetric": True, "calibration": "minmax",
+        "percentile": 99.999, "activation_type": "uint8", "weight_type": "int8", "calibration_samples": 256,
+        "block_size": None, "keep_io_types": True, "exclude": [],
     }
     finished, _ = wait_finished(client, job["id"])
     # Unlabelled evaluation data: fidelity, no accuracy.

@@ -24,8 +24,19 @@ class StepConfig(BaseModel):
 
 
 class QuantizeConfig(StepConfig):
-    method: Literal["static_int8"] = "static_int8"
+    """`method` picks the scheme; every other field has a default that fits it.
+
+    static_int8: QDQ int8 weights and activations, calibrated (needs calibration data).
+    dynamic_int8: int8 weights, activations quantized at run time (no calibration).
+    weight_only: int8 or int4 weights (`bits`), per channel or in blocks (`block_size`); float compute.
+    fp16: half-precision weights and compute; inputs/outputs stay fp32 unless `keep_io_types` is false.
+    codebook: k-means non-uniform weights with 2**bits levels per layer (`bits` 2..8).
+    """
+
+    method: Literal["static_int8", "dynamic_int8", "weight_only", "fp16", "codebook"] = "static_int8"
+    bits: int | None = Field(None, ge=2, le=8)  # default: 8 (int8 methods, weight_only), 4 (codebook)
     per_channel: bool = True
+    symmetric: bool = True  # weights; static_int8 activations follow activation_type
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = Field(99.999, gt=90.0, le=100.0)
     # uint8 activations: measured on this class of CPU, signed activations left most convolutions
@@ -33,9 +44,27 @@ class QuantizeConfig(StepConfig):
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
     calibration_samples: int = Field(256, ge=1, le=10_000)
+    block_size: int | None = Field(None, ge=8, le=4096)  # weight_only: blocks along the input dimension
+    keep_io_types: bool = True  # fp16
+    exclude: list[str] = Field(default_factory=list, max_length=1000)  # node names or op types left float
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> "QuantizeConfig":
+        allowed = {"static_int8": {8}, "dynamic_int8": {8}, "weight_only": {4, 8}, "fp16": {16},
+                   "codebook": set(range(2, 9))}[self.method]
+        default = {"codebook": 4, "fp16": 16}.get(self.method, 8)
+        if self.method == "fp16" and self.bits not in (None, 16):
+            raise ValueError("fp16 takes no bits")
+        if self.bits is not None and self.method != "fp16" and self.bits not in allowed:
+            raise ValueError(f"bits={self.bits} does not fit method {self.method} (allowed: {sorted(allowed)})")
+        if self.block_size is not None and self.method != "weight_only":
+            raise ValueError("block_size applies to method weight_only")
+        if self.bits is None and self.method != "fp16":
+            self.bits = default
+        return self
 
     def required_data(self) -> set[str]:
-        return {"calibration"}
+        return {"calibration"} if self.method == "static_int8" else set()
 
 
 STEP_CONFIGS: dict[str, type[StepConfig]] = {"quantize": QuantizeConfig}

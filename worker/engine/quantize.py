@@ -1,8 +1,12 @@
-"""The `quantize` step: static int8 QDQ with ONNX Runtime's quantizer.
+"""The `quantize` step. One handler; `method` picks the function that does the work:
 
-pre-process (shape inference, graph clean-up) -> calibrate on the calibration data -> write a QDQ
-model -> count which compute nodes ONNX Runtime really runs in int8 after its graph optimisation
-(a QDQ pair that ORT cannot fuse leaves the node in fp32, which is slower than no quantization).
+- static_int8: pre-process (shape inference, graph clean-up) -> calibrate on the calibration data ->
+  write a QDQ model with ONNX Runtime's quantizer -> count which compute nodes ONNX Runtime really
+  runs in int8 after its graph optimisation (a QDQ pair that ORT cannot fuse leaves the node in
+  fp32, which is slower than no quantization).
+- dynamic_int8: ONNX Runtime's dynamic quantizer (int8 weights, activations at run time).
+- fp16: ONNX Runtime's float16 converter, inputs/outputs kept fp32 by default.
+- weight_only, codebook: our own graph rewrites (quant_weights.py).
 """
 
 from pathlib import Path
@@ -10,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from worker.engine import quant_weights
 from worker.engine.configs import QuantizeConfig
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import fixed_batch, open_session
@@ -59,14 +64,23 @@ def count_compute_nodes(model_path: Path, workdir: Path) -> dict:
     }
 
 
+def excluded_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
+    """Node names to leave float, from names or op types."""
+    return [n.name for n in model.graph.node if n.name in exclude or n.op_type in exclude]
+
+
 @register("quantize")
 def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     model = onnx.load(str(ctx.model_path), load_external_data=False)
     if {n.op_type for n in model.graph.node} & QUANTIZED_OPS:
         raise EngineError("already_quantized", "the model already holds quantized operators; it is not quantized again")
+    return METHODS[config.method](config, ctx, model)
+
+
+def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     calibration = ctx.data.get("calibration")
     if calibration is None:
         raise EngineError("calibration_data_required", "static int8 needs a calibration dataset (data.calibration)")
@@ -98,6 +112,7 @@ def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
             str(prepared), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
             activation_type=types[config.activation_type], weight_type=types[config.weight_type],
             calibrate_method=method, extra_options={"CalibPercentile": config.percentile},
+            nodes_to_exclude=excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude),
         )
     except Exception as exc:
         raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
@@ -106,3 +121,50 @@ def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
     return StepResult(output, metrics={
         "method": config.method, "calibration_samples": len(images), **count_compute_nodes(output, ctx.workdir),
     })
+
+
+def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ctx.progress("quantize", 0.1)
+    output = ctx.workdir / "dynamic.onnx"
+    try:
+        quantize_dynamic(str(ctx.model_path), str(output), per_channel=config.per_channel,
+                         weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[config.weight_type],
+                         nodes_to_exclude=excluded_nodes(model, config.exclude))
+    except Exception as exc:
+        raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
+    ctx.progress("inspect", 0.9)
+    return StepResult(output, metrics={"method": config.method, **count_compute_nodes(output, ctx.workdir)})
+
+
+def fp16(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    ctx.progress("convert", 0.1)
+    output = ctx.workdir / "fp16.onnx"
+    block = list({n.op_type for n in model.graph.node if n.op_type in config.exclude})
+    converted = convert_float_to_float16(model, keep_io_types=config.keep_io_types,
+                                         node_block_list=excluded_nodes(model, config.exclude) or None,
+                                         op_block_list=block or None)
+    onnx.save(converted, str(output))
+    return StepResult(output, metrics={"method": config.method, "keep_io_types": config.keep_io_types})
+
+
+def weight_only(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+    ctx.progress("quantize weights", 0.1)
+    output = ctx.workdir / "weight_only.onnx"
+    report = quant_weights.weight_only(ctx.model_path, output, bits=config.bits, block_size=config.block_size,
+                                       symmetric=config.symmetric, exclude=config.exclude)
+    return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
+
+
+def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+    ctx.progress("cluster weights", 0.1)
+    output = ctx.workdir / "codebook.onnx"
+    report = quant_weights.codebook(ctx.model_path, output, bits=config.bits, exclude=config.exclude)
+    return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
+
+
+METHODS = {"static_int8": static_int8, "dynamic_int8": dynamic_int8, "fp16": fp16,
+           "weight_only": weight_only, "codebook": codebook}
