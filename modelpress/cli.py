@@ -86,13 +86,20 @@ def _finish(args, client: Client, job: Job) -> int:
         job.wait(timeout=args.timeout, progress=not args.json)
     except (JobFailed, JobCancelled) as exc:
         failure = exc
-    downloaded = {}
+    downloaded, download_error = {}, None
     output = getattr(args, "output", None)
     if output and job.artifacts:
-        for name in job.artifacts:
-            downloaded[name] = str(job.download(name, to=Path(output) / name))
+        try:
+            for name in job.artifacts:
+                downloaded[name] = str(job.download(name, to=Path(output) / name))
+        except ModelpressError as exc:  # the job's own outcome still decides the exit code
+            download_error = exc
     text = _summary(job) + "".join(f"\n  saved     {path}" for path in downloaded.values())
-    _emit(args, {"job": job.raw, "downloaded": downloaded}, text)
+    _emit(args, {"job": job.raw, "downloaded": downloaded,
+                 "download_error": download_error and {"code": download_error.code, "message": download_error.message}}, text)
+    if download_error is not None:
+        print(f"modelpress: download failed: {download_error.code}: {download_error.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(download_error, ServerUnreachable) else EXIT_JOB_FAILED
     if isinstance(failure, GuardNotMet):
         return EXIT_GUARD
     return EXIT_JOB_FAILED if failure else EXIT_OK
@@ -228,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_JOB_FAILED
     except ModelpressError as exc:
         print(f"modelpress: {exc.code}: {exc.message}", file=sys.stderr)
-        # The server refused the request as given (unknown id, invalid params): a usage error.
-        return EXIT_USAGE if exc.status is not None and 400 <= exc.status < 500 else EXIT_JOB_FAILED
+        if exc.status is not None and 400 <= exc.status < 500:
+            return EXIT_USAGE  # the server refused the request as given (unknown id, invalid params)
+        if exc.status in (502, 503, 504):
+            return EXIT_UNREACHABLE  # still unavailable after the retries
+        return EXIT_JOB_FAILED
     finally:
         client.close()
 

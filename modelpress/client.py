@@ -30,6 +30,10 @@ RETRY_STATUSES = {429, 500, 502, 503, 504}
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
+class _RetryableStatus(Exception):
+    pass
+
+
 @dataclass
 class Model:
     id: str
@@ -240,7 +244,8 @@ class Client:
 
     def _send(self, send, idempotent: bool) -> httpx.Response:
         """Retry transient failures with jittered exponential backoff. A request that may have
-        reached the server (a read error on a POST) is not retried, so nothing is created twice."""
+        reached the server is retried only if it is idempotent (GET) or was refused before any
+        work (429), so nothing is created twice: a POST answered 5xx may have stored something."""
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -251,10 +256,12 @@ class Client:
             except httpx.TransportError as exc:
                 if last or not idempotent:
                     raise ServerUnreachable("server_unreachable", f"connection to {self.base_url} failed: {exc}") from exc
+            except httpx.HTTPError as exc:  # redirects, decoding: not transient
+                raise ModelpressError("http_error", f"{type(exc).__name__}: {exc}") from exc
             else:
                 if response.status_code not in RETRY_STATUSES or last:
                     return response
-                if response.status_code >= 500 and not idempotent and response.status_code != 503:
+                if not idempotent and response.status_code != 429:
                     return response
                 retry_after = response.headers.get("retry-after", "")
                 if retry_after.isdigit():
@@ -271,6 +278,8 @@ class Client:
             problem = response.json()
         except ValueError:
             problem = {}
+        if not isinstance(problem, dict):
+            problem = {}
         code = problem.get("code") or f"http_{response.status_code}"
         message = problem.get("detail") or response.text[:500] or response.reason_phrase
         raise ModelpressError(code, message, status=response.status_code, problem=problem)
@@ -282,6 +291,8 @@ class Client:
             digest = hashlib.sha256()
             try:
                 with self.http.stream("GET", url) as response:
+                    if response.status_code in RETRY_STATUSES:
+                        raise _RetryableStatus(f"HTTP {response.status_code}")
                     if not response.is_success:
                         response.read()
                         self._parse(response)
@@ -289,7 +300,7 @@ class Client:
                         for chunk in response.iter_bytes(1024 * 1024):
                             digest.update(chunk)
                             out.write(chunk)
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, _RetryableStatus) as exc:
                 partial.unlink(missing_ok=True)
                 if attempt == self.retries:
                     raise ServerUnreachable("download_failed", f"download of {url} kept failing: {exc}") from exc

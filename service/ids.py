@@ -25,3 +25,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(created_at), str(row_id)
     except Exception as exc:
         raise Invalid("the cursor is not one this API returned", code="invalid_cursor") from exc
+
+
+def clean_name(name: str) -> str:
+    """A display name without control characters (PostgreSQL refuses NUL in text), at most 255."""
+    return "".join(c for c in name if c.isprintable())[:255] or "unnamed"

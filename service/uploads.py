@@ -13,7 +13,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import Invalid, TooLarge, UnsupportedMediaType
 
-MAX_FIELD_BYTES = 4096  # plain form fields (a name); files go through `file`
+MAX_FIELD_BYTES = 16 * 1024  # plain form fields (a name, a preprocess spec); files go through `file`
+MAX_FIELDS = 16
+FRAMING_SLACK = 64 * 1024 + MAX_FIELDS * MAX_FIELD_BYTES  # multipart headers and the small fields
 
 
 @dataclass
@@ -98,6 +100,8 @@ class _Collector:
 
     def on_part_end(self) -> None:
         if not self._part_is_file and self._part_name:
+            if len(self.fields) >= MAX_FIELDS:
+                raise Invalid(f"the form has more than {MAX_FIELDS} fields", code="too_many_fields")
             self.fields[self._part_name] = self._field_buffer.decode("utf-8", "replace")
 
 
@@ -108,14 +112,19 @@ async def receive_upload(request: Request, *, tmp_dir: Path, max_bytes: int) -> 
     declared = request.headers.get("content-length")
     # A declared length over the limit is refused before a byte is read (the multipart framing adds
     # a little, hence the slack).
-    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+    if declared and declared.isdigit() and int(declared) > max_bytes + FRAMING_SLACK:
         raise TooLarge(f"the upload is larger than the limit of {max_bytes} bytes", limit_bytes=max_bytes)
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     collector = _Collector(tmp_dir, max_bytes)
-    parser = MultipartParser(params[b"boundary"], collector.callbacks())
+    received = 0
     try:
+        parser = MultipartParser(params[b"boundary"], collector.callbacks())
         async for chunk in request.stream():
+            # The whole body is bounded, not only the file part.
+            received += len(chunk)
+            if received > max_bytes + FRAMING_SLACK:
+                raise TooLarge(f"the upload is larger than the limit of {max_bytes} bytes", limit_bytes=max_bytes)
             parser.write(chunk)
         parser.finalize()
     except (Invalid, TooLarge):

@@ -193,3 +193,25 @@ def test_a_failed_guard_raises_guard_not_met():
     with pytest.raises(GuardNotMet) as error:
         job.wait(progress=False)
     assert isinstance(error.value, JobFailed) and error.value.code == "guard_not_met"
+
+
+def test_a_post_that_may_have_stored_something_is_not_retried():
+    calls = []
+
+    def unavailable(request):
+        calls.append(request.method)
+        return httpx.Response(503, json={"code": "broker_unavailable", "detail": "stored but not queued"})
+
+    with pytest.raises(ModelpressError) as error:
+        _fake(unavailable).submit("mdl_1", [{"type": "quantize"}])
+    assert error.value.code == "broker_unavailable" and calls == ["POST"]
+
+    calls.clear()
+
+    def throttled_then_ok(request):
+        calls.append(request.method)
+        if len(calls) == 1:
+            return httpx.Response(429, headers={"retry-after": "0"}, json={"code": "rate_limited", "detail": "x"})
+        return httpx.Response(202, json={"id": "job_1", "status": "queued", "stage": "queued", "progress": 0})
+
+    assert _fake(throttled_then_ok).submit("mdl_1", [{"type": "quantize"}]).id == "job_1" and calls == ["POST", "POST"]

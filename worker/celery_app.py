@@ -10,6 +10,7 @@ import threading
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from sqlalchemy.exc import OperationalError
 
 from service.config import get_settings
 from service.db import make_engine, make_session_factory
@@ -61,7 +62,10 @@ def _reset_after_fork(**_):
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=20)
 def run_job_task(self, job_id: str) -> str:
-    outcome = run_job(job_id, deps())
+    try:
+        outcome = run_job(job_id, deps())
+    except OperationalError as exc:  # the database blinked before the job was claimed or finished
+        raise self.retry(exc=exc, countdown=10)
     if outcome == "skipped":
         with deps().session_factory() as session:
             job = session.get(JobRow, job_id)
@@ -74,13 +78,16 @@ def run_job_task(self, job_id: str) -> str:
 
 
 def _reap_forever(stop: threading.Event) -> None:
+    """Re-queue running jobs whose heartbeat went stale, and send again jobs queued for longer than
+    that (a message lost with its broker or its worker). Claims are exclusive, so a duplicate send
+    does nothing."""
     while not stop.wait(max(5, settings.stale_job_after_s // 2)):
         try:
             with deps().session_factory() as session:
                 for job_id in jobs.reap_stale(session=session, stale_after_s=settings.stale_job_after_s):
-                    job = session.get(JobRow, job_id)
                     log.warning("job %s: worker lost, re-queued", job_id)
-                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=job.queue)
+                for job_id in jobs.queued_ids(session=session, older_than_s=settings.stale_job_after_s):
+                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=session.get(JobRow, job_id).queue)
         except Exception:
             log.warning("stale-job reaper failed", exc_info=True)
 

@@ -8,6 +8,7 @@ service.jobs.service, and techniques only through the step registry.
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -87,8 +88,20 @@ class Progress:
         while not self.done.wait(HEARTBEAT_S):
             try:
                 self._write()
+                # A step stuck inside a library call never reaches check(): the job's state is
+                # settled from here, and whatever the step does later is ignored (it lost the claim).
+                if self.verdict == "cancel":
+                    self._settle(JobStatus.CANCELLED)
+                elif time.monotonic() > self.deadline:
+                    self._settle(JobStatus.FAILED, error_code="time_limit_exceeded",
+                                 error_message=f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s")
             except Exception:  # a missed heartbeat is retried at the next beat
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def _settle(self, status: JobStatus, **values) -> None:
+        with self.lock, self.deps.session_factory() as session:
+            if jobs.finish(session=session, job_id=self.job_id, token=self.token, status=status, **values):
+                self.verdict = "lost"
 
     def check(self) -> None:
         if self.verdict == "cancel":
@@ -135,7 +148,9 @@ def run_job(job_id: str, deps: RunnerDeps) -> str:
     except JobCancelled:
         finish(JobStatus.CANCELLED)
         return "cancelled"
-    except (JobSuperseded, WorkerStopping):
+    except JobSuperseded:
+        return "released"
+    except WorkerStopping:
         return "released"
     except EngineError as exc:
         finish(JobStatus.FAILED, error_code=exc.code, error_message=exc.message)
@@ -183,7 +198,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         data.setdefault("train", rest)
     eval_data = data.get("eval") or data.get("calibration") or data.get("train")
     example = eval_data.images if eval_data is not None else None
-    original = to_onnx(original_file, model.format, work, example)
+    original = to_onnx(original_file, model.format, work, example, packed=(model.details or {}).get("packaging") == "zip")
     progress("load", LOAD_SHARE)
 
     current, step_metrics = original, []
@@ -211,8 +226,9 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         "steps": step_metrics,
     }
     progress("store", LOAD_SHARE + STEPS_SHARE + EVALUATE_SHARE)
+    metrics = _finite(metrics)
     metrics_file = work / "metrics.json"
-    metrics_file.write_text(json.dumps(metrics, indent=2))
+    metrics_file.write_text(json.dumps(metrics, indent=2, allow_nan=False))
     report_file = work / "report.html"
     report_file.write_text(render_report(metrics, job_id=job.id))
     for name, path in (("model.onnx", current), ("metrics.json", metrics_file), ("report.html", report_file)):
@@ -246,6 +262,17 @@ def _evaluate(original: Path, compressed: Path, eval_data: ImageSet | None, deps
             "eval_samples": len(reference[0]), "environment": evaluate.environment(settings.threads)}
 
 
+def _finite(value):
+    """Metrics as strict JSON: a NaN or infinite number (a model that outputs NaN) becomes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _is_quantized(path: Path) -> bool:
     import onnx
 
@@ -262,5 +289,8 @@ def _store_artifact(deps: RunnerDeps, job_id: str, token: str, name: str, path: 
     key = f"jobs/{job_id}/{token}/{name}"
     deps.store.put_file(key, path)
     with deps.session_factory() as session:
-        jobs.record_artifact(session=session, job_id=job_id, name=name, size_bytes=path.stat().st_size,
-                             sha256=digest.hexdigest(), storage_key=key)
+        owned = jobs.record_artifact(session=session, job_id=job_id, token=token, name=name, size_bytes=path.stat().st_size,
+                                     sha256=digest.hexdigest(), storage_key=key)
+    if not owned:
+        deps.store.delete(key)
+        raise JobSuperseded()

@@ -29,7 +29,7 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
     if len(files) > max_samples:
         raise Invalid(f"the zip holds {len(files)} images; at most {max_samples} are accepted", code="invalid_dataset")
 
-    sizes, channels = set(), set()
+    sizes, channels, decoded_bytes = set(), set(), 0
     for name in files:
         try:
             with archive.open(name) as handle, Image.open(handle) as image:
@@ -39,6 +39,10 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
                 image.verify()
                 sizes.add((height, width))
                 channels.add(CHANNELS.get(image.mode, 3))
+                # Decoded pixels are bounded too: PNG compresses a blank image ~1000:1.
+                decoded_bytes += width * height * CHANNELS.get(image.mode, 3)
+                if decoded_bytes > max_bytes:
+                    raise Invalid(f"the images decode to more than {max_bytes} bytes", code="dataset_too_large")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise Invalid(f"{name} is not a decodable image: {exc}", code="invalid_dataset") from exc
     height, width = sizes.pop() if len(sizes) == 1 else (None, None)

@@ -6,7 +6,9 @@ inflates large: we also compare the header's byte count with the member's declar
 only the labels, which are small.
 """
 
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +40,15 @@ def inspect_dataset(path: Path, *, max_bytes: int, max_samples: int, max_image_p
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise Invalid("the dataset is neither an .npz file nor a .zip of images", code="invalid_dataset") from exc
-    with archive:
-        if any(name.endswith(".npy") for name in archive.namelist()):
-            return inspect_npz(archive, layout=layout, **limits)
-        from service.datasets.images import inspect_image_zip
+    try:
+        with archive:
+            if any(name.endswith(".npy") for name in archive.namelist()):
+                return inspect_npz(archive, layout=layout, **limits)
+            from service.datasets.images import inspect_image_zip
 
-        return inspect_image_zip(archive, **limits)
+            return inspect_image_zip(archive, **limits)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error, OSError) as exc:
+        raise Invalid(f"the dataset archive cannot be read: {str(exc)[:300]}", code="invalid_dataset") from exc
 
 
 def guess_layout(shape: tuple[int, ...]) -> str:
@@ -81,6 +86,8 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
         raise Invalid(f"'images' has dtype {dtype}; use uint8 or float", code="invalid_dataset")
     if len(shape) not in (3, 4):
         raise Invalid(f"'images' has shape {list(shape)}; expected N,H,W or N,C,H,W or N,H,W,C", code="invalid_dataset")
+    if min(shape) < 1:
+        raise Invalid(f"'images' has shape {list(shape)}; every dimension must be at least 1", code="invalid_dataset")
     count = shape[0]
     if count == 0 or count > max_samples:
         raise Invalid(f"'images' holds {count} samples; between 1 and {max_samples} are accepted", code="invalid_dataset")
@@ -90,9 +97,13 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
     height, width = (shape[1], shape[2]) if layout in ("NHW", "NHWC") else (shape[2], shape[3])
     if height * width > max_image_pixels or min(height, width) < 1:
         raise Invalid(f"images of {height}x{width} pixels are outside the limit of {max_image_pixels} pixels", code="invalid_dataset")
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(int(s) for s in shape) * dtype.itemsize
     if infos["images.npy"].file_size < expected:
         raise Invalid("'images' is truncated", code="invalid_dataset")
+    # Read it through once, in chunks: the zip's CRC check catches corrupt data now, not in a job.
+    with archive.open("images.npy") as f:
+        while f.read(1 << 20):
+            pass
 
     has_labels = "labels.npy" in infos
     num_classes = None
@@ -105,8 +116,11 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
             raise Invalid(f"'labels' has dtype {labels_dtype}; use integers", code="invalid_labels")
         if labels_shape != (count,):
             raise Invalid(f"'labels' has shape {list(labels_shape)}; expected [{count}] (one per image)", code="invalid_labels")
-        with archive.open("labels.npy") as f:
-            labels = np.lib.format.read_array(f, allow_pickle=False)
+        try:
+            with archive.open("labels.npy") as f:
+                labels = np.lib.format.read_array(f, allow_pickle=False)
+        except ValueError as exc:
+            raise Invalid(f"'labels' cannot be read: {exc}", code="invalid_labels") from exc
         if labels.min() < 0:
             raise Invalid("'labels' holds negative class indices", code="invalid_labels")
         num_classes = int(labels.max()) + 1

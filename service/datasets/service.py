@@ -9,7 +9,7 @@ from service.config import Settings
 from service.datasets.inspect import inspect_dataset
 from service.datasets.tables import DatasetRow
 from service.errors import Conflict, Invalid, NotFound
-from service.ids import new_id
+from service.ids import clean_name, new_id
 from service.pagination import newest_first
 from service.storage import ObjectStore
 from service.uploads import ReceivedUpload
@@ -44,7 +44,7 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
     key = f"datasets/{dataset_id}/{'data.npz' if info.format == 'npz' else 'images.zip'}"
     store.put_file(key, upload.path)
     row = DatasetRow(
-        id=dataset_id, tenant_id=tenant_id, name=(name or Path(upload.filename).stem or dataset_id)[:255],
+        id=dataset_id, tenant_id=tenant_id, name=clean_name(name or Path(upload.filename).stem or dataset_id),
         format=info.format, size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key,
         count=info.count, shape=info.shape, dtype=info.dtype, layout=info.layout,
         has_labels=info.has_labels, num_classes=info.num_classes, classes=info.classes,

@@ -152,16 +152,18 @@ def claim(*, session: Session, job_id: str, stale_after_s: int, max_attempts: in
     job = session.get(JobRow, job_id, populate_existing=True)
     if job is None or job.status in FINISHED:
         return None
+    stale_before = utcnow() - timedelta(seconds=stale_after_s)
+    # Claimable: queued, or running with a stale heartbeat (its worker died). A live run is left alone.
+    claimable = (JobRow.status == JobStatus.QUEUED.value) | (JobRow.heartbeat_at < stale_before) | (JobRow.heartbeat_at.is_(None))
     if job.attempts >= max_attempts:
-        transition(session, job_id, JobStatus.FAILED, error_code="worker_lost",
+        transition(session, job_id, JobStatus.FAILED, where=(claimable,), error_code="worker_lost",
                    error_message=f"the job's worker stopped {job.attempts} times; giving up", finished_at=utcnow())
         session.commit()
         return None
     token = uuid.uuid4().hex
-    stale_before = utcnow() - timedelta(seconds=stale_after_s)
     claimed = transition(
         session, job_id, JobStatus.RUNNING,
-        where=((JobRow.status == JobStatus.QUEUED.value) | (JobRow.heartbeat_at < stale_before) | (JobRow.heartbeat_at.is_(None)),),
+        where=(claimable,),
         run_token=token, attempts=JobRow.attempts + 1, heartbeat_at=utcnow(), started_at=utcnow(),
         stage="starting", progress=0.0,
     )
@@ -186,7 +188,14 @@ def report(*, session: Session, job_id: str, token: str, stage: str, progress: f
     return "cancel" if session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)) else "ok"
 
 
-def record_artifact(*, session: Session, job_id: str, name: str, size_bytes: int, sha256: str, storage_key: str) -> None:
+def record_artifact(*, session: Session, job_id: str, token: str, name: str, size_bytes: int, sha256: str,
+                    storage_key: str) -> bool:
+    """Point the job's artifact `name` at a stored object, if this delivery still owns the job."""
+    owner = session.scalar(select(JobRow.id).where(JobRow.id == job_id, JobRow.run_token == token,
+                                                   JobRow.status == JobStatus.RUNNING.value).with_for_update())
+    if owner is None:
+        session.rollback()
+        return False
     existing = session.scalar(select(ArtifactRow).where(ArtifactRow.job_id == job_id, ArtifactRow.name == name))
     if existing is None:
         tenant_id = session.scalar(select(JobRow.tenant_id).where(JobRow.id == job_id))
@@ -195,6 +204,7 @@ def record_artifact(*, session: Session, job_id: str, name: str, size_bytes: int
     else:
         existing.size_bytes, existing.sha256, existing.storage_key = size_bytes, sha256, storage_key
     session.commit()
+    return True
 
 
 def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metrics: dict | None = None,
@@ -222,5 +232,10 @@ def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:
     return requeued
 
 
-def queued_ids(*, session: Session) -> list[str]:
-    return list(session.scalars(select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value).order_by(JobRow.created_at)))
+def queued_ids(*, session: Session, older_than_s: int = 0) -> list[str]:
+    """Queued jobs, oldest first; with `older_than_s`, only those queued at least that long (their
+    message may have been lost: sending it again is harmless, claims are exclusive)."""
+    query = select(JobRow.id).where(JobRow.status == JobStatus.QUEUED.value)
+    if older_than_s:
+        query = query.where(JobRow.created_at < utcnow() - timedelta(seconds=older_than_s))
+    return list(session.scalars(query.order_by(JobRow.created_at)))

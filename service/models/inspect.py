@@ -7,6 +7,7 @@ parsed as protobuf, a torch.export archive's signature is read from its JSON. to
 import json
 import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +41,25 @@ class ModelInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+ARCHIVE_ERRORS = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error, OSError)
+
+
 def inspect_model(path: Path, *, max_unpacked_bytes: int = 8 * 1024**3) -> ModelInfo:
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"PK\x03\x04"):
-        return _inspect_zip(path, max_unpacked_bytes)
+        try:
+            return _inspect_zip(path, max_unpacked_bytes)
+        except ARCHIVE_ERRORS as exc:
+            raise Invalid(f"the archive cannot be read: {str(exc)[:300]}", code="invalid_archive") from exc
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         with open(path, "rb") as f:
             _refuse_pickle(f.read(MAX_METADATA_MEMBER_BYTES))
     return _inspect_onnx(path, head)
 
 
-def _refuse_pickle(data: bytes) -> None:
-    """Always raises: a pickle is never a model we accept; say which kind it is."""
+def _code_references(data: bytes) -> list[str]:
+    """Globals a pickle would import when loaded, other than those of plain tensors."""
     globals_used: set[str] = set()
     recent_strings: list[str] = []
     try:
@@ -65,7 +72,12 @@ def _refuse_pickle(data: bytes) -> None:
                 recent_strings.append(arg)
     except Exception:
         globals_used.add("?")
-    code_refs = sorted(g for g in globals_used if g not in WEIGHTS_ONLY_GLOBALS and not _is_storage(g))
+    return sorted(g for g in globals_used if g not in WEIGHTS_ONLY_GLOBALS and not _is_storage(g))
+
+
+def _refuse_pickle(data: bytes) -> None:
+    """Always raises: a pickle is never a model we accept; say which kind it is."""
+    code_refs = _code_references(data)
     if not code_refs:
         raise Invalid(
             "this is a plain weights file (a state_dict): it has no architecture to compress. Upload "
@@ -159,7 +171,49 @@ def _read_member(archive: zipfile.ZipFile, name: str, default: bytes | None = No
     return archive.read(name)
 
 
+def _refuse_code_in_export(archive: zipfile.ZipFile, names: list[str]) -> None:
+    """torch.export.load falls back to the full unpickler for payloads marked `use_pickle` (and
+    when a safe load fails), so an archive is accepted only if every pickle in it, nested
+    torch.save files included, would rebuild plain tensors and nothing else."""
+    for name in names:
+        if name.endswith("_config.json"):
+            if b'"use_pickle": true' in _read_member(archive, name).replace(b'"use_pickle":true', b'"use_pickle": true'):
+                raise Invalid(f"{name} stores pickled objects; they are refused (loading them runs code)", code="pickle_refused")
+            continue
+        if "/data/weights/" in name or "/data/constants/" in name:
+            continue  # raw tensor bytes (use_pickle is refused above), never unpickled
+        with archive.open(name) as handle:
+            head = handle.read(4)
+        if head[:1] == b"\x80":
+            refs = _code_references(_read_member(archive, name))
+        elif head == b"PK\x03\x04":
+            refs = _nested_zip_references(_read_member(archive, name))
+        else:
+            continue
+        if refs:
+            raise Invalid(f"{name} holds pickled Python objects; they are refused (loading them runs code)",
+                          code="pickle_refused", references=refs[:20])
+
+
+def _nested_zip_references(data: bytes) -> list[str]:
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(data)) as inner:
+        refs = []
+        for info in inner.infolist():
+            if info.filename.endswith(".pkl"):
+                if info.file_size > MAX_METADATA_MEMBER_BYTES:
+                    return ["? (pickle too large to inspect)"]
+                refs += _code_references(inner.read(info.filename))
+        return refs
+
+
 def _inspect_torch_export(archive: zipfile.ZipFile, names: list[str]) -> ModelInfo:
+    from pydantic import TypeAdapter, ValidationError
+
+    from service.models.schemas import TensorSpec
+
+    _refuse_code_in_export(archive, names)
     member = next(n for n in names if n.endswith("/models/model.json"))
     try:
         program = json.loads(_read_member(archive, member))
@@ -168,8 +222,9 @@ def _inspect_torch_export(archive: zipfile.ZipFile, names: list[str]) -> ModelIn
         signature = graph_module["signature"]
         inputs = [_export_tensor(spec["user_input"]["arg"], tensors) for spec in signature["input_specs"] if "user_input" in spec]
         outputs = [_export_tensor(spec["user_output"]["arg"], tensors) for spec in signature["output_specs"] if "user_output" in spec]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Invalid(f"the torch.export archive cannot be read: {exc}", code="invalid_archive") from exc
+        TypeAdapter(list[TensorSpec]).validate_python(inputs + outputs)
+    except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as exc:
+        raise Invalid(f"the torch.export archive cannot be read: {str(exc)[:300]}", code="invalid_archive") from exc
     details = {"torch_version": program.get("torch_version"), "schema_version": program.get("schema_version")}
     return ModelInfo(TORCH_EXPORT, inputs=inputs, outputs=outputs, details=details)
 
@@ -180,7 +235,7 @@ def _export_tensor(arg: dict, tensors: dict) -> dict[str, Any]:
         return {"name": "?", "shape": None, "dtype": "unknown"}
     meta = tensors.get(name, {})
     shape = [size.get("as_int") for size in meta.get("sizes", [])]  # symbolic sizes have no as_int
-    return {"name": name, "shape": shape, "dtype": _EXPORT_DTYPES.get(meta.get("dtype"), "unknown")}
+    return {"name": str(name), "shape": shape, "dtype": _EXPORT_DTYPES.get(meta.get("dtype"), "unknown")}
 
 
 def _inspect_onnx(path: Path, head: bytes) -> ModelInfo:

@@ -5,7 +5,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, NotFound
-from service.ids import new_id
+from service.ids import clean_name, new_id
 from service.models.inspect import inspect_model
 from service.models.tables import ModelRow
 from service.pagination import newest_first
@@ -26,7 +26,7 @@ def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: Rece
     row = ModelRow(
         id=model_id,
         tenant_id=tenant_id,
-        name=(name or Path(upload.filename).stem or model_id)[:255],
+        name=clean_name(name or Path(upload.filename).stem or model_id),
         format=info.format,
         size_bytes=upload.size_bytes,
         sha256=upload.sha256,

@@ -12,7 +12,7 @@ from worker.engine.errors import EngineError
 
 
 class StepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: Literal[1] = 1
     # Steps that train run on the GPU queue when one is configured.
@@ -76,7 +76,7 @@ class PreprocessSpec(BaseModel):
     divided by 255 (float arrays used as they are), decoded images take the model's channel count
     (1: grayscale, 3: RGB) and its spatial size when it is fixed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     version: Literal[1] = 1
     # An int resizes the shorter side (keeping the aspect ratio); [h, w] resizes exactly. Image files only.

@@ -72,7 +72,7 @@ def _load_npz(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
         with np.load(path, allow_pickle=False) as archive:
             images = archive["images"]
             labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise EngineError("invalid_dataset", f"the {role} dataset cannot be read: {exc}") from exc
     return images, labels
 

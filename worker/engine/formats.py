@@ -15,6 +15,7 @@ Every ONNX model is then normalised (`normalize_onnx`), so techniques see one sh
 - opsets below 13 are converted to 13 with ONNX's version converter (per-channel Q/DQ needs 13).
 """
 
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,9 +30,18 @@ MIN_OPSET = 13
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024 * 1024  # one file above this must keep external data
 
 
-def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | None) -> Path:
+MAX_UNPACKED_BYTES = 16 * 1024**3
+
+# torch.export.load falls back to the full unpickler in some paths; uploads were scanned at upload
+# time, and this makes every torch.load in the worker refuse anything but plain tensors as well.
+os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+
+def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | None, *, packed: bool = False) -> Path:
+    """`packed`: the upload was a zip of an .onnx and its external data (decided at upload by its
+    first bytes; never re-guessed here, so a file that is both ONNX and zip cannot switch paths)."""
     if model_format == "onnx":
-        return normalize_onnx(path, workdir)
+        return normalize_onnx(path, workdir, packed=packed)
     import torch
 
     try:
@@ -68,6 +78,8 @@ def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | 
 def _unpack(path: Path, workdir: Path) -> Path:
     target = workdir / "unpacked"
     with zipfile.ZipFile(path) as archive:
+        if sum(info.file_size for info in archive.infolist()) > MAX_UNPACKED_BYTES:
+            raise EngineError("archive_too_large", f"the model archive unpacks to more than {MAX_UNPACKED_BYTES} bytes")
         for name in archive.namelist():
             resolved = (target / name).resolve()
             if not resolved.is_relative_to(target.resolve()):
@@ -95,8 +107,8 @@ def _constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
-def normalize_onnx(path: Path, workdir: Path) -> Path:
-    source = _unpack(path, workdir) if zipfile.is_zipfile(path) else path
+def normalize_onnx(path: Path, workdir: Path, *, packed: bool = False) -> Path:
+    source = _unpack(path, workdir) if packed else path
     try:
         model = onnx.load(str(source))  # external data is read relative to the model's folder
     except Exception as exc:
