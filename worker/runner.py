@@ -28,7 +28,7 @@ from service.storage import ObjectStore
 from worker.engine import evaluate
 from worker.engine.configs import parse_step
 from worker.engine.data import ImageSet, load_dataset, split
-from worker.engine.errors import EngineError, JobCancelled, JobSuperseded
+from worker.engine.errors import EngineError, GuardNotMet, JobCancelled, JobSuperseded
 from worker.engine.fidelity import fidelity
 from worker.engine.formats import to_onnx
 from worker.engine.layers import layer_sqnr
@@ -141,7 +141,11 @@ def run_job(job_id: str, deps: RunnerDeps) -> str:
 
     try:
         with Progress(deps, job_id, token) as progress, tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"{job_id}-") as tmp:
-            metrics = _execute(job, token, deps, progress, Path(tmp))
+            metrics, failure = _execute(job, token, deps, progress, Path(tmp))
+            if failure is not None:
+                # The job failed its promise, but what it made is measured and stored.
+                finish(JobStatus.FAILED, metrics=metrics, error_code=failure.code, error_message=failure.message)
+                return "failed"
             finish(JobStatus.SUCCEEDED, metrics=metrics)
         log.info("job %s: succeeded", job_id)
         return "succeeded"
@@ -201,7 +205,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     original = to_onnx(original_file, model.format, work, example, packed=(model.details or {}).get("packaging") == "zip")
     progress("load", LOAD_SHARE)
 
-    current, step_metrics = original, []
+    current, step_metrics, failure = original, [], None
     steps = job.spec["steps"]
     for index, step in enumerate(steps):
         config = parse_step(step["type"], step["params"])
@@ -209,11 +213,16 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         step_dir.mkdir()
         step_progress = progress.span(LOAD_SHARE + STEPS_SHARE * index / len(steps), STEPS_SHARE / len(steps), f"{index}:{step['type']}")
         step_progress("start", 0.0)
-        result = handler_for(step["type"])(config, StepContext(
-            model_path=current, original_path=original, workdir=step_dir, data=data, progress=step_progress))
+        try:
+            result = handler_for(step["type"])(config, StepContext(
+                model_path=current, original_path=original, workdir=step_dir, data=data, progress=step_progress))
+        except GuardNotMet as exc:
+            result, failure = exc.result, exc
         current = result.model_path
         step_metrics.append({"type": step["type"], "size_bytes": current.stat().st_size, **result.metrics})
         step_progress("done", 1.0)
+        if failure is not None:
+            break  # later steps would build on a model that broke its promise
 
     evaluation = _evaluate(original, current, eval_data, deps, progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"))
     metrics = {
@@ -233,7 +242,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     report_file.write_text(render_report(metrics, job_id=job.id))
     for name, path in (("model.onnx", current), ("metrics.json", metrics_file), ("report.html", report_file)):
         _store_artifact(deps, job.id, token, name, path)
-    return metrics
+    return metrics, failure
 
 
 def _evaluate(original: Path, compressed: Path, eval_data: ImageSet | None, deps: RunnerDeps, progress) -> dict:

@@ -57,6 +57,11 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
                                role=role, input_name=image_input["name"] if image_input else "input")
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code) from exc
+    for role in sorted(set().union(*(c.required_labels() for c in configs))):
+        dataset_id = getattr(body.data, role) or (split.dataset if split else None)
+        if dataset_id and not datasets.get(session=session, tenant_id=tenant_id, dataset_id=dataset_id).has_labels:
+            raise Invalid(f"an accuracy guard needs labels in the {role} data; use min_top1_agreement for unlabelled data",
+                          code=f"{role}_labels_required")
     if split is not None and datasets.get(session=session, tenant_id=tenant_id, dataset_id=split.dataset).count < 2:
         raise Invalid("a dataset of one sample cannot be split", code="dataset_too_small")
 

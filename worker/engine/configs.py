@@ -22,6 +22,34 @@ class StepConfig(BaseModel):
         """Dataset roles (calibration, train, eval) the step cannot run without."""
         return set()
 
+    def required_labels(self) -> set[str]:
+        """Dataset roles whose data must carry labels."""
+        return set()
+
+
+class GuardSpec(BaseModel):
+    """An accuracy promise the step must keep on held-out evaluation data, or fail with
+    `guard_not_met`. Exactly one of the three criteria."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0)  # top-1, as a fraction (0.01 = 1 point)
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0)  # top-1 floor
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)  # label-free: same class as the original
+    # Part of the eval data kept out of the search and used only for the final check.
+    holdout_fraction: float = Field(0.5, ge=0.2, le=0.8)
+
+    @model_validator(mode="after")
+    def _one_criterion(self) -> "GuardSpec":
+        given = [k for k in ("max_accuracy_drop", "min_accuracy", "min_top1_agreement") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of max_accuracy_drop, min_accuracy, min_top1_agreement")
+        return self
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.min_top1_agreement is None
+
 
 class QuantizeConfig(StepConfig):
     """`method` picks the scheme; every other field has a default that fits it.
@@ -47,6 +75,7 @@ class QuantizeConfig(StepConfig):
     block_size: int | None = Field(None, ge=8, le=4096)  # weight_only: blocks along the input dimension
     keep_io_types: bool = True  # fp16
     exclude: list[str] = Field(default_factory=list, max_length=1000)  # node names or op types left float
+    guard: GuardSpec | None = None
 
     @model_validator(mode="after")
     def _method_fits(self) -> "QuantizeConfig":
@@ -64,7 +93,11 @@ class QuantizeConfig(StepConfig):
         return self
 
     def required_data(self) -> set[str]:
-        return {"calibration"} if self.method == "static_int8" else set()
+        roles = {"calibration"} if self.method == "static_int8" else set()
+        return roles | ({"eval"} if self.guard else set())
+
+    def required_labels(self) -> set[str]:
+        return {"eval"} if self.guard and self.guard.needs_labels else set()
 
 
 STEP_CONFIGS: dict[str, type[StepConfig]] = {"quantize": QuantizeConfig}

@@ -7,6 +7,15 @@ class EngineError(Exception):
         self.message = message
 
 
+class GuardNotMet(EngineError):
+    """A step's accuracy guard could not be met. `result` is the best candidate it found: the
+    runner still evaluates and stores it, then fails the job with this code."""
+
+    def __init__(self, message: str, result):
+        super().__init__("guard_not_met", message)
+        self.result = result
+
+
 class JobCancelled(Exception):
     """Raised at a progress check once a cancel was requested."""
 

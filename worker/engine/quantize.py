@@ -74,7 +74,12 @@ def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
     model = onnx.load(str(ctx.model_path), load_external_data=False)
     if {n.op_type for n in model.graph.node} & QUANTIZED_OPS:
         raise EngineError("already_quantized", "the model already holds quantized operators; it is not quantized again")
-    return METHODS[config.method](config, ctx, model)
+    method = METHODS[config.method]
+    if config.guard is not None:
+        from worker.engine.quant_guard import guarded
+
+        return guarded(config, ctx, lambda cfg, sub_ctx: method(cfg, sub_ctx, model))
+    return method(config, ctx, model)
 
 
 def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:

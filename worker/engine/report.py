@@ -116,5 +116,12 @@ def _worst(entry: dict | None) -> str:
 
 
 def _step_summary(step: dict) -> str:
-    skip = {"type"}
-    return ", ".join(f"{k} {v}" for k, v in step.items() if k not in skip)
+    parts = [f"{k} {v}" for k, v in step.items() if k != "type" and isinstance(v, (int, float, str, bool))]
+    guard = step.get("guard")
+    if guard:
+        verdict = "met" if guard["met"] else "NOT met"
+        parts.append(f"guard {guard['criterion']} {verdict} on {guard['holdout_samples']} held-out samples "
+                     f"(candidate {guard['candidate_holdout']}, original {guard['original_holdout']})")
+        parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in guard["kept_float"]]
+    parts += [f"left float: {entry['layer']} ({entry['reason']})" for entry in step.get("float_layers", [])]
+    return ", ".join(parts)

@@ -1,0 +1,123 @@
+"""The accuracy guard of the `quantize` step: search for the most quantized model that keeps the
+promise, and never report the promise kept on the data the search tuned on.
+
+1. The eval data is split: a tune part for the search, a held-out part for the final check.
+2. The method runs as asked; for static_int8, the other calibration methods are tried next.
+3. Still not met: per-layer sensitivity (SQNR of each compute layer's output against the float
+   model) ranks the layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A
+   candidate that keeps every layer float is not a quantized model and never counts.
+4. The passing candidate is checked on the held-out part. If it fails there, or nothing passed,
+   the step raises GuardNotMet carrying the best candidate, which the job still stores.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from worker.engine.configs import QuantizeConfig
+from worker.engine.data import ImageSet, split
+from worker.engine.errors import EngineError, GuardNotMet
+from worker.engine.evaluate import open_session, run_outputs
+from worker.engine.layers import layer_sqnr
+from worker.engine.registry import StepContext, StepResult
+
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+SENSITIVITY_SAMPLES = 64
+
+
+def _score(path, data: ImageSet, reference: np.ndarray) -> dict:
+    logits = run_outputs(open_session(path, threads=1), data.images)[0]
+    score = {"top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
+    if data.labels is not None:
+        score["accuracy"] = float(np.mean(logits.argmax(1) == data.labels[: len(logits)]))
+    return score
+
+
+def _value(score: dict, guard) -> float:
+    return score["top1_agreement"] if guard.min_top1_agreement is not None else score["accuracy"]
+
+
+def _meets(score: dict, original: dict, guard) -> bool:
+    if guard.min_top1_agreement is not None:
+        return score["top1_agreement"] >= guard.min_top1_agreement
+    if guard.min_accuracy is not None:
+        return score["accuracy"] >= guard.min_accuracy
+    return original["accuracy"] - score["accuracy"] <= guard.max_accuracy_drop + 1e-12
+
+
+def guarded(config: QuantizeConfig, ctx: StepContext, run: Callable[[QuantizeConfig, StepContext], StepResult]) -> StepResult:
+    guard = config.guard
+    data = ctx.data.get("eval")
+    if data is None:
+        raise EngineError("eval_data_required", "an accuracy guard needs evaluation data (data.eval or data.split)")
+    if guard.needs_labels and data.labels is None:
+        raise EngineError("eval_labels_required", "this guard needs labels in the evaluation data; use min_top1_agreement")
+    if len(data) < 10:
+        raise EngineError("dataset_too_small", "an accuracy guard needs at least 10 evaluation images")
+    tune, holdout = split(data, eval_fraction=guard.holdout_fraction, seed=0)
+    float_tune = run_outputs(open_session(ctx.model_path, threads=1), tune.images)[0]
+    float_holdout = run_outputs(open_session(ctx.model_path, threads=1), holdout.images)[0]
+    original_tune, original_holdout = _score(ctx.model_path, tune, float_tune), _score(ctx.model_path, holdout, float_holdout)
+
+    attempts: list[dict] = []
+
+    def attempt(label: str, **changes) -> tuple[StepResult, dict]:
+        workdir = ctx.workdir / f"attempt-{len(attempts)}"
+        workdir.mkdir()
+        fraction = min(0.9, 0.1 + 0.1 * len(attempts))
+        ctx.progress(f"guard: {label}", fraction)
+        result = run(config.model_copy(update={"guard": None, **changes}),
+                     StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data, lambda *_: None))
+        score = _score(result.model_path, tune, float_tune)
+        attempts.append({"attempt": label, "tune": score, "meets_on_tune": _meets(score, original_tune, guard)})
+        return result, score
+
+    calibrations = [config.calibration] + [c for c in CALIBRATIONS if c != config.calibration] \
+        if config.method == "static_int8" else [config.calibration]
+    passing, best = None, None
+    for calibration in calibrations:
+        result, score = attempt(f"calibration {calibration}", calibration=calibration)
+        if best is None or _value(score, guard) > _value(best[1], guard):
+            best = (result, score, calibration, [])
+        if _meets(score, original_tune, guard):
+            passing = best if best[0] is result else (result, score, calibration, [])
+            break
+
+    kept_float: list[dict] = []
+    if passing is None:
+        base_result, _, calibration, _ = best
+        ranked = sorted((layer for layer in layer_sqnr(ctx.model_path, base_result.model_path,
+                                                       tune.images[:SENSITIVITY_SAMPLES], ctx.workdir)
+                         if layer["sqnr_db"] is not None), key=lambda layer: layer["sqnr_db"])
+        count = 1
+        while count < len(ranked):
+            sensitive = ranked[:count]
+            result, score = attempt(f"{count} most sensitive layers float", calibration=calibration,
+                                    exclude=[*config.exclude, *(layer["layer"] for layer in sensitive)])
+            candidate = (result, score, calibration, sensitive)
+            if _value(score, guard) > _value(best[1], guard):
+                best = candidate
+            if _meets(score, original_tune, guard):
+                passing = candidate
+                break
+            count *= 2
+
+    chosen = passing or best
+    result, _, calibration, sensitive = chosen
+    kept_float = [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
+                  for layer in sensitive]
+    holdout_score = _score(result.model_path, holdout, float_holdout)
+    met = passing is not None and _meets(holdout_score, original_holdout, guard)
+    report = {
+        "guard": {
+            "criterion": guard.model_dump(exclude_none=True), "met": met, "calibration": calibration,
+            "kept_float": kept_float, "tune_samples": len(tune), "holdout_samples": len(holdout),
+            "original_holdout": original_holdout, "candidate_holdout": holdout_score, "attempts": attempts,
+        }
+    }
+    result.metrics.update(report)
+    if not met:
+        why = "no setting met it on the tuning data" if passing is None else "it held on the tuning data but not on the held-out data"
+        raise GuardNotMet(f"the accuracy guard {guard.model_dump(exclude_none=True, exclude={'holdout_fraction'})} "
+                          f"was not met: {why}; the best candidate is stored", result)
+    return result
