@@ -84,9 +84,14 @@ def check_quantized_job(http, reference, tmp_path, model_path):
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
-    session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    # Same threads and batches as the service's measurement: int8 kernels are not bit-exact across
+    # batch sizes, so a different batching could flip a borderline prediction.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
     images = reference.eval_images.astype(np.float32) / 255.0
-    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    logits = np.concatenate([session.run(None, {session.get_inputs()[0].name: images[i : i + 64]})[0]
+                             for i in range(0, len(images), 64)])
     independent_accuracy = float(np.mean(logits.argmax(1) == reference.eval_labels))
 
     metrics = job["metrics"]
@@ -95,7 +100,7 @@ def check_quantized_job(http, reference, tmp_path, model_path):
     # The test model is tiny (25k parameters): tensor names and scales are half its file, so it stays
     # well under the ~3.8x of real models (see bench/).
     assert metrics["comparison"]["size_ratio"] > 1.7, metrics["comparison"]
-    assert abs(metrics["compressed"]["accuracy"]["top1"] - independent_accuracy) < 1e-9
+    assert abs(metrics["compressed"]["accuracy"]["top1"] - independent_accuracy) < 1e-9, (metrics["steps"], independent_accuracy, metrics["compressed"]["accuracy"])
     assert metrics["original"]["accuracy"]["top1"] > 0.85
     assert metrics["comparison"]["accuracy_drop"] < 0.05
     fidelity = metrics["comparison"]["fidelity"][0]
@@ -109,8 +114,9 @@ def check_quantized_job(http, reference, tmp_path, model_path):
 
     if model_path.suffix == ".onnx":
         # Fidelity recomputed here from both models' ONNX Runtime outputs on the same images.
-        original = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        reference_logits = original.run(None, {"input": images})[0]
+        original = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        reference_logits = np.concatenate([original.run(None, {"input": images[i : i + 64]})[0]
+                                           for i in range(0, len(images), 64)])
         agreement = float(np.mean(reference_logits.argmax(1) == logits.argmax(1)))
         assert fidelity["top1_agreement"] == agreement
         cosine = np.sum(reference_logits * logits, 1) / (np.linalg.norm(reference_logits, axis=1) * np.linalg.norm(logits, axis=1))

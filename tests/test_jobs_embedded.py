@@ -28,8 +28,8 @@ def test_defaults_are_filled_in(client, reference):
     job = submit(client, model["id"], data["id"], None, params={})
     assert job["steps"][0]["params"] == {
         "version": 1, "method": "static_int8", "bits": 8, "per_channel": True, "symmetric": True, "calibration": "minmax",
-        "percentile": 99.999, "activation_type": "uint8", "weight_type": "int8", "calibration_samples": 256,
-        "block_size": None, "keep_io_types": True, "exclude": [],
+        "percentile": 99.999, "activation_type": "auto", "weight_type": "int8", "calibration_samples": 256,
+        "block_size": None, "keep_io_types": True, "exclude": [], "guard": None,
     }
     finished, _ = wait_finished(client, job["id"])
     # Unlabelled evaluation data: fidelity, no accuracy.
@@ -118,6 +118,7 @@ def test_already_quantized_model_fails_with_clear_code(client, reference, tmp_pa
 @pytest.mark.parametrize("params", [
     {"calibration": "percentile", "percentile": 99.9},
     {"calibration": "entropy"},
+    {"calibration": "mse"},
     {"per_channel": False},
     {"activation_type": "int8"},
 ])
@@ -141,3 +142,44 @@ def test_environment_is_recorded(client, reference):
     assert environment["versions"]["onnxruntime"] == onnxruntime.__version__
     assert environment["threads"] == 1 and environment["torch_device"] in ("cpu", "cuda")
     assert isinstance(environment["vnni"], bool)
+
+
+def test_calibration_methods_really_differ(client, reference, tmp_path):
+    """Each method must give its own activation ranges (ORT's entropy with its default bins gave
+    exactly the min/max ranges)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.eval_npz)
+    scales = {}
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        job = submit(client, model["id"], data["id"], data["id"], params={"calibration": method, "activation_type": "uint8"})
+        finished, _ = wait_finished(client, job["id"])
+        assert finished["status"] == "succeeded", finished["error"]
+        path = tmp_path / f"{method}.onnx"
+        path.write_bytes(client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content)
+        graph = onnx.load(str(path)).graph
+        initializers = {t.name: t for t in graph.initializer}
+        scales[method] = {n.input[0]: float(numpy_helper.to_array(initializers[n.input[1]]))
+                          for n in graph.node if n.op_type == "QuantizeLinear" and n.input[1] in initializers
+                          and numpy_helper.to_array(initializers[n.input[1]]).size == 1}
+    methods = list(scales)
+    for i, first in enumerate(methods):
+        for second in methods[i + 1:]:
+            shared = scales[first].keys() & scales[second].keys()
+            assert shared and any(abs(scales[first][t] - scales[second][t]) > 1e-7 for t in shared), (first, second)
+
+
+def test_auto_activation_types_keep_the_fastest_accurate_candidate(client, reference):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.eval_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], data["id"])["id"])
+    step = job["metrics"]["steps"][0]
+    selection = step["type_selection"]
+    assert {c["activation_type"] for c in selection["candidates"]} == {"uint8", "int8"}
+    chosen = next(c for c in selection["candidates"] if c["activation_type"] == selection["chosen"])
+    best_agreement = max(c["agreement"] for c in selection["candidates"])
+    eligible = [c for c in selection["candidates"] if c["agreement"] >= best_agreement - 0.005]
+    assert chosen["p50_ms"] == min(c["p50_ms"] for c in eligible)
+    assert step["activation_type"] == selection["chosen"]

@@ -65,11 +65,12 @@ class QuantizeConfig(StepConfig):
     bits: int | None = Field(None, ge=2, le=8)  # default: 8 (int8 methods, weight_only), 4 (codebook)
     per_channel: bool = True
     symmetric: bool = True  # weights; static_int8 activations follow activation_type
-    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = Field(99.999, gt=90.0, le=100.0)
-    # uint8 activations: measured on this class of CPU, signed activations left most convolutions
-    # in fp32 between Q/DQ pairs (slower than fp32); unsigned ones ran every convolution in int8.
-    activation_type: Literal["uint8", "int8"] = "uint8"
+    # "auto" tries unsigned and signed activations and keeps the fastest that is as accurate:
+    # measured on this class of CPU, signed activations left most convolutions in fp32 between Q/DQ
+    # pairs (slower than fp32); unsigned ones ran every convolution in int8.
+    activation_type: Literal["auto", "uint8", "int8"] = "auto"
     weight_type: Literal["int8", "uint8"] = "int8"
     calibration_samples: int = Field(256, ge=1, le=10_000)
     block_size: int | None = Field(None, ge=8, le=4096)  # weight_only: blocks along the input dimension

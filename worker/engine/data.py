@@ -43,16 +43,20 @@ def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: di
         images, labels = _decode_image_zip(path, spec, model_layout(model_shape), role, channels_hint)
         shape = list(images.shape)
         check_dataset_fits([shape[0], shape[1], shape[2], shape[3]], "NCHW", {}, model_shape, role=role, input_name=input_name)
-        scale = spec.scale if spec.scale is not None else 1.0 / 255.0
+        uint8 = True
     else:
         images, labels = _load_npz(path, role)
         layout = spec.layout or layout
         check_fits(list(images.shape), layout, model_shape, role=role, input_name=input_name)
-        scale = spec.scale if spec.scale is not None else (1.0 / 255.0 if images.dtype == np.uint8 else 1.0)
+        uint8 = images.dtype == np.uint8
         images = _to_nchw(images, layout)
         if spec.channels == "bgr" and images.shape[1] == 3:
             images = images[:, ::-1]
-    images = images.astype(np.float32) * np.float32(scale)
+    images = images.astype(np.float32)
+    if spec.scale is not None:
+        images = images * np.float32(spec.scale)
+    elif uint8:
+        images = images / np.float32(255.0)  # divided, not multiplied by 1/255: the usual bits exactly
     images = _normalize(images, spec)
     target = model_layout(model_shape)
     if target is not None and target.channels_last:

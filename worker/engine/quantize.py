@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine import quant_weights
+from worker.engine import calibration_ranges, quant_weights
 from worker.engine.configs import QuantizeConfig
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import fixed_batch, open_session
@@ -108,24 +108,69 @@ def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
     del session
 
     ctx.progress("calibrate", 0.2)
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[config.calibration]
+    # minmax and percentile are ORT's own; entropy and mse ranges are computed here and handed to
+    # ORT as per-tensor overrides (see calibration_ranges).
+    method = CalibrationMethod.Percentile if config.calibration == "percentile" else CalibrationMethod.MinMax
+    options = {"CalibPercentile": config.percentile}
+    if config.calibration == "mse":
+        options["TensorQuantOverrides"] = calibration_ranges.mse_ranges(prepared, images, batch, ctx.workdir)
+    elif config.calibration == "entropy":
+        options["TensorQuantOverrides"] = calibration_ranges.entropy_ranges(prepared, reader, ctx.workdir)
+    excluded = excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    output = ctx.workdir / "quantized.onnx"
-    try:
-        quantize_static(
-            str(prepared), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-            activation_type=types[config.activation_type], weight_type=types[config.weight_type],
-            calibrate_method=method, extra_options={"CalibPercentile": config.percentile},
-            nodes_to_exclude=excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude),
-        )
-    except Exception as exc:
-        raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
 
+    def build(activation_type: str) -> Path:
+        output = ctx.workdir / f"quantized-{activation_type}.onnx"
+        reader.rewind()
+        try:
+            quantize_static(
+                str(prepared), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+                activation_type=types[activation_type], weight_type=types[config.weight_type],
+                calibrate_method=method, extra_options=options, nodes_to_exclude=excluded,
+            )
+        except Exception as exc:
+            raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
+        return output
+
+    if config.activation_type != "auto":
+        output = build(config.activation_type)
+        selection = None
+    else:
+        output, selection = select_fastest(build, prepared, images, ctx)
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
-        "method": config.method, "calibration_samples": len(images), **count_compute_nodes(output, ctx.workdir),
+        "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
+        "activation_type": selection["chosen"] if selection else config.activation_type,
+        **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
+
+
+def select_fastest(build, float_model: Path, images: np.ndarray, ctx: StepContext) -> tuple[Path, dict]:
+    """Quantize with unsigned and with signed activations, time both in ONNX Runtime on the
+    calibration images, keep the fastest whose top-1 agreement with the float model is within half
+    a point of the best."""
+    from worker.engine.evaluate import RunSettings, latency, run_outputs
+
+    sample = images[:64]
+    reference = run_outputs(open_session(float_model, threads=1), sample)[0]
+    candidates = []
+    for index, activation_type in enumerate(("uint8", "int8")):
+        ctx.progress(f"try {activation_type} activations", 0.3 + 0.25 * index)
+        path = build(activation_type)
+        session = open_session(path, threads=1)
+        batch = fixed_batch(session) or 32
+        timing = latency(session, sample, batch, RunSettings(time_budget_s=0.5, max_timed_runs=50))
+        outputs = run_outputs(session, sample)[0]
+        agreement = float(np.mean(outputs.argmax(-1) == reference.argmax(-1))) if reference.ndim == 2 else \
+            float(-np.abs(outputs - reference).mean())
+        candidates.append({"activation_type": activation_type, "path": path, "p50_ms": timing["p50_ms"],
+                           "batch": batch, "agreement": agreement, **count_compute_nodes(path, ctx.workdir)})
+    best_agreement = max(c["agreement"] for c in candidates)
+    eligible = [c for c in candidates if c["agreement"] >= best_agreement - 0.005]
+    chosen = min(eligible, key=lambda c: c["p50_ms"])
+    report = {"chosen": chosen["activation_type"],
+              "candidates": [{k: v for k, v in c.items() if k != "path"} for c in candidates]}
+    return chosen["path"], report
 
 
 def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
