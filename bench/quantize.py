@@ -1,5 +1,6 @@
-"""Static int8 benchmark: modelpress's `quantize` step against ONNX Runtime's quantize_static with its
-defaults, on the same trained reference CNNs and the same data. Prints a table (not a test).
+"""Quantization benchmark: every method of modelpress's `quantize` step, side by side with calling
+ONNX Runtime's quantize_static with its defaults, with per-channel, and with U8S8, on the same
+trained reference CNNs and the same data. Prints a table (not a test).
 
     .venv/bin/python -m bench.quantize [--dataset fashion|digits] [--epochs N] [--threads 1]
 """
@@ -20,7 +21,7 @@ from worker.engine.quantize import count_compute_nodes, quantize
 from worker.engine.registry import StepContext
 
 
-def ort_defaults(model: Path, calibration: np.ndarray, out: Path) -> Path:
+def ort_static(model: Path, calibration: np.ndarray, out: Path, **options) -> Path:
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     class Reader:
@@ -30,8 +31,15 @@ def ort_defaults(model: Path, calibration: np.ndarray, out: Path) -> Path:
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ)
+    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, **options)
     return out
+
+
+def ours(fp32: Path, work: Path, calibration: ImageSet, **params) -> Path:
+    step_dir = work / "-".join(f"{k}{v}" for k, v in params.items())
+    step_dir.mkdir()
+    config = QuantizeConfig(**params)
+    return quantize(config, StepContext(fp32, fp32, step_dir, {"calibration": calibration}, lambda *_: None)).model_path
 
 
 def main() -> None:
@@ -55,10 +63,21 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         fp32 = export_all(model, test_split.images, work, name)["onnx"]
         before, reference = evaluate.measure(fp32, eval_set, settings)
+        from onnxruntime.quantization import QuantType
+
         candidates = {
-            "modelpress static_int8 (defaults)": quantize(QuantizeConfig(), StepContext(
-                fp32, fp32, work, {"calibration": calibration}, lambda *_: None)).model_path,
-            "ORT quantize_static defaults": ort_defaults(fp32, calibration.images, work / "ort-default.onnx"),
+            "modelpress static_int8 (defaults)": ours(fp32, work, calibration),
+            "modelpress static_int8 mse": ours(fp32, work, calibration, calibration="mse"),
+            "modelpress static_int8 entropy": ours(fp32, work, calibration, calibration="entropy"),
+            "modelpress dynamic_int8": ours(fp32, work, calibration, method="dynamic_int8"),
+            "modelpress weight_only int8": ours(fp32, work, calibration, method="weight_only", bits=8),
+            "modelpress weight_only int4": ours(fp32, work, calibration, method="weight_only", bits=4),
+            "modelpress codebook 4-bit": ours(fp32, work, calibration, method="codebook", bits=4),
+            "modelpress fp16": ours(fp32, work, calibration, method="fp16"),
+            "ORT quantize_static defaults": ort_static(fp32, calibration.images, work / "ort-default.onnx"),
+            "ORT per-channel": ort_static(fp32, calibration.images, work / "ort-pc.onnx", per_channel=True),
+            "ORT per-channel U8S8": ort_static(fp32, calibration.images, work / "ort-u8s8.onnx", per_channel=True,
+                                               activation_type=QuantType.QUInt8),
         }
         rows.append((name, "fp32", before, None, None))
         for label, path in candidates.items():
@@ -71,6 +90,8 @@ def main() -> None:
     print("|---" * 12 + "|")
     for name, label, m, base, extra in rows:
         b1, b32 = m["latency"]["batch_1"]["p50_ms"], m["latency"]["batch_32"]["p50_ms"]
+        if extra is not None and "top1_agreement" not in extra[0]:
+            continue
         if base is None:
             print(f"| {name} | {label} | {m['size_bytes']/1024:.0f} | 1.00 | {b1:.3f} | 1.00 | {b32:.3f} | 1.00 | {m['accuracy']['top1']:.4f} | — | — | — |")
             continue

@@ -99,3 +99,48 @@ def test_bad_parameters(client, ids, params, code):
     response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"type": "quantize", "params": params}],
                                              "data": {"eval": data_id}})
     assert_problem(response, 422, code)
+
+
+def test_qat_fine_tunes_with_fake_quantization_and_exports_qdq(client, reference, ids, tmp_path):
+    model_id, eval_id = ids
+    train_id = upload_dataset(client, reference.eval_npz)["id"]
+    job, model, path = run(client, ids, {"method": "qat", "epochs": 2, "lr": 1e-4}, tmp_path,
+                           data={"train": train_id, "eval": eval_id})
+    step = job["metrics"]["steps"][0]
+    assert step["method"] == "qat" and len(step["loss_per_epoch"]) == 2 and step["device"] in ("cpu", "cuda")
+    assert step["int8_compute_nodes"] > 0
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    assert job["metrics"]["comparison"]["accuracy_drop"] < 0.03
+    runs_like_the_original(path, reference, 0.85)
+
+
+def test_qat_label_free_with_distillation(client, reference, ids, tmp_path):
+    model_id, eval_id = ids
+    unlabelled = upload_dataset(client, reference.calib_npz)["id"]
+    job, _, _ = run(client, ids, {"method": "qat", "distill": True}, tmp_path, data={"train": unlabelled, "eval": eval_id})
+    assert job["metrics"]["steps"][0]["distill"] is True
+    assert job["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] > 0.9
+
+
+def test_qat_needs_training_data(client, ids):
+    model_id, eval_id = ids
+    response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"type": "quantize", "params": {"method": "qat"}}],
+                                             "data": {"eval": eval_id}})
+    assert_problem(response, 422, "train_data_required")
+
+
+def test_training_methods_go_to_the_gpu_queue_when_there_is_one(tmp_path, reference):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path, gpu_queue=True))) as client:
+        model_id = upload_model(client, reference.onnx)["id"]
+        data_id = upload_dataset(client, reference.eval_npz)["id"]
+        body = {"model_id": model_id, "data": {"train": data_id, "calibration": data_id, "eval": data_id}}
+        qat = client.post("/v1/jobs", json={**body, "steps": [{"type": "quantize", "params": {"method": "qat"}}]}).json()
+        static = client.post("/v1/jobs", json={**body, "steps": [{"type": "quantize"}]}).json()
+        assert (qat["queue"], static["queue"]) == ("gpu", "cpu")
+        for job in (qat, static):
+            wait_finished(client, job["id"], timeout=240)

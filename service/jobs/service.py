@@ -67,7 +67,7 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
 
     job = JobRow(
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, status=JobStatus.QUEUED.value, stage="queued",
-        progress=0.0, queue="gpu" if gpu_queue and any(c.uses_gpu for c in configs) else "cpu",
+        progress=0.0, queue="gpu" if gpu_queue and any(c.wants_gpu() for c in configs) else "cpu",
         spec={
             "steps": [{"type": s.type, "params": c.model_dump()} for s, c in zip(body.steps, configs)],
             "data": body.data.model_dump(),

@@ -18,6 +18,9 @@ class StepConfig(BaseModel):
     # Steps that train run on the GPU queue when one is configured.
     uses_gpu: ClassVar[bool] = False
 
+    def wants_gpu(self) -> bool:
+        return self.uses_gpu
+
     def required_data(self) -> set[str]:
         """Dataset roles (calibration, train, eval) the step cannot run without."""
         return set()
@@ -61,7 +64,7 @@ class QuantizeConfig(StepConfig):
     codebook: k-means non-uniform weights with 2**bits levels per layer (`bits` 2..8).
     """
 
-    method: Literal["static_int8", "dynamic_int8", "weight_only", "fp16", "codebook"] = "static_int8"
+    method: Literal["static_int8", "dynamic_int8", "weight_only", "fp16", "codebook", "qat"] = "static_int8"
     bits: int | None = Field(None, ge=2, le=8)  # default: 8 (int8 methods, weight_only), 4 (codebook)
     per_channel: bool = True
     symmetric: bool = True  # weights; static_int8 activations follow activation_type
@@ -77,11 +80,20 @@ class QuantizeConfig(StepConfig):
     keep_io_types: bool = True  # fp16
     exclude: list[str] = Field(default_factory=list, max_length=1000)  # node names or op types left float
     guard: GuardSpec | None = None
+    # qat: fine-tuning with fake quantization on data.train, then the same QDQ int8 export.
+    epochs: int = Field(1, ge=1, le=100)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    distill: bool = False  # qat: learn from the original model's outputs (also without labels)
+    seed: int = 0
+
+    def wants_gpu(self) -> bool:
+        return self.method == "qat"
 
     @model_validator(mode="after")
     def _method_fits(self) -> "QuantizeConfig":
         allowed = {"static_int8": {8}, "dynamic_int8": {8}, "weight_only": {4, 8}, "fp16": {16},
-                   "codebook": set(range(2, 9))}[self.method]
+                   "codebook": set(range(2, 9)), "qat": {8}}[self.method]
         default = {"codebook": 4, "fp16": 16}.get(self.method, 8)
         if self.method == "fp16" and self.bits not in (None, 16):
             raise ValueError("fp16 takes no bits")
@@ -94,7 +106,7 @@ class QuantizeConfig(StepConfig):
         return self
 
     def required_data(self) -> set[str]:
-        roles = {"calibration"} if self.method == "static_int8" else set()
+        roles = {"static_int8": {"calibration"}, "qat": {"train"}}.get(self.method, set())
         return roles | ({"eval"} if self.guard else set())
 
     def required_labels(self) -> set[str]:

@@ -224,6 +224,10 @@ class OnnxModule(nn.Module):
             if node.op_type == "Constant":
                 initializers[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
         self.input_names = [i.name for i in graph.input if i.name not in initializers]
+        # Optional hooks (quantization-aware training): weight_hook(node, weight) -> weight for the
+        # weight input of compute nodes, output_hook(node, tensor) -> tensor for their outputs.
+        self.weight_hook = None
+        self.output_hook = None
         self.output_names = [o.name for o in graph.output]
         self.keys: dict[str, str] = {}
         self.weights = nn.ParameterDict()
@@ -250,11 +254,18 @@ class OnnxModule(nn.Module):
                 x, scale, bias, mean, var = args[:5]
                 out = F.batch_norm(x, mean, var, scale, bias, training=False, eps=_attrs(node).get("epsilon", 1e-5))
             else:
+                if self.weight_hook is not None and node.op_type in COMPUTE_OPS and len(args) > 1 and node.input[1] in self.keys:
+                    args[1] = self.weight_hook(node, args[1])
                 out = OPS[node.op_type](node, *args)
+                if self.output_hook is not None and node.op_type in COMPUTE_OPS:
+                    out = self.output_hook(node, out)
             outputs = out if isinstance(out, (tuple, list)) else (out,)
             env.update(zip(node.output, outputs))
         results = tuple(env[name] for name in self.output_names)
         return results[0] if len(results) == 1 else results
+
+
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def onnx_to_torch(path) -> OnnxModule:
@@ -271,3 +282,13 @@ def trainable_module(path, model_format: str) -> nn.Module:
     if model_format == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
     raise EngineError("unsupported_model_format", f"cannot make a torch module from {model_format!r}")
+
+
+def save_weights(module: OnnxModule, source, output) -> None:
+    """Write the module's (trained) parameters back into the ONNX graph they came from."""
+    model = onnx.load(str(source))
+    for tensor in model.graph.initializer:
+        key = module.keys.get(tensor.name)
+        if key is not None and key in module.weights:
+            tensor.CopyFrom(numpy_helper.from_array(module.weights[key].detach().cpu().numpy().astype(np.float32), tensor.name))
+    onnx.save(model, str(output))

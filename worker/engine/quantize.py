@@ -82,7 +82,9 @@ def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
     return method(config, ctx, model)
 
 
-def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto | None = None, *,
+                range_overrides: dict | None = None) -> StepResult:
+    """`range_overrides`: activation ranges already known (learned by qat), by tensor name."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -116,6 +118,10 @@ def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
         options["TensorQuantOverrides"] = calibration_ranges.mse_ranges(prepared, images, batch, ctx.workdir)
     elif config.calibration == "entropy":
         options["TensorQuantOverrides"] = calibration_ranges.entropy_ranges(prepared, reader, ctx.workdir)
+    if range_overrides:
+        known = {out for node in onnx.load(str(prepared), load_external_data=False).graph.node for out in node.output}
+        options["TensorQuantOverrides"] = {**options.get("TensorQuantOverrides", {}),
+                                           **{k: v for k, v in range_overrides.items() if k in known}}
     excluded = excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
@@ -209,6 +215,12 @@ def weight_only(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
     return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
 
 
+def qat(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+    from worker.engine.qat import qat as quantization_aware_training
+
+    return quantization_aware_training(config, ctx, static_int8)
+
+
 def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     ctx.progress("cluster weights", 0.1)
     output = ctx.workdir / "codebook.onnx"
@@ -217,4 +229,4 @@ def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -
 
 
 METHODS = {"static_int8": static_int8, "dynamic_int8": dynamic_int8, "fp16": fp16,
-           "weight_only": weight_only, "codebook": codebook}
+           "weight_only": weight_only, "codebook": codebook, "qat": qat}
