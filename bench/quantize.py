@@ -36,7 +36,7 @@ def ort_static(model: Path, calibration: np.ndarray, out: Path, **options) -> Pa
 
 
 def ours(fp32: Path, work: Path, calibration: ImageSet, **params) -> Path:
-    step_dir = work / "-".join(f"{k}{v}" for k, v in params.items())
+    step_dir = work / ("step-" + "-".join(f"{k}{v}" for k, v in params.items()))
     step_dir.mkdir()
     config = QuantizeConfig(**params)
     return quantize(config, StepContext(fp32, fp32, step_dir, {"calibration": calibration}, lambda *_: None)).model_path
@@ -59,9 +59,12 @@ def main() -> None:
 
     rows = []
     for name, model in (("resnet", ResNetSmall(widths=(32, 64, 128))), ("mobilenet", MobileNetSmall())):
-        train(model, train_split, epochs=args.epochs)
+        cache = Path("bench/out") / f"quantize-{args.dataset}-{args.epochs}ep"
+        fp32 = cache / f"{name}.onnx"
+        if not fp32.is_file():  # trained once, then reused by later runs
+            train(model, train_split, epochs=args.epochs)
+            export_all(model, test_split.images, cache, name)
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-        fp32 = export_all(model, test_split.images, work, name)["onnx"]
         before, reference = evaluate.measure(fp32, eval_set, settings)
         from onnxruntime.quantization import QuantType
 

@@ -29,7 +29,8 @@ def test_defaults_are_filled_in(client, reference):
     assert job["steps"][0]["params"] == {
         "version": 1, "method": "static_int8", "bits": 8, "per_channel": True, "symmetric": True, "calibration": "minmax",
         "percentile": 99.999, "activation_type": "auto", "weight_type": "int8", "calibration_samples": 256,
-        "block_size": None, "keep_io_types": True, "exclude": [], "guard": None,
+        "block_size": None, "keep_io_types": True, "exclude": [], "keep_first_last": False, "guard": None,
+        "epochs": 1, "lr": 1e-4, "batch_size": 64, "distill": False, "seed": 0,
     }
     finished, _ = wait_finished(client, job["id"])
     # Unlabelled evaluation data: fidelity, no accuracy.

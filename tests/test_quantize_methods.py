@@ -53,7 +53,7 @@ def test_fp16_keeps_fp32_inputs_and_outputs(client, reference, ids, tmp_path):
 @pytest.mark.parametrize(("bits", "block_size", "data_type"), [(8, None, onnx.TensorProto.INT8), (4, None, onnx.TensorProto.INT4),
                                                                 (4, 16, onnx.TensorProto.INT4)])
 def test_weight_only_stores_low_bit_weights_for_conv_and_gemm(client, reference, ids, tmp_path, bits, block_size, data_type):
-    params = {"method": "weight_only", "bits": bits, **({"block_size": block_size} if block_size else {})}
+    params = {"method": "weight_only", "bits": bits, "keep_first_last": False, **({"block_size": block_size} if block_size else {})}
     job, model, path = run(client, ids, params, tmp_path)
     consumers = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     low_bit = [t for t in model.graph.initializer if t.data_type == data_type and not t.name.endswith("_zero_point")]
@@ -144,3 +144,14 @@ def test_training_methods_go_to_the_gpu_queue_when_there_is_one(tmp_path, refere
         assert (qat["queue"], static["queue"]) == ("gpu", "cpu")
         for job in (qat, static):
             wait_finished(client, job["id"], timeout=240)
+
+
+def test_low_bit_defaults_keep_the_first_and_last_layers_float(client, reference, ids, tmp_path):
+    job, model, _ = run(client, ids, {"method": "weight_only", "bits": 4}, tmp_path)
+    step = job["metrics"]["steps"][0]
+    assert job["steps"][0]["params"]["keep_first_last"] is True
+    reasons = sorted(entry["reason"] for entry in step["float_layers"])
+    assert reasons == ["first compute layer (keep_first_last)", "last compute layer (keep_first_last)"]
+    compute = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert compute[0].input[1] in floats and compute[-1].input[1] in floats

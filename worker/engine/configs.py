@@ -79,6 +79,9 @@ class QuantizeConfig(StepConfig):
     block_size: int | None = Field(None, ge=8, le=4096)  # weight_only: blocks along the input dimension
     keep_io_types: bool = True  # fp16
     exclude: list[str] = Field(default_factory=list, max_length=1000)  # node names or op types left float
+    # Leave the first and the last compute layer float. Default: yes for 4 bits and fewer
+    # (weight_only, codebook), where they hurt most for the least size; no otherwise.
+    keep_first_last: bool | None = None
     guard: GuardSpec | None = None
     # qat: fine-tuning with fake quantization on data.train, then the same QDQ int8 export.
     epochs: int = Field(1, ge=1, le=100)
@@ -103,6 +106,8 @@ class QuantizeConfig(StepConfig):
             raise ValueError("block_size applies to method weight_only")
         if self.bits is None and self.method != "fp16":
             self.bits = default
+        if self.keep_first_last is None:
+            self.keep_first_last = self.method in ("weight_only", "codebook") and (self.bits or 8) <= 4
         return self
 
     def required_data(self) -> set[str]:

@@ -55,8 +55,10 @@ def _to_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         raise EngineError("opset_conversion_failed", f"the model cannot be raised to opset {opset}: {exc}") from exc
 
 
-def _candidates(model: onnx.ModelProto, exclude: list[str]):
+def _candidates(model: onnx.ModelProto, exclude: list[str], keep_first_last: bool = False):
     """(node, weight initializer) pairs to rewrite, and (name, reason) of those left float."""
+    compute = [n for n in model.graph.node if n.op_type in WEIGHT_OPS]
+    ends = {id(compute[0]): "first compute layer", id(compute[-1]): "last compute layer"} if keep_first_last and len(compute) > 2 else {}
     initializers = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for node in model.graph.node:
@@ -70,6 +72,8 @@ def _candidates(model: onnx.ModelProto, exclude: list[str]):
         tensor = initializers.get(node.input[1])
         if label in exclude or node.op_type in exclude:
             skipped.append({"layer": label, "reason": "excluded"})
+        elif id(node) in ends:
+            skipped.append({"layer": label, "reason": f"{ends[id(node)]} (keep_first_last)"})
         elif tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:
             skipped.append({"layer": label, "reason": "weight is not a float initializer"})
         elif uses.get(tensor.name, 0) > 1:
@@ -90,9 +94,9 @@ def _replace_weight(model: onnx.ModelProto, node: onnx.NodeProto, tensor: onnx.T
 
 
 def weight_only(model_path: Path, output: Path, *, bits: int, block_size: int | None, symmetric: bool,
-                exclude: list[str]) -> dict:
+                exclude: list[str], keep_first_last: bool = False) -> dict:
     model = _to_opset(onnx.load(str(model_path)), TARGET_OPSET)
-    chosen, skipped = _candidates(model, exclude)
+    chosen, skipped = _candidates(model, exclude, keep_first_last)
     low_bit = np.int8 if bits == 8 else ml_dtypes.int4
     layers = []
     for node, tensor in chosen:
@@ -135,9 +139,9 @@ def weight_only(model_path: Path, output: Path, *, bits: int, block_size: int | 
     return {"quantized_layers": layers, "float_layers": skipped}
 
 
-def codebook(model_path: Path, output: Path, *, bits: int, exclude: list[str]) -> dict:
+def codebook(model_path: Path, output: Path, *, bits: int, exclude: list[str], keep_first_last: bool = False) -> dict:
     model = _to_opset(onnx.load(str(model_path)), TARGET_OPSET)
-    chosen, skipped = _candidates(model, exclude)
+    chosen, skipped = _candidates(model, exclude, keep_first_last)
     index_type = ml_dtypes.uint4 if bits <= 4 else np.uint8
     layers = []
     for node, tensor in chosen:

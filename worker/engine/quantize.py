@@ -17,7 +17,7 @@ import onnx
 from worker.engine import calibration_ranges, quant_weights
 from worker.engine.configs import QuantizeConfig
 from worker.engine.errors import EngineError
-from worker.engine.evaluate import fixed_batch, open_session
+from worker.engine.evaluate import environment, fixed_batch, open_session
 from worker.engine.registry import StepContext, StepResult, register
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits"}
@@ -125,6 +125,10 @@ def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
     excluded = excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
+    # Without VNNI, u8s8 int8 kernels can saturate their 16-bit intermediate sums: 7-bit weights
+    # (reduce_range) avoid it. With VNNI (this project's CPUs) the full range is safe.
+    reduce_range = not environment(1)["vnni"]
+
     def build(activation_type: str) -> Path:
         output = ctx.workdir / f"quantized-{activation_type}.onnx"
         reader.rewind()
@@ -133,6 +137,7 @@ def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
                 str(prepared), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
                 activation_type=types[activation_type], weight_type=types[config.weight_type],
                 calibrate_method=method, extra_options=options, nodes_to_exclude=excluded,
+                reduce_range=reduce_range and activation_type == "uint8",
             )
         except Exception as exc:
             raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
@@ -146,6 +151,7 @@ def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
+        "reduce_range": reduce_range,
         "activation_type": selection["chosen"] if selection else config.activation_type,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
@@ -211,7 +217,7 @@ def weight_only(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
     ctx.progress("quantize weights", 0.1)
     output = ctx.workdir / "weight_only.onnx"
     report = quant_weights.weight_only(ctx.model_path, output, bits=config.bits, block_size=config.block_size,
-                                       symmetric=config.symmetric, exclude=config.exclude)
+                                       symmetric=config.symmetric, exclude=config.exclude, keep_first_last=config.keep_first_last)
     return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
 
 
@@ -224,7 +230,8 @@ def qat(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> Ste
 def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     ctx.progress("cluster weights", 0.1)
     output = ctx.workdir / "codebook.onnx"
-    report = quant_weights.codebook(ctx.model_path, output, bits=config.bits, exclude=config.exclude)
+    report = quant_weights.codebook(ctx.model_path, output, bits=config.bits, exclude=config.exclude,
+                                    keep_first_last=config.keep_first_last)
     return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
 
 
