@@ -35,11 +35,11 @@ def ort_static(model: Path, calibration: np.ndarray, out: Path, **options) -> Pa
     return out
 
 
-def ours(fp32: Path, work: Path, calibration: ImageSet, **params) -> Path:
+def ours(fp32: Path, work: Path, calib_data: ImageSet, **params) -> Path:
     step_dir = work / ("step-" + "-".join(f"{k}{v}" for k, v in params.items()))
     step_dir.mkdir()
     config = QuantizeConfig(**params)
-    return quantize(config, StepContext(fp32, fp32, step_dir, {"calibration": calibration}, lambda *_: None)).model_path
+    return quantize(config, StepContext(fp32, fp32, step_dir, {"calibration": calib_data}, lambda *_: None)).model_path
 
 
 def main() -> None:

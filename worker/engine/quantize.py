@@ -148,6 +148,7 @@ def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
         selection = None
     else:
         output, selection = select_fastest(build, prepared, images, ctx)
+    compact(output)
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
@@ -183,6 +184,18 @@ def select_fastest(build, float_model: Path, images: np.ndarray, ctx: StepContex
     report = {"chosen": chosen["activation_type"],
               "candidates": [{k: v for k, v in c.items() if k != "path"} for c in candidates]}
     return chosen["path"], report
+
+
+def compact(path: Path) -> None:
+    """Drop what only describes the graph: the shape annotations pre-processing added (ONNX Runtime
+    infers them again) and doc strings. On small models they are a visible part of the file."""
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]
+    model.graph.doc_string = ""
+    model.doc_string = ""
+    for node in model.graph.node:
+        node.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
