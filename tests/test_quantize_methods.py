@@ -155,3 +155,13 @@ def test_low_bit_defaults_keep_the_first_and_last_layers_float(client, reference
     compute = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     assert compute[0].input[1] in floats and compute[-1].input[1] in floats
+
+
+@pytest.mark.parametrize("params", [{"method": "dynamic_int8"}, {"method": "fp16"}, {"method": "weight_only", "bits": 4},
+                                    {"method": "codebook"}, {"method": "qat"}])
+def test_every_method_on_a_pytorch_upload(client, reference, tmp_path, params):
+    model_id = upload_model(client, reference.pt2)["id"]
+    data_id = upload_dataset(client, reference.eval_npz)["id"]
+    job, _, path = run(client, (model_id, data_id), params, tmp_path, data={"eval": data_id, "train": data_id})
+    assert job["metrics"]["model_format"] == "torch_export"
+    runs_like_the_original(path, reference, 0.8)

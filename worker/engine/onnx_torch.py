@@ -231,11 +231,13 @@ class OnnxModule(nn.Module):
         self.output_names = [o.name for o in graph.output]
         self.keys: dict[str, str] = {}
         self.weights = nn.ParameterDict()
+        # BatchNorm running statistics are state, not weights: gradients must not reach them.
+        statistics = {name for node in graph.node if node.op_type == "BatchNormalization" for name in node.input[3:5]}
         for name, array in initializers.items():
             key = re.sub(r"[^0-9a-zA-Z_]", "_", name) + f"_{len(self.keys)}"
             self.keys[name] = key
             tensor = torch.from_numpy(np.array(array))
-            if tensor.is_floating_point() and tensor.numel() > 1:
+            if tensor.is_floating_point() and tensor.numel() > 1 and name not in statistics:
                 self.weights[key] = nn.Parameter(tensor)
             else:
                 self.register_buffer(key, tensor)
