@@ -215,3 +215,17 @@ def test_a_post_that_may_have_stored_something_is_not_retried():
         return httpx.Response(202, json={"id": "job_1", "status": "queued", "stage": "queued", "progress": 0})
 
     assert _fake(throttled_then_ok).submit("mdl_1", [{"type": "quantize"}]).id == "job_1" and calls == ["POST", "POST"]
+
+
+def test_cli_recipe_file_gives_steps_and_data(server_url, reference, tmp_path):
+    with Client(server_url) as client:
+        calibration = client.upload_dataset(reference.calib_npz).id
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model_id": "replaced-by-MODEL",
+                                  "steps": [{"type": "quantize", "params": {"method": "weight_only", "bits": 4}}],
+                                  "data": {"calibration": calibration}}))
+    result = run_cli("compress", str(reference.onnx), "--recipe", str(recipe), "--output", str(tmp_path / "out"), "--json", url=server_url)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)["job"]
+    assert job["steps"][0]["params"]["method"] == "weight_only" and job["data"]["calibration"] == calibration
+    assert run_cli("compress", str(reference.onnx), "--recipe", str(tmp_path / "missing.json"), "--output", str(tmp_path), url=server_url).returncode == 2
