@@ -18,23 +18,14 @@ from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.onnx_torch import onnx_to_torch, save_weights
+from worker.engine.quant_weights import output_axis
 from worker.engine.registry import StepContext, StepResult
 
 MOMENTUM = 0.1
 
 
-def _output_axis(node, weight: torch.Tensor) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-        return 0
-    return weight.dim() - 1
-
-
 def fake_quantize_weight(node, weight: torch.Tensor) -> torch.Tensor:
-    axis = _output_axis(node, weight)
+    axis = output_axis(node, weight)  # works for torch tensors as for numpy arrays
     dims = [d for d in range(weight.dim()) if d != axis]
     scale = weight.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / 127.0
     quantized = torch.clamp(torch.round(weight / scale), -127, 127) * scale

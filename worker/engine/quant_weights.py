@@ -23,7 +23,7 @@ WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 TARGET_OPSET = 21
 
 
-def _output_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
+def output_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
     """The weight axis that indexes output channels (per-channel scales run along it)."""
     if node.op_type == "Conv":
         return 0
@@ -101,7 +101,7 @@ def weight_only(model_path: Path, output: Path, *, bits: int, block_size: int | 
     layers = []
     for node, tensor in chosen:
         weight = numpy_helper.to_array(tensor).astype(np.float64)
-        axis = _output_axis(node, weight)
+        axis = output_axis(node, weight)
         group_axis, group = None, None
         if block_size is not None:
             group_axis = _input_axis(node, weight)
