@@ -116,6 +116,13 @@ def normalize_onnx(path: Path, workdir: Path, *, packed: bool = False) -> Path:
     changed = source != path
     if model.ir_version >= 4 and _constants_to_initializers(model):
         changed = True
+    # Every node gets a name: exclusions, the per-layer report and ORT's quantizer refer to nodes by name.
+    used = {node.name for node in model.graph.node if node.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}" if f"{node.op_type}_{index}" not in used else f"{node.op_type}_{index}_{len(used)}"
+            used.add(node.name)
+            changed = True
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
     if opset < MIN_OPSET:
         from onnx import version_converter

@@ -11,20 +11,49 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine.evaluate import open_session
+from worker.engine.evaluate import open_session, run_outputs
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 MAX_LAYERS = 200
 
 
-def _expose(model: onnx.ModelProto, names: list[str], path: Path) -> Path:
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    return {name: t for name, t in types.items() if t}
+
+
+def _expose(model: onnx.ModelProto, names: list[str], path: Path, *, float_only: bool = True) -> Path:
+    """A copy of the model that also outputs `names` (those of float type, by default: ORT refuses
+    an output declared with the wrong type)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    types = tensor_types(model)
     existing = {o.name for o in model.graph.output}
     for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        elem_type = types.get(name)
+        if name in existing or elem_type is None or (float_only and elem_type != onnx.TensorProto.FLOAT):
+            continue
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     onnx.save(model, str(path))
     return path
+
+
+def quantized_layers(path: Path) -> set[str]:
+    """Output tensors of the compute nodes whose weight reaches them through a DequantizeLinear or a
+    codebook Gather: the layers that really are quantized."""
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    result = set()
+    for node in model.graph.node:
+        if node.op_type in COMPUTE_OPS and len(node.input) > 1:
+            producer = producers.get(node.input[1])
+            if producer is not None and producer.op_type in ("DequantizeLinear", "Gather"):
+                result.add(node.output[0])
+    return result
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -45,14 +74,15 @@ def layer_sqnr(original: Path, quantized: Path, images: np.ndarray, workdir: Pat
         return []
     names = [tensor for _, _, tensor in layers]
     float_session = open_session(_expose(float_model, names, workdir / "layers-float.onnx"), threads=1)
-    quant_session = open_session(_expose(quant_model, names, workdir / "layers-quant.onnx"), threads=1)
-    feed_name = float_session.get_inputs()[0].name
-    float_values = dict(zip([o.name for o in float_session.get_outputs()], float_session.run(None, {feed_name: images})))
-    quant_values = dict(zip([o.name for o in quant_session.get_outputs()],
-                            quant_session.run(None, {quant_session.get_inputs()[0].name: images})))
+    quant_session = open_session(_expose(quant_model, names, workdir / "layers-quant.onnx", float_only=False), threads=1)
+    # run_outputs batches as the model needs (a fixed-batch model takes its own batch size).
+    float_values = dict(zip([o.name for o in float_session.get_outputs()], run_outputs(float_session, images)))
+    quant_values = dict(zip([o.name for o in quant_session.get_outputs()], run_outputs(quant_session, images)))
     report = []
     for layer, op_type, tensor in layers:
-        value = sqnr_db(float_values[tensor], quant_values[tensor])
+        if tensor not in float_values or tensor not in quant_values:
+            continue
+        value = sqnr_db(float_values[tensor], quant_values[tensor].astype(np.float32))
         report.append({"layer": layer, "op": op_type, "tensor": tensor,
                        "sqnr_db": None if value == float("inf") else round(value, 3)})
     return report

@@ -169,7 +169,7 @@ OPS = {
     "AveragePool": lambda n, x: _pool(n, x, "avg"),
     "MaxPool": lambda n, x: _pool(n, x, "max"),
     "BatchNormalization": None,  # handled in forward: needs the module's training flag
-    "Flatten": lambda n, x: torch.flatten(x, _attrs(n).get("axis", 1) % max(x.dim(), 1)) if _attrs(n).get("axis", 1) != 0 else x.reshape(1, -1),
+    "Flatten": lambda n, x: x.reshape(math.prod(x.shape[: _attrs(n).get("axis", 1) % (x.dim() + 1)]), -1),
     "Reshape": _reshape,
     "Transpose": lambda n, x: x.permute(*(_attrs(n).get("perm") or list(reversed(range(x.dim()))))),
     "Concat": lambda n, *xs: torch.cat(xs, dim=_attrs(n)["axis"]),
@@ -177,7 +177,7 @@ OPS = {
     "Slice": _slice,
     "Identity": lambda n, x: x,
     "Dropout": lambda n, x, *rest: x,
-    "Shape": lambda n, x: torch.tensor(list(x.shape), dtype=torch.int64),
+    "Shape": lambda n, x: torch.tensor(list(x.shape), dtype=torch.int64, device=x.device),
     "Gather": lambda n, x, i: torch.index_select(x, _attrs(n).get("axis", 0), i.reshape(-1).long()).reshape(
         *x.shape[: _attrs(n).get("axis", 0)], *i.shape, *x.shape[_attrs(n).get("axis", 0) + 1 :]),
     "Unsqueeze": lambda n, x, *r: _unsqueeze(x, _axes(n, [x, *r])),
@@ -186,13 +186,23 @@ OPS = {
     "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(torch.amax),
     "Cast": lambda n, x: x.to(_TORCH_DTYPES.get(_attrs(n)["to"], torch.float32)),
-    "Pad": lambda n, x, pads=None, value=None, *r: F.pad(x, _pads(_ints(pads) if pads is not None else _attrs(n)["pads"], x.dim()),
-                                                         value=float(value) if value is not None else 0.0),
+    "Pad": lambda n, x, pads=None, value=None, *r: F.pad(
+        x, _pads(_ints(pads) if pads is not None else _attrs(n)["pads"], x.dim()),
+        mode={"constant": "constant", "reflect": "reflect", "edge": "replicate"}[_mode(n)],
+        value=float(value) if value is not None and _mode(n) == "constant" else None if _mode(n) != "constant" else 0.0),
 }
 
 _TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
                  onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.FLOAT16: torch.float16,
                  onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.DOUBLE: torch.float64}
+
+
+def _mode(node) -> str:
+    mode = _attrs(node).get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("constant", "reflect", "edge"):
+        raise EngineError("unsupported_operator", f"Pad mode {mode!r} (node {node.name}) is not supported")
+    return mode
 
 
 def _unsqueeze(x, axes):
@@ -222,6 +232,8 @@ class OnnxModule(nn.Module):
         initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant":
+                if "value" not in _attrs(node):
+                    raise EngineError("unsupported_operator", f"Constant without a tensor value (node {node.name!r}) is not supported")
                 initializers[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
         self.input_names = [i.name for i in graph.input if i.name not in initializers]
         # Optional hooks (quantization-aware training): weight_hook(node, weight) -> weight for the

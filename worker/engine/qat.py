@@ -61,14 +61,30 @@ def qat(config: QuantizeConfig, ctx: StepContext, static_int8) -> StepResult:
         raise EngineError("train_data_required", "qat needs training data (data.train or data.split)")
     if train.labels is None and not config.distill:
         raise EngineError("train_labels_required", "qat without labels needs distill: true (the original model teaches)")
+    session = open_session(ctx.model_path, threads=1)
+    if isinstance(session.get_inputs()[0].shape[0], int):
+        raise EngineError("unsupported_model_input", "qat needs a model with a dynamic batch dimension")
     torch.manual_seed(config.seed)
     device = pick_device()
-    module = onnx_to_torch(ctx.model_path).to(device)
+    # Train the graph as it will be exported: ORT's pre-processing folds BatchNorm into the
+    # convolutions, so the learned activation ranges belong to tensors that still exist then.
+    prepared = ctx.workdir / "qat-prepared.onnx"
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(str(ctx.model_path), str(prepared), skip_symbolic_shape=True)
+    except Exception:
+        prepared = ctx.model_path
+    module = onnx_to_torch(prepared).to(device)
     ranges = ActivationRanges()
     module.weight_hook, module.output_hook = fake_quantize_weight, ranges
 
     images = torch.from_numpy(train.images)
     labels = None if train.labels is None else torch.from_numpy(train.labels)
+    with torch.no_grad():
+        classes = module(images[:2].to(device)).shape[-1]
+    if labels is not None and int(labels.max()) >= classes:
+        raise EngineError("invalid_labels", f"the training labels go up to {int(labels.max())}; the model has {classes} outputs")
     teacher = None
     if config.distill:  # the teacher only runs forward, once per sample
         teacher = torch.from_numpy(run_outputs(open_session(ctx.original_path, threads=1), train.images)[0])
@@ -99,7 +115,7 @@ def qat(config: QuantizeConfig, ctx: StepContext, static_int8) -> StepResult:
 
     module.eval().cpu()
     trained = ctx.workdir / "qat-float.onnx"
-    save_weights(module, ctx.model_path, trained)
+    save_weights(module, prepared, trained)
     overrides = {name: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(max(hi, 0.0))}] for name, (lo, hi) in ranges.ranges.items()}
     export_ctx = StepContext(trained, ctx.original_path, ctx.workdir, {"calibration": train}, lambda s, f: ctx.progress(s, 0.8 + 0.2 * f))
     export = config.model_copy(update={"method": "static_int8", "activation_type": "uint8", "calibration": "minmax"})

@@ -18,7 +18,7 @@ from worker.engine.configs import QuantizeConfig
 from worker.engine.data import ImageSet, split
 from worker.engine.errors import EngineError, GuardNotMet
 from worker.engine.evaluate import open_session, run_outputs
-from worker.engine.layers import layer_sqnr
+from worker.engine.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, StepResult
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
@@ -61,13 +61,23 @@ def guarded(config: QuantizeConfig, ctx: StepContext, run: Callable[[QuantizeCon
 
     attempts: list[dict] = []
 
-    def attempt(label: str, **changes) -> tuple[StepResult, dict]:
+    def attempt(label: str, **changes) -> tuple[StepResult | None, dict | None]:
+        """One candidate, scored on the tuning data; a candidate that fails to build is recorded
+        and the search goes on."""
         workdir = ctx.workdir / f"attempt-{len(attempts)}"
         workdir.mkdir()
         fraction = min(0.9, 0.1 + 0.1 * len(attempts))
         ctx.progress(f"guard: {label}", fraction)
-        result = run(config.model_copy(update={"guard": None, **changes}),
-                     StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data, lambda *_: None))
+        try:  # the attempt's own progress reports still check cancel, deadline and worker stop
+            result = run(config.model_copy(update={"guard": None, **changes}),
+                         StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data,
+                                     lambda stage, _: ctx.progress(f"guard: {label}: {stage}", fraction)))
+        except EngineError as exc:
+            attempts.append({"attempt": label, "error": {"code": exc.code, "message": exc.message[:300]}})
+            return None, None
+        if not quantized_layers(result.model_path) and config.method not in ("fp16", "dynamic_int8"):
+            attempts.append({"attempt": label, "error": {"code": "nothing_quantized", "message": "every layer stayed float"}})
+            return None, None
         score = _score(result.model_path, tune, float_tune)
         attempts.append({"attempt": label, "tune": score, "meets_on_tune": _meets(score, original_tune, guard)})
         return result, score
@@ -77,23 +87,32 @@ def guarded(config: QuantizeConfig, ctx: StepContext, run: Callable[[QuantizeCon
     passing, best = None, None
     for calibration in calibrations:
         result, score = attempt(f"calibration {calibration}", calibration=calibration)
+        if result is None:
+            continue
         if best is None or _value(score, guard) > _value(best[1], guard):
             best = (result, score, calibration, [])
         if _meets(score, original_tune, guard):
             passing = best if best[0] is result else (result, score, calibration, [])
             break
 
-    kept_float: list[dict] = []
+    if best is None:
+        raise EngineError("quantization_failed", f"no quantized candidate could be built: {attempts}")
     if passing is None:
         base_result, _, calibration, _ = best
+        # Only layers that really are quantized in the base candidate can be handed back to float,
+        # and at least one must stay quantized.
+        quantized = quantized_layers(base_result.model_path)
         ranked = sorted((layer for layer in layer_sqnr(ctx.model_path, base_result.model_path,
                                                        tune.images[:SENSITIVITY_SAMPLES], ctx.workdir)
-                         if layer["sqnr_db"] is not None), key=lambda layer: layer["sqnr_db"])
+                         if layer["sqnr_db"] is not None and layer["tensor"] in quantized), key=lambda layer: layer["sqnr_db"])
         count = 1
         while count < len(ranked):
             sensitive = ranked[:count]
             result, score = attempt(f"{count} most sensitive layers float", calibration=calibration,
                                     exclude=[*config.exclude, *(layer["layer"] for layer in sensitive)])
+            if result is None:
+                count *= 2
+                continue
             candidate = (result, score, calibration, sensitive)
             if _value(score, guard) > _value(best[1], guard):
                 best = candidate

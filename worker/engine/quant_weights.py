@@ -64,6 +64,10 @@ def _candidates(model: onnx.ModelProto, exclude: list[str], keep_first_last: boo
     for node in model.graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return [], [{"layer": node.name or node.output[0], "reason": "graphs with subgraphs (If/Loop) are left float"}]
+    for value in model.graph.output:
+        uses[value.name] = uses.get(value.name, 0) + 1
     chosen, skipped = [], []
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
@@ -86,6 +90,9 @@ def _candidates(model: onnx.ModelProto, exclude: list[str], keep_first_last: boo
 def _replace_weight(model: onnx.ModelProto, node: onnx.NodeProto, tensor: onnx.TensorProto,
                     new_initializers: list[onnx.TensorProto], new_nodes: list[onnx.NodeProto]) -> None:
     model.graph.initializer.remove(tensor)
+    # Older exports also list weights as graph inputs; a leftover input would be required at run time.
+    for value in [v for v in model.graph.input if v.name == tensor.name]:
+        model.graph.input.remove(value)
     model.graph.initializer.extend(new_initializers)
     index = list(model.graph.node).index(node)
     for offset, extra in enumerate(new_nodes):

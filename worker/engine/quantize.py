@@ -65,8 +65,8 @@ def count_compute_nodes(model_path: Path, workdir: Path) -> dict:
 
 
 def excluded_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
-    """Node names to leave float, from names or op types."""
-    return [n.name for n in model.graph.node if n.name in exclude or n.op_type in exclude]
+    """Node names to leave float, from names, op types or output tensor names."""
+    return [n.name for n in model.graph.node if n.name and (n.name in exclude or n.op_type in exclude or n.output[0] in exclude)]
 
 
 @register("quantize")
@@ -214,14 +214,18 @@ def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProt
 
 
 def fp16(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     ctx.progress("convert", 0.1)
     output = ctx.workdir / "fp16.onnx"
-    block = list({n.op_type for n in model.graph.node if n.op_type in config.exclude})
-    converted = convert_float_to_float16(model, keep_io_types=config.keep_io_types,
-                                         node_block_list=excluded_nodes(model, config.exclude) or None,
-                                         op_block_list=block or None)
+    # The user's op types add to ORT's own list of ops that must stay fp32 (NMS, TopK, RoiAlign...).
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | {n.op_type for n in model.graph.node if n.op_type in config.exclude})
+    try:
+        converted = convert_float_to_float16(model, keep_io_types=config.keep_io_types,
+                                             node_block_list=excluded_nodes(model, config.exclude) or None,
+                                             op_block_list=block)
+    except Exception as exc:
+        raise EngineError("quantization_failed", f"the float16 conversion failed: {str(exc)[:1500]}") from exc
     onnx.save(converted, str(output))
     return StepResult(output, metrics={"method": config.method, "keep_io_types": config.keep_io_types})
 
