@@ -71,7 +71,7 @@ def check_quantized_job(http, reference, tmp_path, model_path):
     assert progress == sorted(progress), "progress never goes backwards"
 
     artifacts = {a["name"]: a for a in job["artifacts"]}
-    assert set(artifacts) == {"model.onnx", "metrics.json", "report.html"}
+    assert set(artifacts) == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
     quantized = tmp_path / "model.onnx"
     response = download(http, artifacts["model.onnx"]["url"], quantized)
     digest = hashlib.sha256(quantized.read_bytes()).hexdigest()

@@ -83,7 +83,7 @@ def test_cli_compress_like_a_ci_job(server_url, reference, tmp_path):
     # Not a terminal: progress comes as plain lines, one per change, ending at 100%.
     progress_lines = [line for line in result.stderr.splitlines() if line.startswith("job_")]
     assert progress_lines and progress_lines[-1].split()[1:3] == ["succeeded", "100%"]
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.onnx", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.onnx", "recipe.json", "report.html"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["compressed"]["size_bytes"] == (out / "model.onnx").stat().st_size
 
@@ -95,7 +95,7 @@ def test_cli_json_output_and_job_commands(server_url, reference, tmp_path):
     payload = json.loads(result.stdout)  # JSON only on stdout
     job_id = payload["job"]["id"]
     assert payload["job"]["steps"][0]["params"]["calibration"] == "percentile"
-    assert set(payload["downloaded"]) == {"model.onnx", "metrics.json", "report.html"}
+    assert set(payload["downloaded"]) == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
 
     shown = run_cli("jobs", "show", job_id, "--json", url=server_url)
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"

@@ -51,7 +51,7 @@ def test_guard_not_met_fails_with_the_best_candidate_downloadable(client, ids, t
                     {"calibration": calib_id, "eval": eval_id})
     job, _ = wait_finished(client, response.json()["id"], timeout=300)
     assert job["status"] == "failed" and job["error"]["code"] == "guard_not_met"
-    assert {a["name"] for a in job["artifacts"]} == {"model.onnx", "metrics.json", "report.html"}
+    assert {a["name"] for a in job["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
     assert job["metrics"]["steps"][0]["guard"]["met"] is False
     assert job["metrics"]["comparison"]["size_ratio"] > 1.5
     assert client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").status_code == 200

@@ -184,3 +184,17 @@ def test_auto_activation_types_keep_the_fastest_accurate_candidate(client, refer
     eligible = [c for c in selection["candidates"] if c["agreement"] >= best_agreement - 0.005]
     assert chosen["p50_ms"] == min(c["p50_ms"] for c in eligible)
     assert step["activation_type"] == selection["chosen"]
+
+
+def test_recipe_posted_back_reproduces_the_job(client, reference):
+    model = upload_model(client, reference.onnx)
+    data = upload_dataset(client, reference.eval_npz)
+    job, _ = wait_finished(client, submit(client, model["id"], data["id"], data["id"], params={"activation_type": "uint8"})["id"])
+    recipe = client.get(f"/v1/jobs/{job['id']}/artifacts/recipe.json").json()
+    assert recipe["steps"] == job["steps"] and recipe["data"] == job["data"] and recipe["provenance"]["job_id"] == job["id"]
+    again = client.post("/v1/jobs", json=recipe)
+    assert again.status_code == 202, again.text
+    rerun, _ = wait_finished(client, again.json()["id"])
+    assert rerun["steps"] == job["steps"]
+    assert rerun["metrics"]["compressed"]["accuracy"] == job["metrics"]["compressed"]["accuracy"]
+    assert rerun["metrics"]["compressed"]["size_bytes"] == job["metrics"]["compressed"]["size_bytes"]

@@ -89,7 +89,7 @@ def test_worker_killed_mid_job_is_taken_over_by_another_worker(stack, reference)
         finished, _ = wait_finished(http, job["id"], timeout=120)
         assert finished["status"] == "succeeded", finished["error"]
         assert finished["attempts"] == 2
-        assert {a["name"] for a in finished["artifacts"]} == {"model.onnx", "metrics.json", "report.html"}
+        assert {a["name"] for a in finished["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
     finally:
         second.stop()
 

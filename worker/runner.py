@@ -240,7 +240,14 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     metrics_file.write_text(json.dumps(metrics, indent=2, allow_nan=False))
     report_file = work / "report.html"
     report_file.write_text(render_report(metrics, job_id=job.id))
-    for name, path in (("model.onnx", current), ("metrics.json", metrics_file), ("report.html", report_file)):
+    # A complete POST /v1/jobs body, every default filled in: posting it back runs the same job.
+    recipe_file = work / "recipe.json"
+    recipe_file.write_text(json.dumps({
+        "model_id": job.model_id, "steps": job.spec["steps"], "data": job.spec["data"],
+        "provenance": {"job_id": job.id, "versions": metrics["environment"]["versions"]},
+    }, indent=2))
+    for name, path in (("model.onnx", current), ("metrics.json", metrics_file), ("report.html", report_file),
+                       ("recipe.json", recipe_file)):
         _store_artifact(deps, job.id, token, name, path)
     return metrics, failure
 

@@ -39,6 +39,8 @@ class JobCreate(BaseModel):
     model_id: str = Field(min_length=1, max_length=64)
     steps: list[StepSpec] = Field(min_length=1, max_length=16)
     data: DataSpec = Field(default_factory=DataSpec)
+    # What produced a recipe.json (library versions, source job); recorded, not acted on.
+    provenance: dict[str, Any] | None = None
 
 
 class JobErrorRead(BaseModel):
