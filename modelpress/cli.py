@@ -19,24 +19,23 @@ class UsageError(Exception):
     pass
 
 
-def _model_ref(client: Client, value: str) -> str:
-    path = Path(value)
-    if path.is_file():
-        return client.upload_model(path).id
-    if value.startswith("mdl_"):
+def _ref(value: str | None, upload, prefix: str, kind: str) -> str | None:
+    """A file is uploaded and its new id returned; an id is used as it is."""
+    if value is None:
+        return None
+    if Path(value).is_file():
+        return upload(Path(value)).id
+    if value.startswith(prefix):
         return value
-    raise UsageError(f"{value} is neither a file nor a model id (mdl_...)")
+    raise UsageError(f"{value} is neither a file nor a {kind} id ({prefix}...)")
+
+
+def _model_ref(client: Client, value: str) -> str:
+    return _ref(value, client.upload_model, "mdl_", "model")
 
 
 def _dataset_ref(client: Client, value: str | None) -> str | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        return client.upload_dataset(path).id
-    if value.startswith("ds_"):
-        return value
-    raise UsageError(f"{value} is neither a file nor a dataset id (ds_...)")
+    return _ref(value, client.upload_dataset, "ds_", "dataset")
 
 
 def _parse_step(text: str) -> dict:

@@ -97,3 +97,17 @@ def test_torch_uploads_give_trainable_modules(reference, fmt):
     images = torch.from_numpy(reference.eval_images[:16].astype(np.float32) / 255.0)
     F.cross_entropy(module(images), torch.from_numpy(reference.eval_labels[:16])).backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_pad_modes_match_onnx_runtime(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1, 2, 4, 5)).astype(np.float32)
+    for mode in ("constant", "reflect", "edge"):
+        pads = onnx.helper.make_tensor("pads", onnx.TensorProto.INT64, [8], [0, 0, 1, 2, 0, 0, 2, 1])
+        node = onnx.helper.make_node("Pad", ["x", "pads"], ["y"], name="pad", mode=mode)
+        graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 5])],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [pads])
+        path = tmp_path / f"pad-{mode}.onnx"
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+        with torch.no_grad():
+            ours = onnx_to_torch(path)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(ours, ort_outputs(path, x)[0], rtol=1e-6)

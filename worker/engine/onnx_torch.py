@@ -186,10 +186,7 @@ OPS = {
     "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(torch.amax),
     "Cast": lambda n, x: x.to(_TORCH_DTYPES.get(_attrs(n)["to"], torch.float32)),
-    "Pad": lambda n, x, pads=None, value=None, *r: F.pad(
-        x, _pads(_ints(pads) if pads is not None else _attrs(n)["pads"], x.dim()),
-        mode={"constant": "constant", "reflect": "reflect", "edge": "replicate"}[_mode(n)],
-        value=float(value) if value is not None and _mode(n) == "constant" else None if _mode(n) != "constant" else 0.0),
+    "Pad": lambda n, x, pads=None, value=None, *rest: _pad(n, x, pads, value),
 }
 
 _TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
@@ -197,12 +194,21 @@ _TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: 
                  onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.DOUBLE: torch.float64}
 
 
-def _mode(node) -> str:
+def _pad(node, x, pads=None, value=None):
     mode = _attrs(node).get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode not in ("constant", "reflect", "edge"):
+    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
+    if torch_mode is None:
         raise EngineError("unsupported_operator", f"Pad mode {mode!r} (node {node.name}) is not supported")
-    return mode
+    widths = _pads(_ints(pads) if pads is not None else _attrs(node)["pads"], x.dim())
+    if torch_mode != "constant":
+        # torch pads only trailing (spatial) dimensions in these modes: drop the unpadded leading ones.
+        while len(widths) > 2 and widths[-2:] == [0, 0]:
+            widths = widths[:-2]
+        if len(widths) // 2 > x.dim() - 2:
+            raise EngineError("unsupported_operator", f"Pad mode {mode!r} on batch or channel dims (node {node.name}) is not supported")
+        return F.pad(x, widths, mode=torch_mode)
+    return F.pad(x, widths, value=float(value) if value is not None else 0.0)
 
 
 def _unsqueeze(x, axes):
