@@ -31,7 +31,7 @@ from worker.engine.data import ImageSet, load_dataset, split
 from worker.engine.errors import EngineError, GuardNotMet, JobCancelled, JobSuperseded
 from worker.engine.fidelity import fidelity
 from worker.engine.formats import to_onnx
-from worker.engine.layers import layer_sqnr
+from worker.engine.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, handler_for
 from worker.engine.report import render as render_report
 
@@ -268,11 +268,10 @@ def _evaluate(original: Path, compressed: Path, eval_data: ImageSet | None, deps
         comparison["accuracy_drop"] = round(before["accuracy"]["top1"] - after["accuracy"]["top1"], 6)
     comparison["fidelity"] = fidelity(reference, outputs)
     result = {"original": before, "compressed": after, "comparison": comparison}
-    if _is_quantized(compressed):
+    if quantized_layers(compressed):
         progress("layers", 0.9)
         fixed = evaluate.fixed_batch(evaluate.open_session(compressed, 1))
-        sample = eval_data.images[: fixed or 64]
-        result["layers"] = layer_sqnr(original, compressed, sample, compressed.parent)
+        result["layers"] = layer_sqnr(original, compressed, eval_data.images[: max(fixed or 0, 64)], compressed.parent)
     progress("done", 1.0)
     return {**result,
             "eval_samples": len(reference[0]), "environment": evaluate.environment(settings.threads)}
@@ -287,12 +286,6 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _is_quantized(path: Path) -> bool:
-    import onnx
-
-    return any(node.op_type == "DequantizeLinear" for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _store_artifact(deps: RunnerDeps, job_id: str, token: str, name: str, path: Path) -> None:

@@ -49,8 +49,8 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
     named = {role: dataset_id for role, dataset_id in body.data.model_dump(exclude={"split"}).items() if dataset_id}
     if split is not None:
         named["split"] = split.dataset
-    for role, dataset_id in named.items():
-        dataset = datasets.get(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+    rows = {role: datasets.get(session=session, tenant_id=tenant_id, dataset_id=dataset_id) for role, dataset_id in named.items()}
+    for role, dataset in rows.items():
         try:
             check_dataset_fits(dataset.shape, dataset.layout, dataset.preprocess or {},
                                image_input["shape"] if image_input else None,
@@ -58,11 +58,11 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code) from exc
     for role in sorted(set().union(*(c.required_labels() for c in configs))):
-        dataset_id = getattr(body.data, role) or (split.dataset if split else None)
-        if dataset_id and not datasets.get(session=session, tenant_id=tenant_id, dataset_id=dataset_id).has_labels:
+        dataset = rows.get(role) or rows.get("split")
+        if dataset is not None and not dataset.has_labels:
             raise Invalid(f"an accuracy guard needs labels in the {role} data; use min_top1_agreement for unlabelled data",
                           code=f"{role}_labels_required")
-    if split is not None and datasets.get(session=session, tenant_id=tenant_id, dataset_id=split.dataset).count < 2:
+    if split is not None and rows["split"].count < 2:
         raise Invalid("a dataset of one sample cannot be split", code="dataset_too_small")
 
     job = JobRow(

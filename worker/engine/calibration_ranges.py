@@ -9,7 +9,7 @@ import onnx
 
 from worker.engine import qmath
 from worker.engine.evaluate import open_session
-from worker.engine.layers import _expose
+from worker.engine.layers import expose_outputs
 
 SAMPLES = 32
 VALUES_PER_TENSOR = 200_000
@@ -52,7 +52,7 @@ def mse_ranges(model_path: Path, images: np.ndarray, batch: int, workdir: Path) 
     # The float activations ORT calibrates: node outputs and graph inputs, not weights.
     tensors = [model.graph.input[0].name] + [out for node in model.graph.node for out in node.output
                                              if out and out not in initializers]
-    session = open_session(_expose(model, tensors, workdir / "mse-calibration.onnx"), threads=1)
+    session = open_session(expose_outputs(model, tensors, workdir / "mse-calibration.onnx"), threads=1)
     names = [o.name for o in session.get_outputs()]
     feed = session.get_inputs()[0].name
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}

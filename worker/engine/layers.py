@@ -27,7 +27,7 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return {name: t for name, t in types.items() if t}
 
 
-def _expose(model: onnx.ModelProto, names: list[str], path: Path, *, float_only: bool = True) -> Path:
+def expose_outputs(model: onnx.ModelProto, names: list[str], path: Path, *, float_only: bool = True) -> Path:
     """A copy of the model that also outputs `names` (those of float type, by default: ORT refuses
     an output declared with the wrong type)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -73,8 +73,8 @@ def layer_sqnr(original: Path, quantized: Path, images: np.ndarray, workdir: Pat
     if not layers:
         return []
     names = [tensor for _, _, tensor in layers]
-    float_session = open_session(_expose(float_model, names, workdir / "layers-float.onnx"), threads=1)
-    quant_session = open_session(_expose(quant_model, names, workdir / "layers-quant.onnx", float_only=False), threads=1)
+    float_session = open_session(expose_outputs(float_model, names, workdir / "layers-float.onnx"), threads=1)
+    quant_session = open_session(expose_outputs(quant_model, names, workdir / "layers-quant.onnx", float_only=False), threads=1)
     # run_outputs batches as the model needs (a fixed-batch model takes its own batch size).
     float_values = dict(zip([o.name for o in float_session.get_outputs()], run_outputs(float_session, images)))
     quant_values = dict(zip([o.name for o in quant_session.get_outputs()], run_outputs(quant_session, images)))
