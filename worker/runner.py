@@ -205,8 +205,11 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     original = to_onnx(original_file, model.format, work, example, packed=(model.details or {}).get("packaging") == "zip")
     progress("load", LOAD_SHARE)
 
-    current, step_metrics, failure = original, [], None
+    current, step_metrics, failure, extra_artifacts = original, [], None, {}
     steps = job.spec["steps"]
+    reference_outputs = None
+    if len(steps) > 1 and eval_data is not None:
+        reference_outputs = evaluate.run_outputs(evaluate.open_session(original, 1), eval_data.head(2000).images)
     for index, step in enumerate(steps):
         config = parse_step(step["type"], step["params"])
         step_dir = work / f"step-{index}"
@@ -218,8 +221,11 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
                 model_path=current, original_path=original, workdir=step_dir, data=data, progress=step_progress))
         except GuardNotMet as exc:
             result, failure = exc.result, exc
-        current = result.model_path
-        step_metrics.append({"type": step["type"], "size_bytes": current.stat().st_size, **result.metrics})
+        current, extra_artifacts = result.model_path, result.artifacts
+        after = {"size_bytes": current.stat().st_size}
+        if len(steps) > 1 and eval_data is not None:  # a recipe's report shows where each step left the model
+            after.update(evaluate.quality(current, eval_data, reference_outputs) or {})
+        step_metrics.append({"type": step["type"], "size_bytes": after["size_bytes"], **result.metrics, "after_step": after})
         step_progress("done", 1.0)
         if failure is not None:
             break  # later steps would build on a model that broke its promise
@@ -246,8 +252,8 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         "model_id": job.model_id, "steps": job.spec["steps"], "data": job.spec["data"],
         "provenance": {"job_id": job.id, "versions": metrics["environment"]["versions"]},
     }, indent=2))
-    for name, path in (("model.onnx", current), ("metrics.json", metrics_file), ("report.html", report_file),
-                       ("recipe.json", recipe_file)):
+    for name, path in (("model.onnx", current), *extra_artifacts.items(), ("metrics.json", metrics_file),
+                       ("report.html", report_file), ("recipe.json", recipe_file)):
         _store_artifact(deps, job.id, token, name, path)
     return metrics, failure
 

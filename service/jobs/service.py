@@ -60,7 +60,7 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
     for role in sorted(set().union(*(c.required_labels() for c in configs))):
         dataset = rows.get(role) or rows.get("split")
         if dataset is not None and not dataset.has_labels:
-            raise Invalid(f"an accuracy guard needs labels in the {role} data; use min_top1_agreement for unlabelled data",
+            raise Invalid(f"a step needs labels in the {role} data (an accuracy guard: use min_top1_agreement; training: distill from the original)",
                           code=f"{role}_labels_required")
     if split is not None and rows["split"].count < 2:
         raise Invalid("a dataset of one sample cannot be split", code="dataset_too_small")

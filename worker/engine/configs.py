@@ -118,7 +118,76 @@ class QuantizeConfig(StepConfig):
         return {"eval"} if self.guard and self.guard.needs_labels else set()
 
 
-STEP_CONFIGS: dict[str, type[StepConfig]] = {"quantize": QuantizeConfig}
+class FinetuneSpec(BaseModel):
+    """Recovery training after pruning, on data.train: `distill` learns from the unpruned model's
+    outputs as well as the labels (only from them when the data has no labels)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    epochs: int = Field(2, ge=1, le=100)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    distill: bool = False
+    batch_size: int = Field(64, ge=1, le=4096)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class PruneConfig(StepConfig):
+    """`method` picks the kind of pruning.
+
+    magnitude: zero the smallest weights (|w|) of every Conv/Gemm/MatMul, per layer or globally,
+      to `sparsity`; the artifact also comes zstd-compressed (model.onnx.zst), where zeros pay off.
+    n_m: keep the `n` largest of every `m` consecutive weights along the input dimension (2:4).
+    channels: remove whole channels (default 30% of each prunable group, rounded to multiples of
+      `round_to` so the kernels stay fast); or give `target_macs` / `target_params` as the fraction
+      of the original to keep and the step finds the ratio.
+    """
+
+    method: Literal["magnitude", "n_m", "channels"] = "channels"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)  # magnitude
+    scope: Literal["layer", "global"] = "layer"  # magnitude
+    n: int = Field(2, ge=1, le=64)  # n_m
+    m: int = Field(4, ge=2, le=64)  # n_m
+    ratio: float | None = Field(None, ge=0.0, lt=1.0)  # channels: fraction of each group's channels removed
+    target_macs: float | None = Field(None, gt=0.0, le=1.0)  # channels: fraction of the original MACs to keep
+    target_params: float | None = Field(None, gt=0.0, le=1.0)  # channels: fraction of the original parameters
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    round_to: int = Field(8, ge=1, le=256)
+    exclude: list[str] = Field(default_factory=list, max_length=1000)  # node names or op types left as they are
+    finetune: FinetuneSpec | None = None
+    # Iterative schedule: prune a share, fine-tune, repeat (magnitude: cubic sparsity ramp).
+    iterations: int = Field(1, ge=1, le=20)
+    seed: int = 0
+
+    def wants_gpu(self) -> bool:
+        return self.finetune is not None
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> "PruneConfig":
+        targets = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k) is not None]
+        if self.method == "n_m" and self.n >= self.m:
+            raise ValueError(f"n must be smaller than m (got n={self.n}, m={self.m})")
+        if targets and self.method != "channels":
+            raise ValueError(f"{targets[0]} applies to method channels; method {self.method} takes "
+                             f"{'sparsity' if self.method == 'magnitude' else 'n and m'}")
+        if len(targets) > 1:
+            raise ValueError(f"give one of ratio, target_macs, target_params (got {', '.join(targets)})")
+        if self.method == "channels" and not targets:
+            self.ratio = 0.3
+        if self.method == "n_m" and self.iterations > 1:
+            raise ValueError("n_m prunes in one step; iterations applies to magnitude and channels")
+        return self
+
+    def required_data(self) -> set[str]:
+        if self.finetune:
+            return {"train"}  # taylor importance also takes its gradients from the train data
+        return {"calibration"} if self.importance == "taylor" and self.method == "channels" else set()
+
+    def required_labels(self) -> set[str]:
+        return {"train"} if self.finetune and not self.finetune.distill else set()
+
+
+STEP_CONFIGS: dict[str, type[StepConfig]] = {"quantize": QuantizeConfig, "prune": PruneConfig}
 
 
 class PreprocessSpec(BaseModel):

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from worker.engine.data import ImageSet
 from worker.engine.device import gpu_name, pick_device
-from worker.engine.fidelity import accuracy
+from worker.engine.fidelity import accuracy, fidelity
 from worker.engine.graph_stats import graph_stats
 from worker.engine.errors import EngineError
 
@@ -134,3 +134,21 @@ def environment(threads: int) -> dict:
         "avx512": "avx512f" in flags, "threads": threads, "torch_device": pick_device(), "gpu": gpu_name(),
         "versions": versions,
     }
+
+
+def quality(path: Path, data: ImageSet | None, reference: list[np.ndarray] | None = None, max_samples: int = 2000) -> dict | None:
+    """Accuracy (labelled data) and agreement with a reference model's outputs, without latency:
+    what a step reports between its own stages (right after pruning, after recovery)."""
+    if data is None:
+        return None
+    data = data.head(max_samples)
+    outputs = run_outputs(open_session(path, threads=1), data.images)
+    result: dict = {"samples": len(outputs[0])}
+    if data.labels is not None and (top := accuracy(outputs[0], data.labels[: len(outputs[0])])):
+        result["top1"] = top["top1"]
+    if reference is not None:
+        first = fidelity(reference, outputs)[0]
+        result["cosine_mean"] = round(first["cosine_mean"], 6)
+        if "top1_agreement" in first:
+            result["top1_agreement"] = first["top1_agreement"]
+    return result

@@ -91,7 +91,7 @@ def _unpack(path: Path, workdir: Path) -> Path:
     return models[0]
 
 
-def _constants_to_initializers(model: onnx.ModelProto) -> int:
+def constants_to_initializers(model: onnx.ModelProto) -> int:
     keep, moved = [], 0
     for node in model.graph.node:
         tensor = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
@@ -114,7 +114,7 @@ def normalize_onnx(path: Path, workdir: Path, *, packed: bool = False) -> Path:
     except Exception as exc:
         raise EngineError("invalid_onnx", f"the ONNX model cannot be loaded: {exc}") from exc
     changed = source != path
-    if model.ir_version >= 4 and _constants_to_initializers(model):
+    if model.ir_version >= 4 and constants_to_initializers(model):
         changed = True
     # Every node gets a name: exclusions, the per-layer report and ORT's quantizer refer to nodes by name.
     used = {node.name for node in model.graph.node if node.name}

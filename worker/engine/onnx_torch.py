@@ -246,6 +246,9 @@ class OnnxModule(nn.Module):
         # weight input of compute nodes, output_hook(node, tensor) -> tensor for their outputs.
         self.weight_hook = None
         self.output_hook = None
+        # Tensors to keep from the last forward pass (hint losses read intermediate layers).
+        self.capture: set[str] = set()
+        self.captured: dict[str, torch.Tensor] = {}
         self.output_names = [o.name for o in graph.output]
         self.keys: dict[str, str] = {}
         self.weights = nn.ParameterDict()
@@ -281,6 +284,8 @@ class OnnxModule(nn.Module):
                     out = self.output_hook(node, out)
             outputs = out if isinstance(out, (tuple, list)) else (out,)
             env.update(zip(node.output, outputs))
+            if self.capture:
+                self.captured.update((name, env[name]) for name in node.output if name in self.capture)
         results = tuple(env[name] for name in self.output_names)
         return results[0] if len(results) == 1 else results
 

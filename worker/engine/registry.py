@@ -12,7 +12,7 @@ from worker.engine.data import ImageSet
 from worker.engine.errors import EngineError
 
 # Modules that register handlers when imported; one per technique.
-TECHNIQUE_MODULES = ("worker.engine.quantize",)
+TECHNIQUE_MODULES = ("worker.engine.quantize", "worker.engine.prune")
 
 ProgressFn = Callable[[str, float], None]
 
@@ -30,6 +30,8 @@ class StepContext:
 class StepResult:
     model_path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Extra files of the final step, stored under these names beside model.onnx (model.onnx.zst).
+    artifacts: dict[str, Path] = field(default_factory=dict)
 
 
 StepHandler = Callable[[StepConfig, StepContext], StepResult]

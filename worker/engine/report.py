@@ -102,11 +102,58 @@ th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0
 <tbody>{fidelity_rows}</tbody></table>
 {f'<h2>Per-layer error (SQNR, dB; lowest first)</h2><table id="layers"><thead><tr><th>layer</th><th>op</th><th>SQNR dB</th></tr></thead><tbody>{layer_rows}</tbody></table>' if layers else ''}
 <h2>Steps</h2><ol>{steps}</ol>
+{''.join(_step_details(index, step) for index, step in enumerate(metrics.get("steps", [])))}
 <h2>Environment</h2>
 <p>{escape(str(environment.get('cpu', '')))} · {_fmt(environment.get('cpu_count'))} cores · VNNI {escape(str(environment.get('vnni')))}
 · AMX {escape(str(environment.get('amx')))} · GPU {escape(str(environment.get('gpu') or 'none'))} · {_fmt(environment.get('threads'))} thread(s) for latency · {escape(versions)}</p>
 </body></html>
 """
+
+
+def _quality(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    parts = [f"top-1 {entry['top1']:.4f}"] if entry.get("top1") is not None else []
+    if entry.get("top1_agreement") is not None:
+        parts.append(f"agreement {entry['top1_agreement']:.4f}")
+    return escape(", ".join(parts) or "—")
+
+
+def _step_details(index: int, step: dict) -> str:
+    """Per step: where it left the model (recipes), pruning's three measurements and per-layer
+    table, training history."""
+    html = []
+    after = step.get("after_step")
+    if after:
+        html.append(f"<p>After step {index + 1}: {_fmt(after.get('size_bytes'))} bytes, {_quality(after)}</p>")
+    quality = step.get("quality")
+    if quality:
+        html.append(f'<table class="step-quality"><tr><th>before</th><td>{_quality(quality.get("before"))}</td></tr>'
+                    f'<tr><th>right after pruning</th><td>{_quality(quality.get("after_pruning"))}</td></tr>'
+                    f'<tr><th>after recovery</th><td>{_quality(quality.get("after_recovery"))}</td></tr></table>')
+    if step.get("size_bytes_compressed"):
+        html.append(f"<p>Dense file {_fmt(step['size_bytes_dense'])} bytes; compressed (model.onnx.zst) "
+                    f"{_fmt(step['size_bytes_compressed'])} bytes. {escape(step.get('note', ''))}</p>")
+    layers = step.get("layers") if step.get("type") == "prune" else None
+    if layers and "out_channels" in layers[0]:
+        rows = "".join(f"<tr><td>{escape(l['layer'])}</td><td>{l['out_channels'][0]} → {l['out_channels'][1]}</td>"
+                       f"<td>{l['in_channels'][0]} → {l['in_channels'][1]}</td><td>{_fmt(l['parameters'][0])} → {_fmt(l['parameters'][1])}</td></tr>"
+                       for l in layers)
+        html.append(f'<table class="prune-layers"><thead><tr><th>layer</th><th>out channels</th><th>in channels</th><th>parameters</th></tr></thead><tbody>{rows}</tbody></table>')
+    elif layers:
+        rows = "".join(f"<tr><td>{escape(l['layer'])}</td><td>{_fmt(l['weights'])}</td><td>{_fmt(l['nonzero'][1])}</td><td>{_fmt(l['sparsity'], 4)}</td></tr>"
+                       for l in layers)
+        html.append(f'<table class="prune-layers"><thead><tr><th>layer</th><th>weights</th><th>non-zero</th><th>sparsity</th></tr></thead><tbody>{rows}</tbody></table>')
+    for entry in step.get("left") or []:
+        where = entry.get("layer") or ", ".join(entry.get("layers", []))
+        html.append(f"<p>Left unpruned: {escape(where)} ({escape(entry['reason'])})</p>")
+    history = (step.get("training") or {}).get("history") or []
+    if history:
+        rows = "".join(f"<tr><td>{h['epoch']}</td><td>{_fmt(h['loss'], 4)}</td><td>{_fmt(h.get('eval_score'), 4)}</td></tr>" for h in history)
+        html.append(f'<table class="training"><thead><tr><th>epoch</th><th>loss</th><th>eval score</th></tr></thead><tbody>{rows}</tbody></table>')
+    if not html:
+        return ""
+    return f"<h3>Step {index + 1}: {escape(step['type'])}</h3>" + "".join(html)
 
 
 def _worst(entry: dict | None) -> str:

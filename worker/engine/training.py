@@ -1,0 +1,267 @@
+"""One training loop for every step that trains: pruning recovery and distillation.
+
+The student is an OnnxModule (onnx_torch), whatever was uploaded. The loss is
+
+    alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+(KL with reduction `batchmean`; T^2 keeps the soft term's gradients the same size whatever T),
+plus, optionally, a hint loss: MSE between a teacher layer and a student layer through a learned
+1x1 adapter. Without a teacher it is plain cross-entropy. The teacher only runs forward: its
+logits are computed once per sample with ONNX Runtime and reused every epoch, unless augmentation
+or hint layers need it on every batch (then it runs as a torch module under no_grad).
+
+After every epoch the loop saves a checkpoint through `Checkpoints` (object storage in the
+service), and starts from the last one if it finds one: a job re-delivered after its worker died
+resumes instead of starting over. Each training step reports progress, which is where a cancel
+request or the deadline stops it.
+"""
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from worker.engine.data import ImageSet
+from worker.engine.errors import EngineError
+from worker.engine.evaluate import open_session, run_outputs
+from worker.engine.onnx_torch import OnnxModule, onnx_to_torch
+
+MAX_EVAL_SAMPLES = 2000
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 3
+    max_steps: int | None = None  # a step budget across all epochs; None: epochs alone decide
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    augment: list[str] = field(default_factory=list)  # "flip", "crop", "noise"
+    patience: int | None = None  # early stopping on the eval split, in epochs
+    seed: int = 0
+    temperature: float = 4.0
+    alpha: float = 1.0  # weight of the hard-label loss; 0: label-free distillation
+    feature_pairs: list[tuple[str, str]] = field(default_factory=list)  # (teacher tensor, student tensor)
+    feature_weight: float = 1.0
+
+
+class Checkpoints(Protocol):
+    def load(self) -> bytes | None: ...
+    def save(self, data: bytes) -> None: ...
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student), KL averaged over the batch."""
+    loss = student.new_zeros(())
+    if alpha > 0:
+        if labels is None:
+            raise EngineError("train_labels_required", "alpha > 0 needs labelled training data; use alpha 0 for label-free distillation")
+        loss = loss + alpha * F.cross_entropy(student, labels)
+    if alpha < 1:
+        if teacher is None:
+            raise EngineError("teacher_required", "alpha < 1 needs a teacher")
+        soft_teacher = F.softmax(teacher / temperature, dim=1)
+        soft_student = F.log_softmax(student / temperature, dim=1)
+        loss = loss + (1 - alpha) * temperature**2 * F.kl_div(soft_student, soft_teacher, reduction="batchmean")
+    return loss
+
+
+def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator) -> torch.Tensor:
+    if "flip" in kinds:
+        flip = torch.rand(len(images), generator=generator) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+    if "crop" in kinds:  # pad 1/8 of the side by reflection, crop back at a random offset
+        pad = max(1, images.shape[-1] // 8)
+        padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+        dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+        images = padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]]
+    if "noise" in kinds:
+        scale = images.std().clamp_min(1e-6) * 0.05
+        images = images + torch.randn(images.shape, generator=generator).to(images.device) * scale
+    return images
+
+
+def _scheduler(optimizer, spec: TrainSpec, steps_per_epoch: int, total_steps: int):
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if spec.schedule == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if spec.schedule == "step":  # x0.1 at 1/2 and 3/4 of training
+            return 0.1 ** sum(step >= total_steps * f for f in (0.5, 0.75))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Teacher:
+    """The teacher's outputs: cached once per sample, or computed per batch when inputs change
+    (augmentation) or hint layers are needed."""
+
+    def __init__(self, path: Path, images: np.ndarray, spec: TrainSpec, device: str):
+        self.per_batch = bool(spec.augment or spec.feature_pairs)
+        if self.per_batch:
+            self.module = onnx_to_torch(path).to(device).eval()
+            self.module.capture = {t for t, _ in spec.feature_pairs}
+            for parameter in self.module.parameters():
+                parameter.requires_grad_(False)
+        else:
+            self.cache = torch.from_numpy(run_outputs(open_session(path, threads=1), images)[0])
+
+    def __call__(self, index: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if not self.per_batch:
+            return self.cache[index].to(batch.device), {}
+        with torch.no_grad():
+            logits = self.module(batch)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            return logits, dict(self.module.captured)
+
+
+def _score(module: nn.Module, data: ImageSet | None, reference: np.ndarray | None, device: str) -> float | None:
+    """Top-1 accuracy on labelled eval data; agreement with the teacher's top-1 without labels."""
+    if data is None or (data.labels is None and reference is None):
+        return None
+    module.eval()
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(data), 256):
+            out = module(torch.from_numpy(data.images[start : start + 256]).to(device))
+            predictions.append((out[0] if isinstance(out, tuple) else out).argmax(1).cpu().numpy())
+    module.train()
+    predicted = np.concatenate(predictions)
+    target = data.labels if data.labels is not None else reference.argmax(1)
+    return float(np.mean(predicted == target))
+
+
+def _serialize(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Callable[[str, float], None], device: str,
+        teacher_path: Path | None = None, eval_data: ImageSet | None = None,
+        after_step: Callable[[OnnxModule], None] | None = None, checkpoints: Checkpoints | None = None) -> dict:
+    """Train `student` in place. Returns the history (loss and eval score per epoch) and what was
+    done: epochs run, steps, whether it resumed or stopped early."""
+    torch.manual_seed(spec.seed)
+    student.to(device).train()
+    images = torch.from_numpy(train.images)
+    labels = None if train.labels is None else torch.from_numpy(train.labels)
+    if labels is not None and spec.alpha > 0:
+        with torch.no_grad():
+            out = student(images[:2].to(device))
+        classes = (out[0] if isinstance(out, tuple) else out).shape[-1]
+        if int(labels.max()) >= classes:
+            raise EngineError("invalid_labels", f"the training labels go up to {int(labels.max())}; the model has {classes} outputs")
+    teacher = Teacher(teacher_path, train.images, spec, device) if teacher_path is not None and spec.alpha < 1 else None
+    eval_data = eval_data.head(MAX_EVAL_SAMPLES) if eval_data is not None else None
+    eval_reference = None
+    if eval_data is not None and eval_data.labels is None and teacher_path is not None:
+        eval_reference = run_outputs(open_session(teacher_path, threads=1), eval_data.images)[0]
+
+    student.capture = {s for _, s in spec.feature_pairs}
+    adapters = nn.ModuleDict()
+    if spec.feature_pairs:
+        probe = images[:2].to(device)
+        student(probe)
+        _, teacher_features = teacher(torch.arange(2), probe)
+        for t_name, s_name in spec.feature_pairs:
+            s_feat, t_feat = student.captured.get(s_name), teacher_features.get(t_name)
+            if s_feat is None or t_feat is None or s_feat.dim() != 4 or t_feat.dim() != 4 or s_feat.shape[2:] != t_feat.shape[2:]:
+                raise EngineError("invalid_feature_pairs", f"feature pair ({t_name!r}, {s_name!r}): both must be 4-D tensors of the "
+                                  "same spatial size in the teacher and the student")
+            adapters[str(len(adapters))] = nn.Conv2d(s_feat.shape[1], t_feat.shape[1], 1).to(device)
+    parameters = [*student.parameters(), *adapters.parameters()]
+    if spec.optimizer == "sgd":
+        optimizer = torch.optim.SGD(parameters, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(images) / spec.batch_size))
+    total_steps = spec.epochs * steps_per_epoch if spec.max_steps is None else min(spec.max_steps, spec.epochs * steps_per_epoch)
+    scheduler = _scheduler(optimizer, spec, steps_per_epoch, total_steps)
+
+    history: list[dict] = []
+    start_epoch, step, resumed_from = 0, 0, None
+    best_score, best_state, stale = -1.0, None, 0
+    saved = checkpoints.load() if checkpoints is not None else None
+    if saved is not None:
+        state = torch.load(io.BytesIO(saved), weights_only=True, map_location=device)
+        student.load_state_dict(state["student"])
+        adapters.load_state_dict(state["adapters"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, step, start_epoch = state["history"], state["step"], state["epoch"] + 1
+        best_score, best_state, stale = state["best_score"], state["best_state"], state["stale"]
+        resumed_from = start_epoch
+
+    stopped_early = False
+    for epoch in range(start_epoch, spec.epochs):
+        if step >= total_steps:
+            break
+        generator = torch.Generator().manual_seed(spec.seed * 1000 + epoch)  # the same order after a resume
+        order = torch.randperm(len(images), generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, len(images), spec.batch_size):
+            if step >= total_steps:
+                break
+            index = order[start : start + spec.batch_size]
+            batch = images[index].to(device)
+            if spec.augment:
+                batch = augment(batch, spec.augment, generator)
+            out = student(batch)
+            logits = out[0] if isinstance(out, tuple) else out
+            teacher_logits, teacher_features = teacher(index, batch) if teacher is not None else (None, {})
+            loss = distillation_loss(logits, teacher_logits, None if labels is None else labels[index].to(device),
+                                     spec.alpha if teacher is not None else 1.0, spec.temperature)
+            for number, (t_name, s_name) in enumerate(spec.feature_pairs):
+                hint = adapters[str(number)](student.captured[s_name])
+                loss = loss + spec.feature_weight * F.mse_loss(hint, teacher_features[t_name])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step(student)
+            step += 1
+            total += loss.item()
+            batches += 1
+            progress(f"epoch {epoch + 1}/{spec.epochs}", step / total_steps)
+        score = _score(student, eval_data, eval_reference, device)
+        history.append({"epoch": epoch + 1, "loss": round(total / max(batches, 1), 5), "eval_score": score,
+                        "lr": round(scheduler.get_last_lr()[0], 8)})
+        if score is not None and score > best_score:
+            best_score, stale = score, 0
+            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        else:
+            stale += 1
+        stopped_early = spec.patience is not None and stale > spec.patience
+        if checkpoints is not None:
+            checkpoints.save(_serialize({
+                "student": student.state_dict(), "adapters": adapters.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": history, "step": step, "epoch": epoch,
+                "best_score": best_score, "best_state": best_state, "stale": stale}))
+        progress(f"epoch {epoch + 1}/{spec.epochs} done", step / total_steps)
+        if stopped_early:
+            break
+    if spec.patience is not None and best_state is not None:
+        student.load_state_dict(best_state)  # early stopping keeps the best epoch on the eval split
+    student.eval()
+    student.capture = set()
+    return {"history": history, "steps": step, "epochs_run": len(history), "resumed_from_epoch": resumed_from,
+            "stopped_early": stopped_early, "best_eval_score": best_score if best_score >= 0 else None,
+            "train_samples": len(images), "device": device, "seed": spec.seed}
