@@ -12,6 +12,7 @@ from service.db import make_engine, make_session_factory
 from service.deps import AppContext, ContextDep
 from service.dispatch import make_dispatcher
 from service.errors import DomainError, install_error_handlers
+from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
 from service.models.views import router as models_router
 from service.storage import open_store
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
+    app.include_router(presets_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz():

@@ -23,6 +23,7 @@ class Reference:
     eval_npz: Path  # labelled, NCHW uint8
     calib_npz: Path  # unlabelled
     train_npz: Path  # the labelled training split
+    train_unlabelled_npz: Path  # the same images without labels
     nhwc_npz: Path  # the eval images as N,H,W,C
     nhw_npz: Path  # the eval images as N,H,W
     wrong_size_npz: Path  # 12x12 images: do not fit the 8x8 model
@@ -43,10 +44,11 @@ def reference(tmp_path_factory) -> Reference:
     np.savez(out / "eval.npz", images=images, labels=labels)
     np.savez(out / "calib.npz", images=train_split.images[:200])
     np.savez(out / "train.npz", images=train_split.images, labels=train_split.labels)
+    np.savez(out / "train-unlabelled.npz", images=train_split.images)
     np.savez(out / "nhwc.npz", images=images.transpose(0, 2, 3, 1), labels=labels)
     np.savez(out / "nhw.npz", images=images[:, 0], labels=labels)
     np.savez(out / "wrong.npz", images=np.zeros((20, 1, 12, 12), np.uint8))
-    return Reference(paths["onnx"], paths["pt2"], paths["torchscript"], out / "eval.npz", out / "calib.npz", out / "train.npz",
+    return Reference(paths["onnx"], paths["pt2"], paths["torchscript"], out / "eval.npz", out / "calib.npz", out / "train.npz", out / "train-unlabelled.npz",
                      out / "nhwc.npz", out / "nhw.npz", out / "wrong.npz", images, labels, model)
 
 

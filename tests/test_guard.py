@@ -53,7 +53,7 @@ def test_guard_not_met_fails_with_the_best_candidate_downloadable(client, ids, t
     assert job["status"] == "failed" and job["error"]["code"] == "guard_not_met"
     assert {a["name"] for a in job["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
     assert job["metrics"]["steps"][0]["guard"]["met"] is False
-    assert job["metrics"]["comparison"]["size_ratio"] > 1.5
+    assert job["metrics"]["comparison"]["size_ratio"] > 1.2  # the best candidate keeps sensitive layers float
     assert client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").status_code == 200
 
 

@@ -94,6 +94,40 @@ def test_worker_killed_mid_job_is_taken_over_by_another_worker(stack, reference)
         second.stop()
 
 
+def _epoch(stage: str) -> int:
+    return int(stage.split("epoch ")[1].split("/")[0]) if ":distill:epoch " in stage else 0
+
+
+def test_worker_killed_mid_training_resumes_from_its_checkpoint(stack, reference):
+    """A prune -> distill recipe; SIGKILL the worker in the middle of training. The next worker
+    takes the pruned model from storage (the prune step does not run again) and continues training
+    from the last epoch checkpoint instead of starting over."""
+    http, worker, _ = stack
+    first = worker.restarted("worker-5")
+    try:
+        model = upload_model(http, reference.onnx)
+        train = upload_dataset(http, reference.train_npz)
+        steps = [{"type": "prune", "params": {"method": "channels", "ratio": 0.5, "round_to": 4}},
+                 {"type": "distill", "params": {"epochs": 40, "batch_size": 16}}]
+        job = http.post("/v1/jobs", json={"model_id": model["id"], "steps": steps, "data": {"train": train["id"]}}).json()
+        wait_for(lambda: _epoch(http.get(f"/v1/jobs/{job['id']}").json()["stage"]) >= 4, 120, "training to pass epoch 3")
+        first.kill()
+    finally:
+        first.stop()
+    second = worker.restarted("worker-6")
+    try:
+        finished, _ = wait_finished(http, job["id"], timeout=240)
+        assert finished["status"] == "succeeded", finished["error"]
+        assert finished["attempts"] == 2
+        prune, distill = finished["metrics"]["steps"]
+        assert prune.get("resumed") is True
+        training = distill["training"]
+        assert training["resumed_from_epoch"] >= 3
+        assert [entry["epoch"] for entry in training["history"]] == list(range(1, 41))
+    finally:
+        second.stop()
+
+
 def test_migrations_roundtrip_on_a_fresh_postgres_database():
     import uuid
 

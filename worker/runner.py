@@ -138,6 +138,10 @@ def run_job(job_id: str, deps: RunnerDeps) -> str:
     def finish(status: JobStatus, **values) -> None:
         with deps.session_factory() as session:
             jobs.finish(session=session, job_id=job_id, token=token, status=status, **values)
+        try:  # checkpoints only serve a re-delivery of an unfinished job
+            deps.store.delete_prefix(f"jobs/{job_id}/checkpoints/")
+        except Exception:
+            log.warning("job %s: checkpoints not deleted", job_id, exc_info=True)
 
     try:
         with Progress(deps, job_id, token) as progress, tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"{job_id}-") as tmp:
@@ -206,19 +210,40 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     progress("load", LOAD_SHARE)
 
     current, step_metrics, failure, extra_artifacts = original, [], None, {}
+    last_input = original  # what the last step started from: the float twin of a quantized result
     steps = job.spec["steps"]
     reference_outputs = None
     if len(steps) > 1 and eval_data is not None:
         reference_outputs = evaluate.run_outputs(evaluate.open_session(original, 1), eval_data.head(2000).images)
+    def load_model(model_id: str) -> Path:
+        with deps.session_factory() as session:
+            try:
+                row = models.get(session=session, tenant_id=tenant_id, model_id=model_id)
+            except NotFound as exc:
+                raise EngineError(exc.code, exc.message) from exc
+        folder = work / f"model-{model_id}"
+        folder.mkdir(exist_ok=True)
+        local = store.get_file(row.storage_key, folder / Path(row.storage_key).name)
+        return to_onnx(local, row.format, folder, example, packed=(row.details or {}).get("packaging") == "zip")
+
     for index, step in enumerate(steps):
         config = parse_step(step["type"], step["params"])
         step_dir = work / f"step-{index}"
         step_dir.mkdir()
         step_progress = progress.span(LOAD_SHARE + STEPS_SHARE * index / len(steps), STEPS_SHARE / len(steps), f"{index}:{step['type']}")
         step_progress("start", 0.0)
+        saved = _checkpoint_prefix(job.id, index)
+        # A re-delivered job takes the finished steps' outputs from storage instead of running them again.
+        if index < len(steps) - 1 and store.exists(f"{saved}/result.json"):
+            current = store.get_file(f"{saved}/output.onnx", step_dir / "output.onnx")
+            result_json = store.get_file(f"{saved}/result.json", step_dir / "result.json")
+            step_metrics.append({**json.loads(result_json.read_text()), "resumed": True})
+            continue
+        last_input = current
         try:
             result = handler_for(step["type"])(config, StepContext(
-                model_path=current, original_path=original, workdir=step_dir, data=data, progress=step_progress))
+                model_path=current, original_path=original, workdir=step_dir, data=data, progress=step_progress,
+                load_model=load_model, checkpoints=StoredCheckpoint(store, f"{saved}/training.pt", step_dir)))
         except GuardNotMet as exc:
             result, failure = exc.result, exc
         current, extra_artifacts = result.model_path, result.artifacts
@@ -229,8 +254,12 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         step_progress("done", 1.0)
         if failure is not None:
             break  # later steps would build on a model that broke its promise
+        if index < len(steps) - 1:
+            (step_dir / "result.json").write_text(json.dumps(_finite(step_metrics[-1])))
+            store.put_file(f"{saved}/output.onnx", current)
+            store.put_file(f"{saved}/result.json", step_dir / "result.json")  # written last: marks the step done
 
-    evaluation = _evaluate(original, current, eval_data, deps, progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"))
+    evaluation = _evaluate(original, current, last_input, eval_data, deps, progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"))
     metrics = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "model_id": job.model_id,
@@ -250,7 +279,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     recipe_file = work / "recipe.json"
     recipe_file.write_text(json.dumps({
         "model_id": job.model_id, "steps": job.spec["steps"], "data": job.spec["data"],
-        "provenance": {"job_id": job.id, "versions": metrics["environment"]["versions"]},
+        "provenance": {"job_id": job.id, "preset": job.spec.get("preset"), "versions": metrics["environment"]["versions"]},
     }, indent=2))
     for name, path in (("model.onnx", current), *extra_artifacts.items(), ("metrics.json", metrics_file),
                        ("report.html", report_file), ("recipe.json", recipe_file)):
@@ -258,7 +287,27 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     return metrics, failure
 
 
-def _evaluate(original: Path, compressed: Path, eval_data: ImageSet | None, deps: RunnerDeps, progress) -> dict:
+def _checkpoint_prefix(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/checkpoints/step-{index}"
+
+
+class StoredCheckpoint:
+    """A training step's checkpoint in object storage: it outlives the worker that wrote it."""
+
+    def __init__(self, store: ObjectStore, key: str, workdir: Path):
+        self.store, self.key, self.local = store, key, workdir / "checkpoint.pt"
+
+    def load(self) -> bytes | None:
+        if not self.store.exists(self.key):
+            return None
+        return self.store.get_file(self.key, self.local).read_bytes()
+
+    def save(self, data: bytes) -> None:
+        self.local.write_bytes(data)
+        self.store.put_file(self.key, self.local)
+
+
+def _evaluate(original: Path, compressed: Path, float_twin: Path, eval_data: ImageSet | None, deps: RunnerDeps, progress) -> dict:
     settings = evaluate.RunSettings(threads=deps.settings.bench_threads)
     if eval_data is None:
         raise EngineError("eval_data_required", "the job has no dataset to evaluate on (data.eval or data.calibration)")
@@ -277,7 +326,9 @@ def _evaluate(original: Path, compressed: Path, eval_data: ImageSet | None, deps
     if quantized_layers(compressed):
         progress("layers", 0.9)
         fixed = evaluate.fixed_batch(evaluate.open_session(compressed, 1))
-        result["layers"] = layer_sqnr(original, compressed, eval_data.images[: max(fixed or 0, 64)], compressed.parent)
+        # Per-layer error of quantization: against the model the quantizing step started from (after a
+        # prune or distill step the original has other layer shapes).
+        result["layers"] = layer_sqnr(float_twin, compressed, eval_data.images[: max(fixed or 0, 64)], compressed.parent)
     progress("done", 1.0)
     return {**result,
             "eval_samples": len(reference[0]), "environment": evaluate.environment(settings.threads)}

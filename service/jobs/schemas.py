@@ -1,7 +1,7 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StepSpec(BaseModel):
@@ -37,10 +37,26 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_id: str = Field(min_length=1, max_length=64)
-    steps: list[StepSpec] = Field(min_length=1, max_length=16)
+    # Either the steps, or a named preset (GET /v1/presets) that becomes them.
+    steps: list[StepSpec] | None = Field(None, min_length=1, max_length=16)
+    preset: str | None = Field(None, max_length=64)
     data: DataSpec = Field(default_factory=DataSpec)
     # What produced a recipe.json (library versions, source job); recorded, not acted on.
     provenance: dict[str, Any] | None = None
+
+
+    @model_validator(mode="after")
+    def _steps_or_preset(self) -> "JobCreate":
+        if (self.steps is None) == (self.preset is None):
+            raise ValueError("give either steps or preset")
+        return self
+
+
+class PresetRead(BaseModel):
+    name: str
+    description: str
+    needs: list[str]
+    steps: list[StepSpec]
 
 
 class JobErrorRead(BaseModel):
@@ -62,6 +78,7 @@ class JobRead(BaseModel):
     stage: str
     progress: float
     steps: list[StepSpec]
+    preset: str | None = None
     data: DataSpec
     queue: str
     attempts: int

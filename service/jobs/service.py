@@ -15,13 +15,14 @@ from service.db import utcnow
 from service.dispatch import Dispatcher
 from service.errors import Conflict, Invalid, NotFound
 from service.ids import new_id
-from service.jobs.schemas import JobCreate
+from service.jobs.schemas import JobCreate, StepSpec
 from service.jobs.states import ACTIVE, FINISHED, JobStatus, transition
 from service.jobs.tables import ArtifactRow, JobRow
 from service.models import service as models
 from service.pagination import newest_first
 from worker.engine.configs import parse_step
 from worker.engine.errors import EngineError
+from worker.engine.presets import PRESETS
 from worker.engine.shapes import check_dataset_fits
 
 
@@ -29,14 +30,43 @@ class DispatchFailed(Exception):
     pass
 
 
+def expand_preset(*, session: Session, tenant_id: str, body: JobCreate) -> list[StepSpec]:
+    """A preset's steps, fitted to the data: label-free distillation when the training data has no labels."""
+    preset = PRESETS.get(body.preset)
+    if preset is None:
+        raise Invalid(f"unknown preset {body.preset!r}; known: {', '.join(sorted(PRESETS))}", code="unknown_preset")
+    train_id = body.data.train or (body.data.split.dataset if body.data.split else None)
+    labelled = train_id is not None and datasets.get(session=session, tenant_id=tenant_id, dataset_id=train_id).has_labels
+    return [StepSpec.model_validate(step) for step in preset.steps(labelled)]
+
+
+def _check_referenced_models(*, session: Session, tenant_id: str, model, configs: list) -> None:
+    """Teachers and students named by id exist, and a student answers in the teacher's shape."""
+    for index, config in enumerate(configs):
+        rows = {}
+        for role, model_id in config.referenced_models().items():
+            try:
+                rows[role] = models.get(session=session, tenant_id=tenant_id, model_id=model_id)
+            except NotFound as exc:
+                raise Invalid(f"step {index}: {role}_model_id {model_id} does not exist", code=f"{role}_model_not_found", step=index) from exc
+        if "student" in rows:
+            teacher, student = rows.get("teacher", model), rows["student"]
+            shapes = [(m.outputs or [{}])[0].get("shape") for m in (teacher, student)]
+            if all(shapes) and all(isinstance(d, int) for shape in shapes for d in shape[1:]) and shapes[0][1:] != shapes[1][1:]:
+                raise Invalid(f"step {index}: the student's output shape {shapes[1]} differs from the teacher's {shapes[0]}",
+                              code="student_output_mismatch", step=index)
+
+
 def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: JobCreate, gpu_queue: bool) -> JobRow:
     model = models.get(session=session, tenant_id=tenant_id, model_id=body.model_id)
+    steps = body.steps if body.preset is None else expand_preset(session=session, tenant_id=tenant_id, body=body)
     configs = []
-    for index, step in enumerate(body.steps):
+    for index, step in enumerate(steps):
         try:
             configs.append(parse_step(step.type, step.params))
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code, step=index) from exc
+    _check_referenced_models(session=session, tenant_id=tenant_id, model=model, configs=configs)
 
     needed = set().union(*(c.required_data() for c in configs))
     split = body.data.split
@@ -69,8 +99,9 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, status=JobStatus.QUEUED.value, stage="queued",
         progress=0.0, queue="gpu" if gpu_queue and any(c.wants_gpu() for c in configs) else "cpu",
         spec={
-            "steps": [{"type": s.type, "params": c.model_dump()} for s, c in zip(body.steps, configs)],
+            "steps": [{"type": s.type, "params": c.model_dump()} for s, c in zip(steps, configs)],
             "data": body.data.model_dump(),
+            "preset": body.preset,
         },
         metrics={},
     )

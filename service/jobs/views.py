@@ -7,11 +7,21 @@ from fastapi.responses import StreamingResponse
 from service.deps import ContextDep, SessionDep, TenantDep
 from service.errors import DomainError, NotFound
 from service.jobs import service
-from service.jobs.schemas import JobCreate, JobList, JobRead
+from service.jobs.schemas import JobCreate, JobList, JobRead, PresetRead
 from service.jobs.tables import JobRow
 from service.storage import ObjectMissing
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+presets_router = APIRouter(prefix="/v1/presets", tags=["jobs"])
+
+
+@presets_router.get("", response_model=list[PresetRead])
+def list_presets():
+    """Named recipes for `"preset"` in a job body. Steps shown for labelled training data; with
+    unlabelled data, distillation is label-free (alpha 0)."""
+    from worker.engine.presets import PRESETS
+
+    return [PresetRead(name=name, description=p.description, needs=list(p.needs), steps=p.steps(True)) for name, p in PRESETS.items()]
 
 
 class ServiceUnavailable(DomainError):
@@ -21,7 +31,7 @@ class ServiceUnavailable(DomainError):
 def to_read(job: JobRow) -> JobRead:
     return JobRead(
         id=job.id, model_id=job.model_id, status=job.status, stage=job.stage, progress=job.progress,
-        steps=job.spec["steps"], data=job.spec["data"], queue=job.queue, attempts=job.attempts,
+        steps=job.spec["steps"], preset=job.spec.get("preset"), data=job.spec["data"], queue=job.queue, attempts=job.attempts,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         metrics=job.metrics or {},

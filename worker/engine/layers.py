@@ -80,7 +80,7 @@ def layer_sqnr(original: Path, quantized: Path, images: np.ndarray, workdir: Pat
     quant_values = dict(zip([o.name for o in quant_session.get_outputs()], run_outputs(quant_session, images)))
     report = []
     for layer, op_type, tensor in layers:
-        if tensor not in float_values or tensor not in quant_values:
+        if tensor not in float_values or tensor not in quant_values or float_values[tensor].shape != quant_values[tensor].shape:
             continue
         value = sqnr_db(float_values[tensor], quant_values[tensor].astype(np.float32))
         report.append({"layer": layer, "op": op_type, "tensor": tensor,

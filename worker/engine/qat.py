@@ -109,7 +109,7 @@ def qat(config: QuantizeConfig, ctx: StepContext, static_int8) -> StepResult:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
             ctx.progress(f"qat epoch {epoch + 1}/{config.epochs}", 0.8 * (epoch * steps_per_epoch + step + 1) / (config.epochs * steps_per_epoch))
         losses.append(round(total / steps_per_epoch, 5))
 

@@ -188,13 +188,31 @@ def select_fastest(build, float_model: Path, images: np.ndarray, ctx: StepContex
 
 def compact(path: Path) -> None:
     """Drop what only describes the graph: the shape annotations pre-processing added (ONNX Runtime
-    infers them again) and doc strings. On small models they are a visible part of the file."""
+    infers them again) and doc strings; and give the tensors the quantizer added (scales, zero
+    points, quantized weights, Q/DQ outputs) short names. On a small model those long names were
+    more than half of the file. Compute nodes keep their names and outputs: exclusions and the
+    per-layer report refer to them."""
     model = onnx.load(str(path))
     del model.graph.value_info[:]
     model.graph.doc_string = ""
     model.doc_string = ""
     for node in model.graph.node:
         node.doc_string = ""
+    kept = {v.name for v in [*model.graph.input, *model.graph.output]}
+    renamed: dict[str, str] = {}
+    for tensor in model.graph.initializer:
+        if tensor.name not in kept:
+            renamed[tensor.name] = tensor.name = f"w{len(renamed)}"
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.name = f"q{len(renamed)}"
+            for position, name in enumerate(node.output):
+                if name not in kept:
+                    renamed[name] = node.output[position] = f"t{len(renamed)}"
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name in renamed:
+                node.input[position] = renamed[name]
     onnx.save(model, str(path))
 
 

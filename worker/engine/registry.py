@@ -12,7 +12,7 @@ from worker.engine.data import ImageSet
 from worker.engine.errors import EngineError
 
 # Modules that register handlers when imported; one per technique.
-TECHNIQUE_MODULES = ("worker.engine.quantize", "worker.engine.prune")
+TECHNIQUE_MODULES = ("worker.engine.quantize", "worker.engine.prune", "worker.engine.distill")
 
 ProgressFn = Callable[[str, float], None]
 
@@ -24,6 +24,10 @@ class StepContext:
     workdir: Path
     data: dict[str, ImageSet]  # by role: calibration, train, eval
     progress: ProgressFn  # (stage, fraction of this step in 0..1)
+    # Another uploaded model of the job's tenant, as ONNX (a teacher or student by id).
+    load_model: Callable[[str], Path] | None = None
+    # Where a training step keeps its checkpoint so a re-delivered job resumes (training.Checkpoints).
+    checkpoints: Any = None
 
 
 @dataclass
