@@ -114,14 +114,18 @@ def cmd_compress(args, client: Client) -> int:
     steps = [_parse_step(s) for s in args.step]
     if args.method:
         steps.insert(0, {"type": "quantize", "params": {"method": args.method}})
-    steps = steps or body.get("steps") or [{"type": "quantize", "params": {"method": "static_int8"}}]
+    preset = args.preset or (body.get("preset") if not steps and not body.get("steps") else None)
+    if preset and steps:
+        raise UsageError("--preset replaces the steps: give --preset or --method/--step, not both")
+    if not preset:
+        steps = steps or body.get("steps") or [{"type": "quantize", "params": {"method": "static_int8"}}]
     data = dict(body.get("data") or {})
     for role in ("calibration", "eval", "train"):
         ref = _dataset_ref(client, getattr(args, role))
         if ref:
             data[role] = ref
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    job = client.submit(_model_ref(client, args.model), steps, data=data)
+    job = client.submit(_model_ref(client, args.model), None if preset else steps, data=data, preset=preset)
     if not args.json:
         print(f"submitted {job.id}", file=sys.stderr)
     return _finish(args, client, job)
@@ -172,6 +176,13 @@ def cmd_datasets(args, client: Client) -> int:
     return EXIT_OK
 
 
+def cmd_presets(args, client: Client) -> int:
+    listed = client.presets()
+    text = "\n".join(f"{p['name']:<10} {' -> '.join(s['type'] for s in p['steps']):<28} {p['description']}" for p in listed)
+    _emit(args, listed, text)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="server URL (default: $MODELPRESS_URL or http://127.0.0.1:8000)")
@@ -188,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("model", help="a model file (ONNX, .pt2, TorchScript) or a model id")
     compress.add_argument("--method", help="quantize method, e.g. static_int8")
     compress.add_argument("--step", action="append", default=[], help='a step as JSON, e.g. \'{"type": "quantize", "params": {}}\' (repeatable)')
+    compress.add_argument("--preset", help="a named recipe instead of steps, e.g. edge-int8 (list: modelpress presets)")
     compress.add_argument("--recipe", help="a recipe.json (a POST /v1/jobs body); its steps and data are used")
     compress.add_argument("--calibration", help="calibration data: an .npz file or a dataset id")
     compress.add_argument("--eval", help="evaluation data: an .npz file or a dataset id")
@@ -215,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_argument("file")
     datasets.add_argument("--name")
     datasets.set_defaults(handler=cmd_datasets)
+
+    presets = commands.add_parser("presets", parents=[common], help="list the named recipes for --preset")
+    presets.set_defaults(handler=cmd_presets)
     return parser
 
 

@@ -199,14 +199,21 @@ class Client:
     def dataset(self, dataset_id: str) -> Dataset:
         return Dataset.from_json(self._json("GET", f"/v1/datasets/{dataset_id}"))
 
-    def submit(self, model: "str | Model", steps: Sequence[Mapping[str, Any]],
-               data: Mapping[str, "str | Dataset | None"] | None = None) -> Job:
+    def submit(self, model: "str | Model", steps: Sequence[Mapping[str, Any]] | None = None,
+               data: Mapping[str, "str | Dataset | dict | None"] | None = None, *, preset: str | None = None) -> Job:
+        """Steps, or a named preset (see `presets()`), e.g. submit(model, preset="edge-int8", data=...)."""
         body = {
             "model_id": model.id if isinstance(model, Model) else model,
-            "steps": [dict(step) for step in steps],
             "data": {role: (d.id if isinstance(d, Dataset) else d) for role, d in (data or {}).items() if d is not None},
         }
+        if preset is not None:
+            body["preset"] = preset
+        if steps is not None:
+            body["steps"] = [dict(step) for step in steps]
         return Job(self, self._json("POST", "/v1/jobs", json=body))
+
+    def presets(self) -> list[dict]:
+        return self._json("GET", "/v1/presets")
 
     def job(self, job_id: str) -> Job:
         return Job(self, self._json("GET", f"/v1/jobs/{job_id}"))

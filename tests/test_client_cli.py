@@ -229,3 +229,19 @@ def test_cli_recipe_file_gives_steps_and_data(server_url, reference, tmp_path):
     job = json.loads(result.stdout)["job"]
     assert job["steps"][0]["params"]["method"] == "weight_only" and job["data"]["calibration"] == calibration
     assert run_cli("compress", str(reference.onnx), "--recipe", str(tmp_path / "missing.json"), "--output", str(tmp_path), url=server_url).returncode == 2
+
+
+def test_cli_preset_runs_a_prune_distill_quantize_recipe(server_url, reference, tmp_path):
+    listed = run_cli("presets", "--json", url=server_url)
+    assert listed.returncode == 0 and "edge-int8" in {p["name"] for p in json.loads(listed.stdout)}
+    out = tmp_path / "out"
+    result = run_cli("compress", str(reference.onnx), "--preset", "edge-int8", "--train", str(reference.train_npz),
+                     "--calibration", str(reference.calib_npz), "--eval", str(reference.eval_npz), "--output", str(out), "--json",
+                     url=server_url)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)["job"]
+    assert job["preset"] == "edge-int8" and [s["type"] for s in job["steps"]] == ["prune", "distill", "quantize"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["provenance"]["preset"] == "edge-int8" and len(recipe["steps"]) == 3
+    assert run_cli("compress", str(reference.onnx), "--preset", "int8", "--method", "fp16", "--output", str(tmp_path),
+                   url=server_url).returncode == 2
