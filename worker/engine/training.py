@@ -163,8 +163,10 @@ def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Call
     images = torch.from_numpy(train.images)
     labels = None if train.labels is None else torch.from_numpy(train.labels)
     if labels is not None and spec.alpha > 0:
+        student.eval()  # a probe: BatchNorm statistics (torch students) must not learn from it
         with torch.no_grad():
             out = student(images[:2].to(device))
+        student.train()
         classes = (out[0] if isinstance(out, tuple) else out).shape[-1]
         if int(labels.max()) >= classes:
             raise EngineError("invalid_labels", f"the training labels go up to {int(labels.max())}; the model has {classes} outputs")
