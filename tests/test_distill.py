@@ -77,7 +77,7 @@ def outputs(client, job, tmp_path, images):
 
 @pytest.mark.parametrize("model_format", ["onnx", "pt2"])
 def test_distill_a_pruned_student_from_the_teacher(client, reference, uploads, tmp_path, model_format):
-    steps = [{"type": "distill", "params": {"from_teacher": {"prune_channels": 0.5, "round_to": 4}, "epochs": 4}}]
+    steps = [{"type": "distill", "params": {"from_teacher": {"prune_channels": 0.5, "round_to": 4}, "epochs": 4, "lr": 0.01}}]
     job = finished(client, submit(client, uploads[model_format], steps, {"train": uploads["train"], "eval": uploads["eval"]}))
     step = job["metrics"]["steps"][0]
     assert step["student_parameters"] < 0.5 * step["teacher_parameters"]

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from worker.engine.formats import constants_to_initializers
+from worker.engine.formats import untie_weights
 
 UNARY = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Identity", "Dropout", "Exp", "Neg",
          "Sqrt", "Erf", "Cast", "Abs", "Softplus", "Elu", "Selu", "Gelu", "Mish", "Celu", "MaxPool", "AveragePool",
@@ -83,40 +83,6 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _identity_initializers(model: onnx.ModelProto) -> None:
-    """Identity(initializer) -> an initializer of its own (exporters emit these for shared weights)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            model.graph.initializer.append(copy)
-            inits[copy.name] = copy
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-
-
-def _unshare_initializers(model: onnx.ModelProto) -> None:
-    """A weight used by two nodes gets a copy per node, so each can be sliced by its own map."""
-    inits = {t.name: t for t in model.graph.initializer}
-    seen: set[str] = set()
-    for node in model.graph.node:
-        for position, name in enumerate(node.input):
-            if name not in inits or inits[name].data_type != onnx.TensorProto.FLOAT or len(inits[name].dims) == 0:
-                continue
-            if name in seen:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = f"{name}__{node.name or len(seen)}"
-                model.graph.initializer.append(copy)
-                node.input[position] = copy.name
-            seen.add(name)
-
-
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     inits = {t.name for t in probe.graph.initializer}
@@ -140,9 +106,7 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | tuple = ()) -> ChannelG
     """Channel groups of a float ONNX model. The model is copied; `graph.model` is the copy that
     `apply` later prunes (weights de-shared, Identity(weight) made initializers)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    constants_to_initializers(model)
-    _identity_initializers(model)
-    _unshare_initializers(model)
+    untie_weights(model)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     shapes = _shapes(model)
     graph = ChannelGraph(model, [], [], {}, [])

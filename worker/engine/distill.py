@@ -16,10 +16,9 @@ from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import graph_stats
-from worker.engine.onnx_torch import onnx_to_torch, save_weights
 from worker.engine.prune import QUANTIZED_OPS
 from worker.engine.registry import StepContext, StepResult, register
-from worker.engine.training import TrainSpec, fit
+from worker.engine.training import TrainSpec, fit, trainable, write_back
 
 
 @register("distill")
@@ -45,11 +44,11 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
                      weight_decay=config.weight_decay, augment=list(config.augment), patience=config.patience, seed=config.seed,
                      temperature=config.temperature, alpha=config.alpha, feature_pairs=[tuple(p) for p in config.feature_pairs],
                      feature_weight=config.feature_weight)
-    student = onnx_to_torch(student_path)
+    student, norms, trainable_path = trainable(student_path, train, pick_device(), ctx.workdir)
     training = fit(student, train, spec, progress=ctx.progress, device=pick_device(), teacher_path=teacher,
                    eval_data=eval_data, checkpoints=ctx.checkpoints)
     output = ctx.workdir / "distilled.onnx"
-    save_weights(student.cpu(), student_path, output)
+    write_back(student, norms, trainable_path, output)
     return StepResult(output, {
         "student": student_from, "teacher": config.teacher_model_id or "the job's original model",
         "student_parameters": graph_stats(student_path)["parameters"], "teacher_parameters": graph_stats(teacher)["parameters"],

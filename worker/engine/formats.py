@@ -107,6 +107,49 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
+def _identity_initializers(model: onnx.ModelProto) -> None:
+    """Identity(initializer) -> an initializer of its own (exporters emit these for shared weights)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+            inits[copy.name] = copy
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _unshare_initializers(model: onnx.ModelProto) -> None:
+    """A weight used by two nodes gets a copy per node, so each can be sliced by its own map."""
+    inits = {t.name: t for t in model.graph.initializer}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name not in inits or inits[name].data_type != onnx.TensorProto.FLOAT or len(inits[name].dims) == 0:
+                continue
+            if name in seen:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__{node.name or len(seen)}"
+                model.graph.initializer.append(copy)
+                node.input[position] = copy.name
+            seen.add(name)
+
+
+def untie_weights(model: onnx.ModelProto) -> None:
+    """Every weight an initializer of its own, used by one node: what slicing (pruning) and
+    training need. Exporters share equal tensors between nodes and route some through Constant
+    or Identity nodes; training those shared would tie weights the model never tied."""
+    constants_to_initializers(model)
+    _identity_initializers(model)
+    _unshare_initializers(model)
+
+
 def normalize_onnx(path: Path, workdir: Path, *, packed: bool = False) -> Path:
     source = _unpack(path, workdir) if packed else path
     try:

@@ -27,11 +27,12 @@ from worker.engine import channel_graph
 from worker.engine.configs import PruneConfig
 from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
+from worker.engine.formats import untie_weights
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import count_macs, graph_stats, parameter_counts
-from worker.engine.onnx_torch import onnx_to_torch, save_weights
+from worker.engine.onnx_torch import onnx_to_torch
 from worker.engine.registry import StepContext, StepResult, register
-from worker.engine.training import TrainSpec, fit
+from worker.engine.training import TrainSpec, fit, trainable, write_back
 
 PRUNABLE_OPS = {"Conv", "Gemm", "MatMul"}
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
@@ -49,8 +50,11 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
     reference = run_outputs(open_session(ctx.model_path, 1), eval_data.head(2000).images) if eval_data is not None else None
     before = {**graph_stats(ctx.model_path), "quality": quality(ctx.model_path, eval_data, reference)}
     final_keep = _final_keep_counts(config, model, ctx) if config.method == "channels" else None
+    untie_weights(model)  # each weight its own: pruned, masked and trained on its own
+    untied = ctx.workdir / "untied.onnx"
+    onnx.save(model, str(untied))
 
-    current, iterations, masks, details = ctx.model_path, [], None, {}
+    current, iterations, masks, details = untied, [], None, {}
     for iteration in range(1, config.iterations + 1):
         share = (iteration - 1) / config.iterations
         ctx.progress(f"prune {iteration}/{config.iterations}", share)
@@ -293,7 +297,7 @@ def _check_runs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
 def _finetune(config: PruneConfig, source: Path, output: Path, masks: dict | None, ctx: StepContext, start: float, width: float) -> dict:
     train = ctx.data["train"]
     tune = config.finetune
-    module = onnx_to_torch(source)
+    module, norms, source = trainable(source, train, pick_device(), ctx.workdir)
     mask_by_key = {}
     if masks:  # unstructured/N:M: pruned weights stay zero while the rest learn
         mask_by_key = {module.keys[name]: torch.from_numpy(mask) for name, mask in masks.items() if name in module.keys}
@@ -308,9 +312,10 @@ def _finetune(config: PruneConfig, source: Path, output: Path, masks: dict | Non
                      seed=config.seed, alpha=(0.5 if train.labels is not None else 0.0) if distill else 1.0)
     history = fit(module, train, spec, progress=lambda stage, f: ctx.progress(f"finetune {stage}", start + width * (0.1 + 0.9 * f)),
                   device=pick_device(), teacher_path=ctx.model_path if distill else None,
-                  after_step=keep_zeros if mask_by_key else None)
-    module.cpu()
-    save_weights(module, source, output)
+                  after_step=keep_zeros if mask_by_key else None,
+                  # One checkpoint per step: iterative schedules (other shapes each round) start each round afresh.
+                  checkpoints=ctx.checkpoints if config.iterations == 1 else None)
+    write_back(module, norms, source, output)
     return {"epochs": tune.epochs, "lr": tune.lr, "distill": distill, **history}
 
 

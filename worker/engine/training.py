@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -31,7 +32,9 @@ from torch.nn import functional as F
 from worker.engine.data import ImageSet
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import open_session, run_outputs
-from worker.engine.onnx_torch import OnnxModule, onnx_to_torch
+from worker.engine.formats import untie_weights
+from worker.engine.onnx_torch import OnnxModule, onnx_to_torch, save_weights
+from worker.engine import train_norm
 
 MAX_EVAL_SAMPLES = 2000
 
@@ -145,6 +148,26 @@ def _score(module: nn.Module, data: ImageSet | None, reference: np.ndarray | Non
     predicted = np.concatenate(predictions)
     target = data.labels if data.labels is not None else reference.argmax(1)
     return float(np.mean(predicted == target))
+
+
+def trainable(path: Path, train: ImageSet, device: str, workdir: Path) -> tuple[OnnxModule, "train_norm.ConvNorms | None", Path]:
+    """The ONNX model as a module to train, with BatchNorm back after its convolutions
+    (train_norm), and the graph to write its weights back into (every weight its own)."""
+    model = onnx.load(str(path))
+    untie_weights(model)
+    source = workdir / f"{path.stem}-trainable.onnx"
+    onnx.save(model, str(source))
+    module = onnx_to_torch(source).to(device)
+    return module, train_norm.attach(module, train.images, device), source
+
+
+def write_back(module: OnnxModule, norms, source: Path, output: Path) -> None:
+    """The trained weights into the ONNX graph they came from, BatchNorm folded out again."""
+    module.eval().cpu()
+    if norms is not None:
+        train_norm.fold(module, norms.cpu(), source, output)
+    else:
+        save_weights(module, source, output)
 
 
 def _serialize(state: dict) -> bytes:
