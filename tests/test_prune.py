@@ -169,7 +169,7 @@ def test_round_to_gives_multiples(tmp_path):
 def test_magnitude_zeroes_the_smallest_weights_not_the_first_rows(tmp_path):
     path = export(Zoo(), tmp_path / "zoo.onnx")
     original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-    result = step({"method": "magnitude", "sparsity": 0.6}, path, tmp_path)
+    result = step({"method": "magnitude", "sparsity": 0.6, "min_weights": 0}, path, tmp_path)
     pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(result.model_path)).graph.initializer}
     assert result.metrics["layers"]
     checked = 0
@@ -189,12 +189,21 @@ def test_magnitude_zeroes_the_smallest_weights_not_the_first_rows(tmp_path):
     assert result.metrics["size_bytes_compressed"] < result.metrics["size_bytes_dense"]
 
 
+def test_small_and_depthwise_layers_are_left_and_listed(tmp_path):
+    path = export(Zoo(), tmp_path / "zoo.onnx")
+    result = step({"method": "magnitude", "sparsity": 0.5}, path, tmp_path)  # min_weights 1024 by default
+    left = {entry["layer"].split("/")[-2]: entry["reason"] for entry in result.metrics["left"]}
+    assert "depthwise" in left["dw"] and "min_weights" in left["stem"]
+    assert {layer["layer"].split("/")[-2] for layer in result.metrics["layers"]} == {"a", "b1", "head"}
+
+
 def test_global_magnitude_uses_one_threshold(tmp_path):
     path = export(Zoo(), tmp_path / "zoo.onnx")
     before = onnx.load(str(path))
-    result = step({"method": "magnitude", "sparsity": 0.5, "scope": "global"}, path, tmp_path)
+    result = step({"method": "magnitude", "sparsity": 0.5, "scope": "global", "min_weights": 0}, path, tmp_path)
     after = onnx.load(str(result.model_path))
-    names = {n.input[1] for n in before.graph.node if n.op_type in ("Conv", "Gemm")}
+    pruned_layers = {layer["layer"] for layer in result.metrics["layers"]}  # depthwise convs are left
+    names = {n.input[1] for n in before.graph.node if n.name in pruned_layers}
     old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer if t.name in names}
     new = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer if t.name in names}
     removed = np.concatenate([np.abs(old[n][new[n] == 0]) for n in old])
@@ -207,7 +216,7 @@ def test_global_magnitude_uses_one_threshold(tmp_path):
 def test_n_m_keeps_the_largest_n_of_every_m_along_the_input(tmp_path):
     path = export(Zoo(), tmp_path / "zoo.onnx")
     before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-    model_after = onnx.load(str(step({"method": "n_m", "n": 2, "m": 4}, path, tmp_path).model_path))
+    model_after = onnx.load(str(step({"method": "n_m", "n": 2, "m": 4, "min_weights": 0}, path, tmp_path).model_path))
     after = {t.name: numpy_helper.to_array(t) for t in model_after.graph.initializer}
     convs = [n for n in model_after.graph.node if n.op_type == "Conv"]
     checked = 0
@@ -272,8 +281,8 @@ def submit(client, model_id, params, data):
 @pytest.mark.parametrize("model_format", ["onnx", "pt2"])
 @pytest.mark.parametrize("params", [
     {"method": "channels", "ratio": 0.5, "round_to": 4, "finetune": {"epochs": 2, "distill": True}},
-    {"method": "magnitude", "sparsity": 0.7, "finetune": {"epochs": 1}},
-    {"method": "n_m"},
+    {"method": "magnitude", "sparsity": 0.7, "min_weights": 0, "finetune": {"epochs": 1}},
+    {"method": "n_m", "min_weights": 0},
 ])
 def test_prune_through_the_api(client, reference, uploads, tmp_path, model_format, params):
     response = submit(client, uploads[model_format], params, {"eval": uploads["eval"], "train": uploads["train"]})

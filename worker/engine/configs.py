@@ -150,6 +150,7 @@ class PruneConfig(StepConfig):
     method: Literal["magnitude", "n_m", "channels"] = "channels"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)  # magnitude
     scope: Literal["layer", "global"] = "layer"  # magnitude
+    min_weights: int = Field(1024, ge=0, le=1 << 30)  # magnitude, n_m: smaller layers are left (and listed)
     n: int = Field(2, ge=1, le=64)  # n_m
     m: int = Field(4, ge=2, le=64)  # n_m
     ratio: float | None = Field(None, ge=0.0, lt=1.0)  # channels: fraction of each group's channels removed

@@ -104,14 +104,24 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
 
 # --- magnitude and n_m --------------------------------------------------------------------------
 
-def _weights(model: onnx.ModelProto, exclude: list[str]) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+def _weights(model: onnx.ModelProto, config: PruneConfig, left: list) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """The weights unstructured pruning works on. Depthwise/grouped convolutions (a handful of
+    weights per channel) and layers under `min_weights` (the stem, squeeze-excite) hold little of
+    the size and much of the accuracy: they are left, and listed."""
     inits = {t.name: t for t in model.graph.initializer}
     chosen = []
     for node in model.graph.node:
-        if node.op_type not in PRUNABLE_OPS or node.name in exclude or node.op_type in exclude:
+        if node.op_type not in PRUNABLE_OPS or node.name in config.exclude or node.op_type in config.exclude:
             continue
         tensor = inits.get(node.input[1]) if len(node.input) > 1 else None
-        if tensor is not None and tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) >= 2:
+        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:
+            continue
+        size = int(np.prod(tensor.dims))
+        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
+            left.append({"layer": node.name, "reason": "grouped or depthwise convolution"})
+        elif size < config.min_weights:
+            left.append({"layer": node.name, "reason": f"{size} weights, under min_weights={config.min_weights}"})
+        else:
             chosen.append((node, tensor))
     return chosen
 
@@ -126,7 +136,8 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
 
 def _prune_magnitude(config: PruneConfig, source: Path, output: Path, sparsity: float):
     model = onnx.load(str(source))
-    layers = _weights(model, config.exclude)
+    left = []
+    layers = _weights(model, config, left)
     arrays = [numpy_helper.to_array(t) for _, t in layers]
     if config.scope == "global":
         everything = np.concatenate([np.abs(a).reshape(-1) for a in arrays]) if arrays else np.zeros(0)
@@ -144,7 +155,7 @@ def _prune_magnitude(config: PruneConfig, source: Path, output: Path, sparsity: 
                       "nonzero": [int(np.count_nonzero(array)), int(np.count_nonzero(pruned))],
                       "sparsity": round(1 - np.count_nonzero(pruned) / array.size, 6)})
     onnx.save(model, str(output))
-    return masks, {"scope": config.scope, "target_sparsity": round(sparsity, 6), "layers": table}
+    return masks, {"scope": config.scope, "target_sparsity": round(sparsity, 6), "layers": table, "left": left}
 
 
 def _input_last(node: onnx.NodeProto, array: np.ndarray) -> tuple[np.ndarray, callable]:
@@ -160,7 +171,7 @@ def _input_last(node: onnx.NodeProto, array: np.ndarray) -> tuple[np.ndarray, ca
 def _prune_n_m(config: PruneConfig, source: Path, output: Path):
     model = onnx.load(str(source))
     masks, table, left = {}, [], []
-    for node, tensor in _weights(model, config.exclude):
+    for node, tensor in _weights(model, config, left):
         array = numpy_helper.to_array(tensor)
         moved, back = _input_last(node, array)
         if moved.shape[-1] % config.m:
