@@ -356,13 +356,14 @@ def importance(graph: ChannelGraph, criterion: str, gradients: dict[str, np.ndar
 
 
 def keep_counts(graph: ChannelGraph, ratio: float, round_to: int) -> dict[int, int]:
-    """Channels each prunable group keeps: (1 - ratio) of them, rounded to a multiple of
+    """Channels each prunable group keeps: (1 - ratio) of them, rounded up to a multiple of
     `round_to` (never zero, never more than the group has)."""
     counts = {}
     for root in graph.prunable():
         size = graph.groups[root].size
         want = size * (1.0 - ratio)
-        keep = int(round(want / round_to)) * round_to if round_to > 1 else int(round(want))
+        # Rounded up: a group never loses more than `ratio` of its channels.
+        keep = int(np.ceil(want / round_to - 1e-9)) * round_to if round_to > 1 else int(round(want))
         counts[root] = int(min(size, max(keep, min(round_to, size), 1)))
     return counts
 
