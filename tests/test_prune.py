@@ -108,7 +108,7 @@ def step(params, model_path, workdir, data=None):
 
 
 @pytest.mark.parametrize("build", ["zoo", "bn"])
-@pytest.mark.parametrize("importance", ["l1", "l2"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale"])
 def test_removed_channels_are_the_least_important_and_the_function_is_unchanged(tmp_path, build, importance):
     path = export(Zoo(), tmp_path / "zoo.onnx") if build == "zoo" else bn_graph(tmp_path / "bn.onnx")
     graph = channel_graph.analyse(onnx.load(str(path)))
@@ -271,6 +271,7 @@ def test_a_model_with_nothing_prunable_is_refused(tmp_path):
 @pytest.fixture
 def uploads(client, reference):
     return {"onnx": upload_model(client, reference.onnx)["id"], "pt2": upload_model(client, reference.pt2)["id"],
+            "torchscript": upload_model(client, reference.torchscript)["id"],
             "eval": upload_dataset(client, reference.eval_npz)["id"], "train": upload_dataset(client, reference.train_npz)["id"]}
 
 
@@ -278,7 +279,7 @@ def submit(client, model_id, params, data):
     return client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"type": "prune", "params": params}], "data": data})
 
 
-@pytest.mark.parametrize("model_format", ["onnx", "pt2"])
+@pytest.mark.parametrize("model_format", ["onnx", "pt2", "torchscript"])
 @pytest.mark.parametrize("params", [
     {"method": "channels", "ratio": 0.5, "round_to": 4, "finetune": {"epochs": 2, "distill": True}},
     {"method": "magnitude", "sparsity": 0.7, "min_weights": 0, "finetune": {"epochs": 1}},

@@ -308,7 +308,8 @@ def analyse(model: onnx.ModelProto, exclude: list[str] | tuple = ()) -> ChannelG
 
 def importance(graph: ChannelGraph, criterion: str, gradients: dict[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """A score per channel of each prunable root group: the mean over every weight slice that
-    carries the channel (producers' rows and consumers' columns). l1/l2: norms of the weights;
+    carries the channel (producers' rows and consumers' columns), each slice's scores divided by
+    their mean first. l1/l2: norms of the weights;
     taylor: |w * dL/dw| summed (first-order estimate of the loss change, needs gradients);
     bn_scale: |gamma| of BatchNorm nodes in the group (l2 where BatchNorm was folded away)."""
     inits = {t.name: t for t in graph.model.graph.initializer}
@@ -338,6 +339,8 @@ def importance(graph: ChannelGraph, criterion: str, gradients: dict[str, np.ndar
             per_position = np.abs(moved).sum(axis=1)
         else:
             per_position = np.sqrt((moved**2).sum(axis=1))
+        # Each weight counts alike, whatever its scale (a wide Linear's columns would outweigh a conv's rows).
+        per_position = per_position / max(float(per_position.mean()), 1e-12)
         cmap = slice_.channel_map
         for gid in np.unique(cmap[:, 0]):
             if gid < 0 or graph.root(int(gid)) not in scores:
@@ -356,14 +359,14 @@ def importance(graph: ChannelGraph, criterion: str, gradients: dict[str, np.ndar
 
 
 def keep_counts(graph: ChannelGraph, ratio: float, round_to: int) -> dict[int, int]:
-    """Channels each prunable group keeps: (1 - ratio) of them, rounded up to a multiple of
-    `round_to` (never zero, never more than the group has)."""
+    """Channels each prunable group keeps: (1 - ratio) of them, rounded to the nearest multiple of
+    `round_to` (never fewer than `round_to`, never more than the group has). Rounding up instead
+    made every group halve at once near ratio 0.5, and a MAC target overshot by far."""
     counts = {}
     for root in graph.prunable():
         size = graph.groups[root].size
         want = size * (1.0 - ratio)
-        # Rounded up: a group never loses more than `ratio` of its channels.
-        keep = int(np.ceil(want / round_to - 1e-9)) * round_to if round_to > 1 else int(round(want))
+        keep = int(round(want / round_to)) * round_to if round_to > 1 else int(round(want))
         counts[root] = int(min(size, max(keep, min(round_to, size), 1)))
     return counts
 

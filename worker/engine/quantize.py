@@ -203,9 +203,10 @@ def compact(path: Path) -> None:
     for tensor in model.graph.initializer:
         if tensor.name not in kept:
             renamed[tensor.name] = tensor.name = f"w{len(renamed)}"
-    for node in model.graph.node:
+    taken = {node.name for node in model.graph.node if node.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+    for index, node in enumerate(model.graph.node):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            node.name = f"q{len(renamed)}"
+            node.name = next(name for suffix in range(len(taken) + 1) if (name := f"q{index}" + "_" * suffix) not in taken)
             for position, name in enumerate(node.output):
                 if name not in kept:
                     renamed[name] = node.output[position] = f"t{len(renamed)}"

@@ -280,7 +280,8 @@ def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Call
                 "student": student.state_dict(), "adapters": adapters.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "step": step, "epoch": epoch,
                 "best_score": best_score, "best_state": best_state, "stale": stale}))
-        progress(f"epoch {epoch + 1}/{spec.epochs} done", step / total_steps)
+        shown = f", eval {score:.4f}" if score is not None else ""
+        progress(f"epoch {epoch + 1}/{spec.epochs} done: loss {history[-1]['loss']:.4f}{shown}", step / total_steps)
         if stopped_early:
             break
     if spec.patience is not None and best_state is not None:
