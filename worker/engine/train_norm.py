@@ -15,11 +15,34 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.nn import functional as F
 
 from worker.engine.formats import constants_to_initializers
 from worker.engine.onnx_torch import OnnxModule
 
 EPS = 1e-5
+
+
+class Norm(nn.Module):
+    """BatchNorm2d whose scale and shift are learned relative to the statistics they start from:
+    gamma = scale0 * (1 + g), beta = shift0 + scale0 * b, with g and b starting at 0. A plain
+    BatchNorm2d started at gamma = sqrt(var) learned too slowly at the usual learning rates
+    (measured: 0.61 top-1 after recovery against 0.88 without normalisation at lr 1e-3)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.zeros(channels))
+        self.b = nn.Parameter(torch.zeros(channels))
+        for name in ("scale0", "shift0", "running_mean"):
+            self.register_buffer(name, torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale0 * (1 + self.g), self.shift0 + self.scale0 * self.b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.gamma_beta()
+        return F.batch_norm(x, self.running_mean, self.running_var, gamma, beta, training=self.training, momentum=0.1, eps=EPS)
 
 
 class ConvNorms(nn.Module):
@@ -28,7 +51,7 @@ class ConvNorms(nn.Module):
     def __init__(self, convs: list[onnx.NodeProto], channels: dict[str, int]):
         super().__init__()
         self.names = {node.name: str(index) for index, node in enumerate(convs)}
-        self.norms = nn.ModuleDict({self.names[n.name]: nn.BatchNorm2d(channels[n.name], eps=EPS) for n in convs})
+        self.norms = nn.ModuleDict({self.names[n.name]: Norm(channels[n.name]) for n in convs})
         self.recording: dict[str, list] | None = None
 
     def __call__(self, node, output: torch.Tensor) -> torch.Tensor:
@@ -67,8 +90,8 @@ def attach(module: OnnxModule, images: np.ndarray, device: str, samples: int = 5
         bn = norms.norms[key]
         bn.running_mean.copy_(mean.float())
         bn.running_var.copy_(var.float())
-        bn.weight.data.copy_(torch.sqrt(var + EPS).float())  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
-        bn.bias.data.copy_(mean.float())
+        bn.scale0.copy_(torch.sqrt(var + EPS).float())  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
+        bn.shift0.copy_(mean.float())
     norms.recording = None
     return norms
 
@@ -87,8 +110,9 @@ def fold(module: OnnxModule, norms: ConvNorms, source, output) -> None:
     for name, key in norms.names.items():
         node = by_name[name]
         bn = norms.norms[key]
-        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().cpu().double().numpy()
-        shift = (bn.bias.detach().cpu().double() - bn.running_mean.cpu().double() * torch.from_numpy(scale)).numpy()
+        gamma, beta = (t.detach().cpu().double() for t in bn.gamma_beta())
+        scale = (gamma / torch.sqrt(bn.running_var.cpu().double() + EPS)).numpy()
+        shift = (beta - bn.running_mean.cpu().double() * torch.from_numpy(scale)).numpy()
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(weight.astype(np.float32), node.input[1]))
