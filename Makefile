@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 BASE_STAMP := $(VENV)/.base-installed
 TEST_STAMP := $(VENV)/.test-installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: run test worker migrate bench clean
 
@@ -21,6 +22,10 @@ $(BASE_STAMP): pyproject.toml constraints.txt
 
 $(TEST_STAMP): $(BASE_STAMP)
 	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+$(BENCH_STAMP): $(TEST_STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 run: $(BASE_STAMP)
@@ -38,8 +43,13 @@ worker: $(BASE_STAMP)
 migrate: $(BASE_STAMP)
 	$(PY) -m service.migrate
 
-bench: $(TEST_STAMP)
+# Every benchmark in turn (about an hour on 2 cores); each prints a table. Fashion-MNIST comes from
+# Debian's dataset-fashion-mnist package.
+bench: $(BENCH_STAMP)
+	test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
 	$(PY) -m bench.quantize
+	$(PY) -m bench.prune
+	$(PY) -m bench.distill
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

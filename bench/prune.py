@@ -18,7 +18,7 @@ import torch
 
 from bench.reference import MobileNetSmall, ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import PruneConfig
+from worker.engine.configs import FinetuneSpec, PruneConfig
 from worker.engine.data import ImageSet
 from worker.engine.prune import prune
 from worker.engine.registry import StepContext
@@ -72,7 +72,8 @@ def main() -> None:
     train_set = ImageSet(train_split.images.astype(np.float32) / 255.0, train_split.labels)
     eval_set = ImageSet(test_split.images[:2000].astype(np.float32) / 255.0, test_split.labels[:2000])
     settings = evaluate.RunSettings(threads=args.threads, time_budget_s=3.0)
-    spec = TrainSpec(epochs=args.finetune_epochs, lr=1e-3, batch_size=64, optimizer="adamw", schedule="cosine")
+    lr = FinetuneSpec().lr  # Torch-Pruning's models get our default recovery budget and learning rate
+    spec = TrainSpec(epochs=args.finetune_epochs, lr=lr, batch_size=64, optimizer="adamw", schedule="cosine")
 
     rows = []
     for name, model in (("resnet", ResNetSmall(widths=(32, 64, 128))), ("mobilenet", MobileNetSmall())):
@@ -126,7 +127,7 @@ def main() -> None:
               f"{100 * (base['accuracy']['top1'] - m['accuracy']['top1']):.2f} | {seconds:.0f} |")
     env = evaluate.environment(args.threads)
     print(f"\n{args.dataset}, trained {args.epochs} epochs on {len(train_set)} images, fine-tuned {args.finetune_epochs} epoch(s) "
-          f"(AdamW 1e-3, cosine), eval on {len(eval_set)}; {env['cpu']}, {args.threads} thread(s) for latency, "
+          f"(AdamW {lr:g}, cosine), eval on {len(eval_set)}; {env['cpu']}, {args.threads} thread(s) for latency, "
           f"onnxruntime {env['versions']['onnxruntime']}. Size of the magnitude row: model.onnx.zst; params: non-zero.")
 
 

@@ -139,7 +139,7 @@ def test_cancel_stops_training_within_a_step(client, uploads):
 
 def test_prune_distill_quantize_recipe_reports_every_step_and_reproduces(client, reference, uploads, tmp_path):
     steps = [{"type": "prune", "params": {"method": "channels", "ratio": 0.5, "round_to": 4}},
-             {"type": "distill", "params": {"epochs": 4}},
+             {"type": "distill", "params": {"epochs": 4, "lr": 1e-2}},
              {"type": "quantize", "params": {"method": "static_int8"}}]
     data = {"train": uploads["train"], "eval": uploads["eval"], "calibration": uploads["calibration"]}
     job = finished(client, submit(client, uploads["onnx"], steps, data))

@@ -129,7 +129,9 @@ class FinetuneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(2, ge=1, le=100)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    # Measured on Fashion-MNIST at 50% fewer MACs, one epoch: 3e-3 recovered MobileNet to 0.849 and
+    # ResNet to 0.881 top-1; 1e-3 left MobileNet at 0.763.
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
     distill: bool = False
     batch_size: int = Field(64, ge=1, le=4096)
     optimizer: Literal["sgd", "adamw"] = "adamw"
@@ -220,7 +222,9 @@ class DistillConfig(StepConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     epochs: int = Field(5, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    # As FinetuneSpec.lr: a pruned student at 50% fewer channels (digits, 4 epochs) reached 0.36
+    # top-1 at 1e-3, 0.79 at 3e-3.
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     schedule: Literal["cosine", "step", "constant"] = "cosine"

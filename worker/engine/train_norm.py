@@ -8,6 +8,12 @@ normalised gets a BatchNorm2d whose running statistics are measured on the train
 scale and shift start as their inverse: in eval mode the module computes exactly what the graph
 did. Training uses batch statistics as usual; `fold` then multiplies the learned normalisation
 back into each convolution's weight and bias, so the exported graph has the original structure.
+
+Plain BatchNorm2d, learning its scale and shift in absolute terms as the original training did.
+Measured (Fashion-MNIST, 50% fewer MACs, one recovery epoch, AdamW): plain recovered as well as
+learning them relative to the starting statistics (MobileNet 0.763 against 0.764 at lr 1e-3,
+ResNet 0.877 against 0.876), and a relative scale trained a randomly initialised student
+(starting scales near 0.01) from 0.11 only to 0.24 top-1 agreement where plain reached 0.96.
 """
 
 import numpy as np
@@ -15,34 +21,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
-from torch.nn import functional as F
 
 from worker.engine.formats import constants_to_initializers
 from worker.engine.onnx_torch import OnnxModule
 
 EPS = 1e-5
-
-
-class Norm(nn.Module):
-    """BatchNorm2d whose scale and shift are learned relative to the statistics they start from:
-    gamma = scale0 * (1 + g), beta = shift0 + scale0 * b, with g and b starting at 0. A plain
-    BatchNorm2d started at gamma = sqrt(var) learned too slowly at the usual learning rates
-    (measured: 0.61 top-1 after recovery against 0.88 without normalisation at lr 1e-3)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.g = nn.Parameter(torch.zeros(channels))
-        self.b = nn.Parameter(torch.zeros(channels))
-        for name in ("scale0", "shift0", "running_mean"):
-            self.register_buffer(name, torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-
-    def gamma_beta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scale0 * (1 + self.g), self.shift0 + self.scale0 * self.b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.gamma_beta()
-        return F.batch_norm(x, self.running_mean, self.running_var, gamma, beta, training=self.training, momentum=0.1, eps=EPS)
 
 
 class ConvNorms(nn.Module):
@@ -51,7 +34,7 @@ class ConvNorms(nn.Module):
     def __init__(self, convs: list[onnx.NodeProto], channels: dict[str, int]):
         super().__init__()
         self.names = {node.name: str(index) for index, node in enumerate(convs)}
-        self.norms = nn.ModuleDict({self.names[n.name]: Norm(channels[n.name]) for n in convs})
+        self.norms = nn.ModuleDict({self.names[n.name]: nn.BatchNorm2d(channels[n.name], eps=EPS) for n in convs})
         self.recording: dict[str, list] | None = None
 
     def __call__(self, node, output: torch.Tensor) -> torch.Tensor:
@@ -90,8 +73,9 @@ def attach(module: OnnxModule, images: np.ndarray, device: str, samples: int = 5
         bn = norms.norms[key]
         bn.running_mean.copy_(mean.float())
         bn.running_var.copy_(var.float())
-        bn.scale0.copy_(torch.sqrt(var + EPS).float())  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
-        bn.shift0.copy_(mean.float())
+        with torch.no_grad():  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
+            bn.weight.copy_(torch.sqrt(var + EPS).float())
+            bn.bias.copy_(mean.float())
     norms.recording = None
     return norms
 
@@ -110,7 +94,7 @@ def fold(module: OnnxModule, norms: ConvNorms, source, output) -> None:
     for name, key in norms.names.items():
         node = by_name[name]
         bn = norms.norms[key]
-        gamma, beta = (t.detach().cpu().double() for t in bn.gamma_beta())
+        gamma, beta = bn.weight.detach().cpu().double(), bn.bias.detach().cpu().double()
         scale = (gamma / torch.sqrt(bn.running_var.cpu().double() + EPS)).numpy()
         shift = (beta - bn.running_mean.cpu().double() * torch.from_numpy(scale)).numpy()
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
