@@ -38,3 +38,46 @@ def test_batchnorm_for_training_is_exact_before_and_after(tmp_path):
     folded = tmp_path / "folded.onnx"
     write_back(module, norms, source, folded)
     np.testing.assert_allclose(ort_run(folded, images), trained, rtol=1e-3, atol=1e-3)
+
+
+def test_pruned_channels_start_training_from_their_statistics_in_the_original(tmp_path):
+    """After pruning, each kept channel's BatchNorm starts from the mean and standard deviation the
+    channel had in the unpruned model, so training (batch statistics) sees the original scale."""
+    from worker.engine import channel_graph, train_norm
+    import onnx
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).random((128, 1, 8, 8)).astype(np.float32)
+    path = export_all(MobileNetSmall(widths=(8, 16, 16)).eval(), images, tmp_path, "m")["onnx"]
+    statistics = train_norm.output_statistics(path, images, "cpu")
+    graph = channel_graph.analyse(onnx.load(str(path)))
+    kept = channel_graph.choose(channel_graph.importance(graph, "l2"), channel_graph.keep_counts(graph, 0.5, 1))
+    outputs = channel_graph.kept_outputs(graph, kept)
+    pruned = channel_graph.apply(graph, kept)
+    pruned_path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, str(pruned_path))
+    weights = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+    stem = next(n for n in pruned.graph.node if n.op_type == "Conv")
+    assert len(outputs[stem.name]) < weights[stem.input[1]].dims[0]
+    # The indices are the original channels the pruned stem kept (its input is not cut).
+    original_stem = onnx.numpy_helper.to_array(weights[stem.input[1]])
+    pruned_stem = onnx.numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == stem.input[1]))
+    np.testing.assert_array_equal(pruned_stem, original_stem[outputs[stem.name]])
+
+    targets = {name: (mean[outputs[name]], std[outputs[name]]) if name in outputs else (mean, std)
+               for name, (mean, std) in statistics.items()}
+    module, norms, _ = trainable(pruned_path, ImageSet(images, None), "cpu", tmp_path, targets)
+    seen = {}
+    for name, key in norms.names.items():
+        norms.norms[key].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach()))
+    module.train()
+    module(torch.from_numpy(images))
+    checked = 0
+    for name, out in seen.items():
+        if out.shape[2] * out.shape[3] > 1:  # batch statistics over a 1x1 map are not the channel's
+            mean, std = targets[name]
+            np.testing.assert_allclose(out.mean(dim=(0, 2, 3)).numpy(), mean, atol=1e-3 + 1e-2 * np.abs(mean).max())
+            # std is sqrt(var + eps): a channel that is nearly constant comes out at up to sqrt(eps) less
+            np.testing.assert_allclose(out.std(dim=(0, 2, 3), unbiased=False).numpy(), std, rtol=0.05, atol=4e-3)
+            checked += 1
+    assert checked > 5

@@ -393,6 +393,17 @@ def _position_mask(graph: ChannelGraph, channel_map: np.ndarray, kept: dict[int,
     return mask
 
 
+def kept_outputs(graph: ChannelGraph, kept: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """For each convolution whose output channels are cut: the indices of those it keeps."""
+    out_slices = {(s.initializer, s.axis): s for s in graph.slices if s.role == "out"}
+    result = {}
+    for node in graph.model.graph.node:
+        slice_ = out_slices.get((node.input[1], 0)) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if slice_ is not None:
+            result[node.name] = np.flatnonzero(_position_mask(graph, slice_.channel_map, kept))
+    return result
+
+
 def apply(graph: ChannelGraph, kept: dict[int, np.ndarray]) -> onnx.ModelProto:
     """A new model with only the kept channels of each group; every weight, BatchNorm, bias,
     depthwise `group` and flattening Reshape follows."""

@@ -10,7 +10,7 @@ training.fit's; this file only picks the two models, checks they fit each other,
 import numpy as np
 import onnx
 
-from worker.engine import channel_graph
+from worker.engine import channel_graph, train_norm
 from worker.engine.configs import DistillConfig
 from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
@@ -24,17 +24,20 @@ from worker.engine.training import TrainSpec, fit, trainable, write_back
 @register("distill")
 def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
     teacher = ctx.load_model(config.teacher_model_id) if config.teacher_model_id else ctx.original_path
+    train, eval_data = ctx.data["train"], ctx.data.get("eval")
+    targets = None  # a pruned copy starts each channel from its statistics in the teacher (train_norm.attach)
     if config.student_model_id:
         student_path, student_from = ctx.load_model(config.student_model_id), f"model {config.student_model_id}"
     elif config.from_teacher:
         student_path = ctx.workdir / "student.onnx"
-        _pruned_copy(teacher, student_path, config.from_teacher.prune_channels, config.from_teacher.round_to)
+        kept = _pruned_copy(teacher, student_path, config.from_teacher.prune_channels, config.from_teacher.round_to)
         student_from = f"the teacher with {config.from_teacher.prune_channels:.0%} of its channels pruned"
+        targets = {name: (mean[kept[name]], std[kept[name]]) if name in kept else (mean, std)
+                   for name, (mean, std) in train_norm.output_statistics(teacher, train.images, pick_device()).items()}
     else:
         student_path, student_from = ctx.model_path, "the previous step's output"
     if any(node.op_type in QUANTIZED_OPS for node in onnx.load(str(student_path), load_external_data=False).graph.node):
         raise EngineError("model_already_quantized", "the student must be a float model: put distill before quantize")
-    train, eval_data = ctx.data["train"], ctx.data.get("eval")
     _check_outputs_match(teacher, student_path, train.images[:2])
 
     reference = run_outputs(open_session(teacher, 1), eval_data.head(2000).images) if eval_data is not None else None
@@ -44,7 +47,7 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
                      weight_decay=config.weight_decay, augment=list(config.augment), patience=config.patience, seed=config.seed,
                      temperature=config.temperature, alpha=config.alpha, feature_pairs=[tuple(p) for p in config.feature_pairs],
                      feature_weight=config.feature_weight)
-    student, norms, trainable_path = trainable(student_path, train, pick_device(), ctx.workdir)
+    student, norms, trainable_path = trainable(student_path, train, pick_device(), ctx.workdir, targets)
     training = fit(student, train, spec, progress=ctx.progress, device=pick_device(), teacher_path=teacher,
                    eval_data=eval_data, checkpoints=ctx.checkpoints)
     output = ctx.workdir / "distilled.onnx"
@@ -59,13 +62,15 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
     })
 
 
-def _pruned_copy(teacher, output, ratio: float, round_to: int) -> None:
+def _pruned_copy(teacher, output, ratio: float, round_to: int) -> dict[str, np.ndarray]:
+    """Write the pruned copy; return, per convolution, the teacher channels it kept."""
     model = onnx.load(str(teacher))
     graph = channel_graph.analyse(model)
     if not graph.prunable():
         raise EngineError("nothing_to_prune", "from_teacher: no channel group of the teacher can be pruned safely")
     kept = channel_graph.choose(channel_graph.importance(graph, "l2"), channel_graph.keep_counts(graph, ratio, round_to))
     onnx.save(channel_graph.apply(graph, kept), str(output))
+    return channel_graph.kept_outputs(graph, kept)
 
 
 def _check_outputs_match(teacher, student, sample: np.ndarray) -> None:

@@ -23,7 +23,7 @@ import torch
 from onnx import numpy_helper
 from torch.nn import functional as F
 
-from worker.engine import channel_graph
+from worker.engine import channel_graph, train_norm
 from worker.engine.configs import PruneConfig
 from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
@@ -54,13 +54,19 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
     untied = ctx.workdir / "untied.onnx"
     onnx.save(model, str(untied))
 
+    # Where each convolution's kept channels sit in the original, and their statistics there:
+    # recovery training starts every channel from its original scale (train_norm.attach).
+    origin: dict[str, np.ndarray] = {}
+    statistics = train_norm.output_statistics(untied, ctx.data["train"].images, pick_device()) if config.finetune else {}
     current, iterations, masks, details = untied, [], None, {}
     for iteration in range(1, config.iterations + 1):
         share = (iteration - 1) / config.iterations
         ctx.progress(f"prune {iteration}/{config.iterations}", share)
         pruned = ctx.workdir / f"pruned-{iteration}.onnx"
         if config.method == "channels":
-            details = _prune_channels(config, current, pruned, final_keep, iteration, ctx)
+            kept, details = _prune_channels(config, current, pruned, final_keep, iteration, ctx)
+            for name, indices in kept.items():
+                origin[name] = origin[name][indices] if name in origin else indices
         elif config.method == "magnitude":
             # Cubic ramp (Zhu & Gupta): prune fast while there is redundancy, gently at the end.
             sparsity = config.sparsity * (1 - (1 - iteration / config.iterations) ** 3)
@@ -72,7 +78,9 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
         current = pruned
         if config.finetune:
             tuned = ctx.workdir / f"tuned-{iteration}.onnx"
-            record["finetune"] = _finetune(config, current, tuned, masks, ctx, share, 1 / config.iterations)
+            targets = {name: (mean[origin[name]], std[origin[name]]) if name in origin else (mean, std)
+                       for name, (mean, std) in statistics.items()}
+            record["finetune"] = _finetune(config, current, tuned, masks, targets, ctx, share, 1 / config.iterations)
             current = tuned
             record["quality_after_recovery"] = quality(current, eval_data, reference)
         iterations.append(record)
@@ -272,10 +280,11 @@ def _prune_channels(config: PruneConfig, source: Path, output: Path, final_keep:
         # Iterations walk from the current width to the final one in equal steps.
         want = size - (size - final) / (config.iterations - iteration + 1)
         counts[root] = min(size, max(final, int(math.ceil(want / config.round_to)) * config.round_to))
-    pruned = channel_graph.apply(graph, channel_graph.choose(scores, counts))
+    kept = channel_graph.choose(scores, counts)
+    pruned = channel_graph.apply(graph, kept)
     _check_runs(model, pruned)
     onnx.save(pruned, str(output))
-    return {
+    return channel_graph.kept_outputs(graph, kept), {
         "importance": config.importance, "round_to": config.round_to,
         "ratio": config.ratio, "target_macs": config.target_macs, "target_params": config.target_params,
         "groups": [{"layers": graph.layers(root), "channels": [graph.groups[root].size, counts[root]]} for root in graph.prunable()],
@@ -305,10 +314,11 @@ def _check_runs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
 
 # --- recovery -----------------------------------------------------------------------------------
 
-def _finetune(config: PruneConfig, source: Path, output: Path, masks: dict | None, ctx: StepContext, start: float, width: float) -> dict:
+def _finetune(config: PruneConfig, source: Path, output: Path, masks: dict | None, targets: dict, ctx: StepContext,
+              start: float, width: float) -> dict:
     train = ctx.data["train"]
     tune = config.finetune
-    module, norms, source = trainable(source, train, pick_device(), ctx.workdir)
+    module, norms, source = trainable(source, train, pick_device(), ctx.workdir, targets)
     mask_by_key = {}
     if masks:  # unstructured/N:M: pruned weights stay zero while the rest learn
         mask_by_key = {module.keys[name]: torch.from_numpy(mask) for name, mask in masks.items() if name in module.keys}

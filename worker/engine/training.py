@@ -150,15 +150,17 @@ def _score(module: nn.Module, data: ImageSet | None, reference: np.ndarray | Non
     return float(np.mean(predicted == target))
 
 
-def trainable(path: Path, train: ImageSet, device: str, workdir: Path) -> tuple[OnnxModule, "train_norm.ConvNorms | None", Path]:
+def trainable(path: Path, train: ImageSet, device: str, workdir: Path,
+              targets: dict | None = None) -> tuple[OnnxModule, "train_norm.ConvNorms | None", Path]:
     """The ONNX model as a module to train, with BatchNorm back after its convolutions
-    (train_norm), and the graph to write its weights back into (every weight its own)."""
+    (train_norm; `targets`: the statistics to start each from, see train_norm.attach), and the
+    graph to write its weights back into (every weight its own)."""
     model = onnx.load(str(path))
     untie_weights(model)
     source = workdir / f"{path.stem}-trainable.onnx"
     onnx.save(model, str(source))
     module = onnx_to_torch(source).to(device)
-    return module, train_norm.attach(module, train.images, device), source
+    return module, train_norm.attach(module, train.images, device, targets=targets), source
 
 
 def write_back(module: OnnxModule, norms, source: Path, output: Path) -> None:
