@@ -37,7 +37,9 @@ def top1(module, data: ImageSet) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", choices=["fashion", "digits"], default="fashion")
-    parser.add_argument("--teacher-epochs", type=int, default=2)
+    # A teacher trained as briefly as the students (2 epochs: 0.884 top-1, the students 0.883) has
+    # nothing to teach; a teacher trained longer is what a team would bring.
+    parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=2, help="the student's training budget")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train-samples", type=int, default=20000)
