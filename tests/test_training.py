@@ -81,3 +81,29 @@ def test_pruned_channels_start_training_from_their_statistics_in_the_original(tm
             np.testing.assert_allclose(out.std(dim=(0, 2, 3), unbiased=False).numpy(), std, rtol=0.05, atol=4e-3)
             checked += 1
     assert checked > 5
+
+
+def test_a_channel_pruning_left_nearly_silent_keeps_its_own_statistics(tmp_path):
+    from worker.engine import train_norm
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).random((128, 1, 8, 8)).astype(np.float32)
+    path = export_all(MobileNetSmall(widths=(8, 16, 16)).eval(), images, tmp_path, "m")["onnx"]
+    targets = train_norm.output_statistics(path, images, "cpu")
+    model = onnx.load(str(path))
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    weight = next(t for t in model.graph.initializer if t.name == stem.input[1])
+    array = numpy_helper.to_array(weight).copy()
+    array[3] *= 1e-4  # as if magnitude pruning had left one tiny weight of channel 3's filter
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    silenced = tmp_path / "silenced.onnx"
+    onnx.save(model, str(silenced))
+    module, norms, _ = trainable(silenced, ImageSet(images, None), "cpu", tmp_path, targets)
+    bn = norms.norms[norms.names[stem.name]]
+    own = train_norm.output_statistics(silenced, images, "cpu")[stem.name]
+    np.testing.assert_allclose(bn.weight.detach().numpy()[3], own[1][3], rtol=1e-4)  # not blown back up
+    others = [c for c in range(len(array)) if c != 3]
+    np.testing.assert_allclose(bn.weight.detach().numpy()[others], targets[stem.name][1][others], rtol=1e-5)
+    np.testing.assert_allclose(bn.bias.detach().numpy()[others], targets[stem.name][0][others], rtol=1e-5, atol=1e-6)
