@@ -247,6 +247,31 @@ def test_taylor_importance_uses_gradients(tmp_path):
                for x, y in zip(a.graph.initializer, b.graph.initializer))  # ...different channels
 
 
+def test_without_finetuning_the_channel_statistics_travel_beside_the_pruned_model(tmp_path):
+    """A distill step after prune starts each kept channel from its statistics in the unpruned
+    model: prune leaves them beside its output, indexed like the pruned convolutions."""
+    from worker.engine import train_norm
+
+    path = export(Zoo(), tmp_path / "zoo.onnx")
+    data = ImageSet(np.random.default_rng(0).random((32, 1, 8, 8)).astype(np.float32), None)
+    original = train_norm.output_statistics(path, data.images, "cpu")
+    result = step({"method": "channels", "ratio": 0.5, "round_to": 1}, path, tmp_path, {"calibration": data})
+    saved = train_norm.load_targets(result.model_path)
+    pruned = onnx.load(str(result.model_path))
+    widths = {n.name: next(t.dims[0] for t in pruned.graph.initializer if t.name == n.input[1]) for n in pruned.graph.node if n.op_type == "Conv"}
+    assert saved is not None and set(saved) == set(original)
+    assert all(len(saved[name][0]) == widths[name] for name in saved)
+    assert any(len(saved[name][0]) < len(original[name][0]) for name in saved)
+    # Each kept channel's statistics are the original's for the channel with the same weights.
+    stem = next(n for n in pruned.graph.node if n.op_type == "Conv")
+    before = numpy_helper.to_array(next(t for t in onnx.load(str(path)).graph.initializer if t.name == stem.input[1]))
+    after = numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == stem.input[1]))
+    for channel, row in enumerate(after):
+        source = next(i for i in range(len(before)) if np.array_equal(before[i], row))
+        assert saved[stem.name][0][channel] == original[stem.name][0][source]
+        assert saved[stem.name][1][channel] == original[stem.name][1][source]
+
+
 def test_target_macs_finds_the_ratio(tmp_path):
     path = export(Zoo(), tmp_path / "zoo.onnx")
     result = step({"method": "channels", "target_macs": 0.5, "round_to": 2}, path, tmp_path)

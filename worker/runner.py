@@ -33,6 +33,7 @@ from worker.engine.fidelity import fidelity
 from worker.engine.formats import to_onnx
 from worker.engine.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, handler_for
+from worker.engine.train_norm import statistics_path
 from worker.engine.report import render as render_report
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,8 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         # A re-delivered job takes the finished steps' outputs from storage instead of running them again.
         if index < len(steps) - 1 and store.exists(f"{saved}/result.json"):
             current = store.get_file(f"{saved}/output.onnx", step_dir / "output.onnx")
+            if store.exists(f"{saved}/channel-stats.npz"):
+                store.get_file(f"{saved}/channel-stats.npz", statistics_path(current))
             result_json = store.get_file(f"{saved}/result.json", step_dir / "result.json")
             step_metrics.append({**json.loads(result_json.read_text()), "resumed": True})
             continue
@@ -257,6 +260,8 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         if index < len(steps) - 1:
             (step_dir / "result.json").write_text(json.dumps(_finite(step_metrics[-1])))
             store.put_file(f"{saved}/output.onnx", current)
+            if statistics_path(current).is_file():  # a later training step starts from them (train_norm)
+                store.put_file(f"{saved}/channel-stats.npz", statistics_path(current))
             store.put_file(f"{saved}/result.json", step_dir / "result.json")  # written last: marks the step done
 
     evaluation = _evaluate(original, current, last_input, eval_data, deps, progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"))

@@ -36,6 +36,7 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
                    for name, (mean, std) in train_norm.output_statistics(teacher, train.images, pick_device()).items()}
     else:
         student_path, student_from = ctx.model_path, "the previous step's output"
+        targets = train_norm.load_targets(ctx.model_path)  # a prune step before may have left them
     if any(node.op_type in QUANTIZED_OPS for node in onnx.load(str(student_path), load_external_data=False).graph.node):
         raise EngineError("model_already_quantized", "the student must be a float model: put distill before quantize")
     _check_outputs_match(teacher, student_path, train.images[:2])

@@ -55,9 +55,16 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
     onnx.save(model, str(untied))
 
     # Where each convolution's kept channels sit in the original, and their statistics there:
-    # recovery training starts every channel from its original scale (train_norm.attach).
+    # recovery training starts every channel from its original scale (train_norm.attach), here
+    # or, without fine-tuning, in a later distill step (the statistics travel beside the model).
     origin: dict[str, np.ndarray] = {}
-    statistics = train_norm.output_statistics(untied, ctx.data["train"].images, pick_device()) if config.finetune else {}
+    images = next((ctx.data[role].images for role in ("train", "calibration", "eval") if role in ctx.data), None)
+    statistics = train_norm.output_statistics(untied, images, pick_device()) if images is not None else {}
+
+    def targets() -> dict:
+        return {name: (mean[origin[name]], std[origin[name]]) if name in origin else (mean, std)
+                for name, (mean, std) in statistics.items()}
+
     current, iterations, masks, details = untied, [], None, {}
     for iteration in range(1, config.iterations + 1):
         share = (iteration - 1) / config.iterations
@@ -78,13 +85,13 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
         current = pruned
         if config.finetune:
             tuned = ctx.workdir / f"tuned-{iteration}.onnx"
-            targets = {name: (mean[origin[name]], std[origin[name]]) if name in origin else (mean, std)
-                       for name, (mean, std) in statistics.items()}
-            record["finetune"] = _finetune(config, current, tuned, masks, targets, ctx, share, 1 / config.iterations)
+            record["finetune"] = _finetune(config, current, tuned, masks, targets(), ctx, share, 1 / config.iterations)
             current = tuned
             record["quality_after_recovery"] = quality(current, eval_data, reference)
         iterations.append(record)
 
+    if not config.finetune and statistics:
+        train_norm.save_targets(targets(), current)
     after = graph_stats(current)
     metrics = {
         "method": config.method,
