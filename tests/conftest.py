@@ -37,7 +37,10 @@ def reference(tmp_path_factory) -> Reference:
     from bench.reference import ResNetSmall, export_all, load_digits_split, train
 
     out = tmp_path_factory.mktemp("reference")
+    import torch
+
     train_split, test_split = load_digits_split()
+    torch.manual_seed(0)  # the initial weights too: every session tests the same model
     model = train(ResNetSmall(widths=(8, 16, 32)), train_split, epochs=4)
     paths = export_all(model, test_split.images, out, "resnet")
     images, labels = test_split.images, test_split.labels

@@ -35,7 +35,7 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_float(client, ids):
     job, _ = wait_finished(client, response.json()["id"], timeout=300)
     guard = job["metrics"]["steps"][0]["guard"]
     assert guard["attempts"][0]["meets_on_tune"] is False  # all layers at 2 bits is not enough
-    assert guard["kept_float"], guard
+    assert guard["kept_float"], guard["attempts"]
     assert all(entry["reason"].startswith("sensitive: SQNR") for entry in guard["kept_float"])
     quantized = job["metrics"]["steps"][0]["quantized_layers"]
     assert quantized, "a model with every layer float is not a quantized model"
