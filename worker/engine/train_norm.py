@@ -135,30 +135,27 @@ def attach(module: OnnxModule, images: np.ndarray, device: str, samples: int = 5
     channels = {node.name: int(module._value(node.input[1]).shape[0]) for node in convs}
     norms = ConvNorms(convs, channels).to(device)
     statistics = _record(module, norms, images, device, samples)
+    usable = {name: tuple(torch.from_numpy(np.asarray(a, np.float32)).to(device) for a in target)
+              for name, target in (targets or {}).items() if name in channels and len(target[0]) == channels[name]}
     for node in convs:
         mean, var = statistics[node.name]
         bn = norms.norms[norms.names[node.name]]
         bn.running_mean.copy_(mean.float())
         bn.running_var.copy_(var.float())
-        target = (targets or {}).get(node.name)
-        with torch.no_grad():
-            if target is not None and len(target[0]) == channels[node.name]:
-                bn.weight.copy_(torch.from_numpy(np.asarray(target[1], np.float32)))
-                bn.bias.copy_(torch.from_numpy(np.asarray(target[0], np.float32)))
-            else:  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
-                bn.weight.copy_(torch.sqrt(var + EPS).float())
-                bn.bias.copy_(mean.float())
-    if targets:
+        with torch.no_grad():  # eval: (y - mean) / sqrt(var + eps) * gamma + beta = y
+            bn.weight.copy_(torch.sqrt(var + EPS).float())
+            bn.bias.copy_(mean.float())
+            if node.name in usable:
+                bn.bias.copy_(usable[node.name][0])
+                bn.weight.copy_(usable[node.name][1])
+    if usable:
         # A channel pruning left nearly silent (a filter with one small weight left) would be
         # scaled back up to its original spread, noise included: it keeps its own statistics.
         trained = _record(module, norms, images, device, samples, normalise=True)
-        for node in convs:
-            target = targets.get(node.name)
-            if target is None or len(target[0]) != channels[node.name]:
-                continue
-            mean, var = statistics[node.name]
-            silent = torch.sqrt(trained[node.name][1] + EPS).float() < torch.from_numpy(np.asarray(target[1], np.float32)).to(device) / MAX_SHRINK
-            bn = norms.norms[norms.names[node.name]]
+        for name, (_, target_std) in usable.items():
+            mean, var = statistics[name]
+            silent = torch.sqrt(trained[name][1] + EPS).float() < target_std / MAX_SHRINK
+            bn = norms.norms[norms.names[name]]
             with torch.no_grad():
                 bn.weight.copy_(torch.where(silent, torch.sqrt(var + EPS).float(), bn.weight))
                 bn.bias.copy_(torch.where(silent, mean.float(), bn.bias))
