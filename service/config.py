@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_IMAGE_PIXELS", "max_image_pixels")
     )
+    # JSON request bodies (job specs): far above any real job, far below what could fill the database.
+    max_json_body_bytes: int = Field(
+        256 * 1024, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_JSON_BODY_BYTES", "max_json_body_bytes")
+    )
     job_time_limit_s: int = Field(
         3600, gt=0, validation_alias=AliasChoices("MODELPRESS_JOB_TIME_LIMIT_S", "job_time_limit_s")
     )

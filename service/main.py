@@ -12,6 +12,7 @@ from service.db import make_engine, make_session_factory
 from service.deps import AppContext, ContextDep
 from service.dispatch import make_dispatcher
 from service.errors import DomainError, install_error_handlers
+from service.guards import RequestGuard
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
 from service.models.views import router as models_router
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
     app.state.context = context
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes)
     app.include_router(models_router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)

@@ -109,6 +109,10 @@ def _inspect_zip(path: Path, max_unpacked_bytes: int) -> ModelInfo:
         if any(n.endswith("/models/model.json") for n in names):
             return _inspect_torch_export(archive, names)
         if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+            from service.models.torchscript_code import check_torchscript_code
+
+            check_archive_names(names)
+            check_torchscript_code(archive, names)
             version = _read_member(archive, next((n for n in names if n.endswith("/version")), ""), default=b"")
             return ModelInfo(
                 TORCHSCRIPT, inputs=[], outputs=[],

@@ -92,7 +92,7 @@ class QuantizeConfig(StepConfig):
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     distill: bool = False  # qat: learn from the original model's outputs (also without labels)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
 
     def wants_gpu(self) -> bool:
         return self.method == "qat"
@@ -164,7 +164,7 @@ class PruneConfig(StepConfig):
     finetune: FinetuneSpec | None = None
     # Iterative schedule: prune a share, fine-tune, repeat (magnitude: cubic sparsity ramp).
     iterations: int = Field(1, ge=1, le=20)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
 
     def wants_gpu(self) -> bool:
         return self.finetune is not None
@@ -234,7 +234,7 @@ class DistillConfig(StepConfig):
     patience: int | None = Field(None, ge=1, le=1000)  # early stopping on the eval split, in epochs
     feature_pairs: list[tuple[str, str]] = Field(default_factory=list, max_length=16)
     feature_weight: float = Field(1.0, ge=0.0, le=1000.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
 
     @model_validator(mode="after")
     def _one_student(self) -> "DistillConfig":
