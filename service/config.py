@@ -46,9 +46,10 @@ class Settings(BaseSettings):
         3600, gt=0, validation_alias=AliasChoices("MODELPRESS_JOB_TIME_LIMIT_S", "job_time_limit_s")
     )
     max_job_attempts: int = Field(3, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_JOB_ATTEMPTS", "max_job_attempts"))
-    # A running job whose heartbeat is older than this is taken as lost (its worker died).
+    # A running job whose heartbeat (every 10 s, from its own thread) is older than this is taken as
+    # lost (its worker died); with the reaper's 10 s round, a dead worker's job is re-run within a minute.
     stale_job_after_s: int = Field(
-        300, gt=0, validation_alias=AliasChoices("MODELPRESS_STALE_JOB_AFTER_S", "stale_job_after_s")
+        45, gt=0, validation_alias=AliasChoices("MODELPRESS_STALE_JOB_AFTER_S", "stale_job_after_s")
     )
     # Route jobs that train (they name a GPU-capable step) to the "gpu" queue.
     gpu_queue: bool = Field(False, validation_alias=AliasChoices("MODELPRESS_GPU_QUEUE", "gpu_queue"))

@@ -268,6 +268,14 @@ def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:
     return requeued
 
 
+def live_run_tokens(*, session: Session, job_ids: list[str]) -> dict[str, str]:
+    """The delivery token of each of these jobs that is running now (for cleaning up work folders)."""
+    rows = session.execute(
+        select(JobRow.id, JobRow.run_token).where(JobRow.id.in_(job_ids), JobRow.status == JobStatus.RUNNING.value)
+    ).all()
+    return {job_id: token for job_id, token in rows if token}
+
+
 def queued_ids(*, session: Session, older_than_s: int = 0) -> list[str]:
     """Queued jobs, oldest first; with `older_than_s`, only those queued at least that long (their
     message may have been lost: sending it again is harmless, claims are exclusive)."""
