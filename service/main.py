@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
     app.state.context = context
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes)
+    app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes,
+                       body_idle_timeout_s=settings.body_idle_timeout_s, allowed_hosts=settings.allowed_host_names)
     app.include_router(models_router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)

@@ -229,3 +229,55 @@ def test_a_database_outage_is_503_with_retry_after_and_service_returns(tmp_path,
             assert client.get("/readyz").status_code == 200
     finally:
         proxy.close()
+
+
+def test_a_loopback_instance_answers_only_to_its_own_host_names(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    settings = Settings(data_dir=tmp_path / "data", allowed_hosts="127.0.0.1,localhost,::1")
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
+        assert client.get("/v1/models").status_code == 200
+        assert client.get("/v1/models", headers={"host": "localhost:8000"}).status_code == 200
+        assert client.get("/v1/models", headers={"host": "[::1]:8000"}).status_code == 200
+        # DNS rebinding: evil.example resolved to 127.0.0.1, the browser sends its own Host.
+        assert_problem(client.get("/v1/models", headers={"host": "evil.example:8000"}), 421, "host_not_allowed")
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:9999"])
+def test_writes_from_a_page_of_another_origin_are_refused(client, reference, origin):
+    content = reference.onnx.read_bytes()
+    response = client.post("/v1/models", files={"file": ("m.onnx", content)}, headers={"origin": origin})
+    assert_problem(response, 403, "cross_origin_refused")
+    job = client.post("/v1/jobs", json={"model_id": "mdl_x", "steps": [{"type": "quantize"}]}, headers={"origin": origin})
+    assert_problem(job, 403, "cross_origin_refused")
+    assert client.get("/v1/models").json()["items"] == []
+    # The same origin (Swagger UI on the instance itself) and clients that send no Origin may write.
+    assert client.post("/v1/models", files={"file": ("m.onnx", content)}, headers={"origin": "http://testserver"}).status_code == 201
+    assert client.post("/v1/models", files={"file": ("m.onnx", content)}).status_code == 201
+
+
+def test_a_body_that_stops_arriving_frees_the_request():
+    import asyncio
+
+    from service.guards import RequestGuard
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+
+    async def stalled_receive():
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        pass
+
+    for content_type in (b"application/json", b"multipart/form-data; boundary=x"):
+        guard = RequestGuard(app, max_json_body_bytes=1024, body_idle_timeout_s=0.2, allowed_hosts=[])
+        scope = {"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
+                 "headers": [(b"host", b"testserver"), (b"content-type", content_type)]}
+        asyncio.run(asyncio.wait_for(guard(scope, stalled_receive, send), 5))
+    assert seen == [{"type": "http.disconnect"}, {"type": "http.disconnect"}]
