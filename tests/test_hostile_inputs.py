@@ -281,3 +281,118 @@ def test_a_body_that_stops_arriving_frees_the_request():
                  "headers": [(b"host", b"testserver"), (b"content-type", content_type)]}
         asyncio.run(asyncio.wait_for(guard(scope, stalled_receive, send), 5))
     assert seen == [{"type": "http.disconnect"}, {"type": "http.disconnect"}]
+
+
+# --- models and data that are accepted today and break later --------------------------------------
+
+def onnx_bytes(nodes, inputs, outputs, initializers=(), opset=17) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+                              initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
+
+
+def loop_model(trip_count: int | None) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Relu", ["x_in"], ["x_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1, 4])])
+    inits = [numpy_helper.from_array(np.array(True), "cond")]
+    if trip_count is not None:
+        inits.append(numpy_helper.from_array(np.array(trip_count, np.int64), "trips"))
+    loop = helper.make_node("Loop", ["trips" if trip_count is not None else "", "cond", "x"], ["y"], body=body)
+    return onnx_bytes([loop], [("x", [1, 4])], [("y", [1, 4])], inits)
+
+
+def external_data_in_a_subgraph() -> bytes:
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 4])
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../../etc/passwd")
+    then_branch = helper.make_graph([helper.make_node("Add", ["x", "w"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])], initializer=[weight])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4])])
+    from onnx import numpy_helper
+    cond = numpy_helper.from_array(np.array(True), "c")
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)
+    return onnx_bytes([node], [("x", [1, 4])], [("y", [1, 4])], [cond])
+
+
+MODEL_CASES = {
+    "loop_of_10_to_the_15": (lambda: loop_model(10**15), "unbounded_loop"),
+    "loop_without_trip_count": (lambda: loop_model(None), "unbounded_loop"),
+    "external_data_path_in_an_if_branch": (external_data_in_a_subgraph, "external_data_unsupported"),
+    "no_outputs": (lambda: onnx_bytes([__import__("onnx").helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])], []),
+                   "model_has_no_outputs"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_models_that_would_break_a_worker_are_refused_at_upload(hostile_client, case):
+    make, code = MODEL_CASES[case]
+    before = stored_objects(hostile_client)
+    response = hostile_client.post("/v1/models", files={"file": ("model.onnx", make())})
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] in (code, "invalid_onnx")
+    if case != "no_outputs":  # the onnx checker may also catch a graph with no outputs
+        assert response.json()["code"] == code
+    assert stored_objects(hostile_client) == before
+    assert_healthy(hostile_client)
+
+
+def test_a_loop_with_a_small_constant_trip_count_is_accepted(hostile_client):
+    assert hostile_client.post("/v1/models", files={"file": ("model.onnx", loop_model(8))}).status_code == 201
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_images_are_422(hostile_client, bad):
+    images = np.zeros((300, 1, 32, 32), np.float32)  # several 1 MiB chunks: the bad pixel is in a later one
+    images[-1, 0, 5, 5] = bad
+    response = hostile_client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(images=images))})
+    assert_problem(response, 422, "non_finite_images")
+    assert hostile_client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(images=np.zeros((4, 1, 8, 8), np.float64)))}).status_code == 201
+
+
+@pytest.mark.parametrize("preprocess", ['{"scale": 1e300}', '{"scale": 1e-30}', '{"mean": [1e30], "std": [1.0]}',
+                                        '{"mean": [0.0], "std": [1e-30]}', '{"std": [Infinity]}'])
+def test_extreme_preprocessing_is_refused(hostile_client, reference, preprocess):
+    response = hostile_client.post("/v1/datasets", files={"file": ("d.npz", reference.eval_npz.read_bytes())},
+                                   data={"preprocess": preprocess})
+    assert_problem(response, 422, "invalid_preprocess")
+
+
+def test_a_model_with_nan_weights_fails_with_a_clear_code(client, reference, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.jobs_flow import submit, upload_dataset, wait_finished
+
+    model = onnx.load(str(reference.onnx))
+    first = model.graph.initializer[0]
+    poisoned = numpy_helper.to_array(first).copy()
+    poisoned.flat[0] = np.nan
+    first.CopyFrom(numpy_helper.from_array(poisoned, first.name))
+    uploaded = client.post("/v1/models", files={"file": ("nan.onnx", model.SerializeToString())}).json()
+    data = upload_dataset(client, reference.calib_npz)
+    job, _ = wait_finished(client, submit(client, uploaded["id"], data["id"], data["id"])["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "non_finite_weights"
+    assert first.name in job["error"]["message"]
+
+
+def test_the_report_renders_without_the_figures_it_usually_has():
+    from worker.engine.report import render
+
+    html = render({"comparison": {"fidelity": [{"output": "<script>alert(1)</script>", "cosine_mean": None,
+                                                "max_abs_error": None, "worst_slice": {"axis": 1, "index": 0, "cosine": None}}]},
+                   "original": {"accuracy": {"top1": None}}, "compressed": {}, "steps": []})
+    assert "<script>" not in html and "&lt;script&gt;" in html

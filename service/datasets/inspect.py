@@ -78,6 +78,23 @@ def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...],
     return shape, dtype
 
 
+def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype) -> None:
+    """Read the array once, in chunks: the zip's CRC check catches corrupt data now, not in a job,
+    and float pixels are checked to be finite (NaN or Inf would poison calibration and every metric)."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        leftover = b""
+        while chunk := f.read(1 << 20):
+            if dtype.kind != "f":
+                continue
+            data = leftover + chunk
+            usable = len(data) - len(data) % dtype.itemsize
+            values, leftover = np.frombuffer(data[:usable], dtype=dtype), data[usable:]
+            if not np.isfinite(values).all():
+                raise Invalid(f"'{member[:-4]}' holds NaN or infinite values", code="non_finite_images")
+
+
 def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:
     infos = {i.filename: i for i in archive.infolist()}
     if len(infos) > MAX_MEMBERS:
@@ -108,10 +125,7 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
     expected = math.prod(int(s) for s in shape) * dtype.itemsize
     if infos["images.npy"].file_size < expected:
         raise Invalid("'images' is truncated", code="invalid_dataset")
-    # Read it through once, in chunks: the zip's CRC check catches corrupt data now, not in a job.
-    with archive.open("images.npy") as f:
-        while f.read(1 << 20):
-            pass
+    _read_through(archive, "images.npy", dtype)
 
     has_labels = "labels.npy" in infos
     num_classes = None

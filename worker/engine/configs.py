@@ -4,7 +4,7 @@ The API validates with them before a job is accepted, the runner hands them to t
 and `model_dump()` gives the step with every default filled in (what a recipe records).
 """
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -268,9 +268,10 @@ class PreprocessSpec(BaseModel):
     resize: int | tuple[int, int] | None = None
     center_crop: tuple[int, int] | None = None  # [h, w], after resize. Image files only.
     channels: Literal["rgb", "bgr", "gray"] | None = None
-    scale: float | None = Field(None, gt=0)  # multiplies pixel values; default 1/255 for uint8, 1 for float
-    mean: list[float] | None = Field(None, min_length=1, max_length=4)  # subtracted after scaling
-    std: list[float] | None = Field(None, min_length=1, max_length=4)  # divides after the mean
+    # Bounded so that preprocessed pixels stay far inside float32 (an extreme scale made inf inputs).
+    scale: float | None = Field(None, ge=1e-6, le=1e6)  # multiplies pixel values; default 1/255 for uint8, 1 for float
+    mean: list[Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(None, min_length=1, max_length=4)  # subtracted after scaling
+    std: list[Annotated[float, Field(ge=1e-6, le=1e6)]] | None = Field(None, min_length=1, max_length=4)  # divides after the mean
     layout: Literal["NCHW", "NHWC", "NHW"] | None = None  # of an .npz's images, when the guess is wrong
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from worker.engine.errors import EngineError
 
@@ -88,6 +89,8 @@ def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | 
         raise
     except Exception as exc:
         raise EngineError("model_load_failed", f"the {model_format} model cannot be loaded: {exc}") from exc
+    check_finite_weights((name, value.detach().numpy()) for name, value in module.state_dict().items()
+                         if value.is_floating_point())
     if example is None:
         raise EngineError("input_shape_unknown", "the model has no input shape and the job has no dataset to take one from")
 
@@ -182,12 +185,21 @@ def untie_weights(model: onnx.ModelProto) -> None:
     _unshare_initializers(model)
 
 
+def check_finite_weights(named_arrays) -> None:
+    """NaN or Inf weights make every output and every comparison meaningless: refuse them by name."""
+    bad = [name for name, array in named_arrays if array.dtype.kind == "f" and not np.isfinite(array).all()]
+    if bad:
+        raise EngineError("non_finite_weights", f"the model has NaN or infinite weights in {len(bad)} tensor(s): "
+                          f"{', '.join(bad[:10])}")
+
+
 def normalize_onnx(path: Path, workdir: Path, *, packed: bool = False) -> Path:
     source = _unpack(path, workdir) if packed else path
     try:
         model = onnx.load(str(source))  # external data is read relative to the model's folder
     except Exception as exc:
         raise EngineError("invalid_onnx", f"the ONNX model cannot be loaded: {exc}") from exc
+    check_finite_weights((t.name, numpy_helper.to_array(t)) for t in model.graph.initializer)
     changed = source != path
     if model.ir_version >= 4 and constants_to_initializers(model):
         changed = True
