@@ -13,6 +13,7 @@ from service.deps import AppContext, ContextDep
 from service.dispatch import make_dispatcher
 from service.errors import DomainError, install_error_handlers
 from service.guards import RequestGuard
+from service.openapi import PROBLEM_RESPONSES
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
 from service.models.views import router as models_router
@@ -58,10 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes,
                        body_idle_timeout_s=settings.body_idle_timeout_s, allowed_hosts=settings.allowed_host_names)
-    app.include_router(models_router)
-    app.include_router(datasets_router)
-    app.include_router(jobs_router)
-    app.include_router(presets_router)
+    app.include_router(models_router, responses=PROBLEM_RESPONSES)
+    app.include_router(datasets_router, responses=PROBLEM_RESPONSES)
+    app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
+    app.include_router(presets_router, responses=PROBLEM_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     def healthz():

@@ -396,3 +396,25 @@ def test_the_report_renders_without_the_figures_it_usually_has():
                                                 "max_abs_error": None, "worst_slice": {"axis": 1, "index": 0, "cosine": None}}]},
                    "original": {"accuracy": {"top1": None}}, "compressed": {}, "steps": []})
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+@pytest.mark.parametrize("path, allowed", [("/v1/models", {"GET", "POST"}), ("/v1/models/mdl_x", {"GET", "DELETE"}),
+                                           ("/v1/jobs/job_x/cancel", {"POST"}), ("/healthz", {"GET"})])
+def test_405_names_every_allowed_method(client, path, allowed):
+    response = client.request("PATCH", path)
+    assert_problem(response, 405, "method_not_allowed")
+    assert allowed <= set(response.headers["Allow"].split(", "))
+    assert "PATCH" not in response.headers["Allow"]
+
+
+def test_the_spec_declares_problem_answers_and_upload_bodies(client):
+    spec = client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, operation in operations.items():
+            for status in ("404", "422", "503"):
+                assert "application/problem+json" in operation["responses"][status]["content"], (path, method, status)
+    for path in ("/v1/models", "/v1/datasets"):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert body["properties"]["file"]["format"] == "binary"
