@@ -418,3 +418,14 @@ def test_the_spec_declares_problem_answers_and_upload_bodies(client):
     for path in ("/v1/models", "/v1/datasets"):
         body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert body["properties"]["file"]["format"] == "binary"
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("cannot be loaded: open /srv/data/tmp/job_ab-12-x/model.pt failed", "cannot be loaded: open model.pt failed"),
+    ("No such file: '/srv/data/tmp/job_ab/'", "No such file: '<folder>'"),
+    ("see http://host/v1/jobs/x and ./relative/path", "see http://host/v1/jobs/x and ./relative/path"),
+])
+def test_job_errors_show_no_server_paths(message, shown):
+    from service.jobs.service import without_server_paths
+
+    assert without_server_paths(message) == shown
