@@ -38,13 +38,25 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_IMAGE_PIXELS", "max_image_pixels")
     )
+    # JSON request bodies (job specs): far above any real job, far below what could fill the database.
+    max_json_body_bytes: int = Field(
+        256 * 1024, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_JSON_BODY_BYTES", "max_json_body_bytes")
+    )
+    # Each chunk of a request body must arrive within this (a stalled upload frees its connection).
+    body_idle_timeout_s: float = Field(
+        60.0, gt=0, validation_alias=AliasChoices("MODELPRESS_BODY_IDLE_TIMEOUT_S", "body_idle_timeout_s")
+    )
+    # Host names this instance answers to (comma-separated); empty: any. `python -m service` bound
+    # to loopback sets the loopback names, so a 127.0.0.1 instance cannot be reached by DNS rebinding.
+    allowed_hosts: str = Field("", validation_alias=AliasChoices("MODELPRESS_ALLOWED_HOSTS", "allowed_hosts"))
     job_time_limit_s: int = Field(
         3600, gt=0, validation_alias=AliasChoices("MODELPRESS_JOB_TIME_LIMIT_S", "job_time_limit_s")
     )
     max_job_attempts: int = Field(3, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_JOB_ATTEMPTS", "max_job_attempts"))
-    # A running job whose heartbeat is older than this is taken as lost (its worker died).
+    # A running job whose heartbeat (every 10 s, from its own thread) is older than this is taken as
+    # lost (its worker died); with the reaper's 10 s round, a dead worker's job is re-run within a minute.
     stale_job_after_s: int = Field(
-        300, gt=0, validation_alias=AliasChoices("MODELPRESS_STALE_JOB_AFTER_S", "stale_job_after_s")
+        45, gt=0, validation_alias=AliasChoices("MODELPRESS_STALE_JOB_AFTER_S", "stale_job_after_s")
     )
     # Route jobs that train (they name a GPU-capable step) to the "gpu" queue.
     gpu_queue: bool = Field(False, validation_alias=AliasChoices("MODELPRESS_GPU_QUEUE", "gpu_queue"))
@@ -73,6 +85,10 @@ class Settings(BaseSettings):
     @property
     def embedded_worker(self) -> bool:
         return not self.broker_url
+
+    @property
+    def allowed_host_names(self) -> list[str]:
+        return [name.strip() for name in self.allowed_hosts.split(",") if name.strip()]
 
     @property
     def plugin_modules(self) -> list[str]:

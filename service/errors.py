@@ -10,11 +10,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_S = 5
 
 
 class DomainError(Exception):
@@ -73,6 +75,19 @@ _STATUS_CODES = {
 }
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API serves at this path, read from its OpenAPI paths (Starlette's own 405
+    names only the first route that matched the path)."""
+    import re
+
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, request.url.path):
+            methods |= {m.upper() for m in operations if m in ("get", "head", "put", "post", "delete", "patch")}
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError):
@@ -90,9 +105,35 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code, title = _STATUS_CODES.get(exc.status_code, ("http_error", "HTTP error"))
-        return problem(exc.status_code, code, title, str(exc.detail), request.url.path)
+        response = problem(exc.status_code, code, title, str(exc.detail), request.url.path)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_down(request: Request, exc: Exception):
+        # Connection refused, timed out or dropped: the database is away, not the request wrong.
+        log.warning("database unavailable on %s: %s", request.url.path, exc.__class__.__name__)
+        response = problem(503, "service_unavailable", "Service unavailable",
+                           "the database is not reachable; try again shortly", request.url.path)
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+
+    @app.exception_handler(DataError)
+    async def _data_refused(request: Request, exc: DataError):
+        # The database refused a value the validation let through (a number out of its range, NUL
+        # in text): the request's fault, and nothing was written.
+        log.warning("database refused a value on %s: %s", request.url.path, str(exc.orig)[:200])
+        return problem(422, "invalid_value", "Unprocessable content",
+                       "a value in the request is outside what can be stored (out of range, or a control character)",
+                       request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return problem(500, "internal_error", "Internal error", "unexpected server error", request.url.path)
+        response = problem(500, "internal_error", "Internal error", "unexpected server error", request.url.path)
+        # The connection may be in any state after an unexpected error: tell the client not to reuse it.
+        response.headers["Connection"] = "close"
+        return response

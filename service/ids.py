@@ -22,7 +22,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, row_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), str(row_id)
+        if not isinstance(row_id, str) or not row_id.isprintable() or len(row_id) > 64:
+            raise ValueError("not an id")
+        return datetime.fromisoformat(created_at), row_id
     except Exception as exc:
         raise Invalid("the cursor is not one this API returned", code="invalid_cursor") from exc
 

@@ -12,6 +12,8 @@ from service.db import make_engine, make_session_factory
 from service.deps import AppContext, ContextDep
 from service.dispatch import make_dispatcher
 from service.errors import DomainError, install_error_handlers
+from service.guards import RequestGuard
+from service.openapi import PROBLEM_RESPONSES
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
 from service.models.views import router as models_router
@@ -55,10 +57,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
     app.state.context = context
     install_error_handlers(app)
-    app.include_router(models_router)
-    app.include_router(datasets_router)
-    app.include_router(jobs_router)
-    app.include_router(presets_router)
+    app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes,
+                       body_idle_timeout_s=settings.body_idle_timeout_s, allowed_hosts=settings.allowed_host_names)
+    app.include_router(models_router, responses=PROBLEM_RESPONSES)
+    app.include_router(datasets_router, responses=PROBLEM_RESPONSES)
+    app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
+    app.include_router(presets_router, responses=PROBLEM_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     def healthz():

@@ -19,6 +19,7 @@ from service.jobs import service as jobs
 from service.jobs.tables import JobRow
 from service.storage import open_store
 from worker.runner import RunnerDeps, run_job
+from worker.workdirs import remove_dead_workdirs
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -77,16 +78,24 @@ def run_job_task(self, job_id: str) -> str:
     return outcome
 
 
+# Often enough that a dead worker's job is taken up within a minute of its last heartbeat.
+REAP_EVERY_S = 10
+# A queued job waits behind others as long as they run: sent again only after this long (a message
+# lost with its broker), not at every reap.
+QUEUED_RESEND_AFTER_S = 300
+
+
 def _reap_forever(stop: threading.Event) -> None:
     """Re-queue running jobs whose heartbeat went stale, and send again jobs queued for longer than
     that (a message lost with its broker or its worker). Claims are exclusive, so a duplicate send
     does nothing."""
-    while not stop.wait(max(5, settings.stale_job_after_s // 2)):
+    while not stop.wait(REAP_EVERY_S):
         try:
+            remove_dead_workdirs(session_factory=deps().session_factory, tmp_dir=settings.tmp_dir)
             with deps().session_factory() as session:
                 for job_id in jobs.reap_stale(session=session, stale_after_s=settings.stale_job_after_s):
                     log.warning("job %s: worker lost, re-queued", job_id)
-                for job_id in jobs.queued_ids(session=session, older_than_s=settings.stale_job_after_s):
+                for job_id in jobs.queued_ids(session=session, older_than_s=max(settings.stale_job_after_s, QUEUED_RESEND_AFTER_S)):
                     app.send_task(RUN_JOB_TASK, args=[job_id], queue=session.get(JobRow, job_id).queue)
         except Exception:
             log.warning("stale-job reaper failed", exc_info=True)

@@ -8,6 +8,7 @@ from service.config import Settings
 from service.jobs import service as jobs
 from service.storage import ObjectStore
 from worker.runner import RunnerDeps, run_job
+from worker.workdirs import remove_dead_workdirs
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class InProcessDispatcher:
             pending = jobs.queued_ids(session=session)
         if requeued:
             log.info("taking up %d job(s) left running by the previous process", len(requeued))
+        remove_dead_workdirs(session_factory=self.deps.session_factory, tmp_dir=self.deps.settings.tmp_dir)
         for job_id in pending:
             self.executor.submit(self._run, job_id)
 

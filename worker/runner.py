@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from service.jobs import service as jobs
 from service.jobs.states import JobStatus
 from service.models import service as models
 from service.storage import ObjectStore
+from worker.workdirs import make_workdir
 from worker.engine import evaluate
 from worker.engine.configs import parse_step
 from worker.engine.data import ImageSet, load_dataset, split
@@ -145,7 +145,7 @@ def run_job(job_id: str, deps: RunnerDeps) -> str:
             log.warning("job %s: checkpoints not deleted", job_id, exc_info=True)
 
     try:
-        with Progress(deps, job_id, token) as progress, tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"{job_id}-") as tmp:
+        with Progress(deps, job_id, token) as progress, make_workdir(settings.tmp_dir, job_id, token) as tmp:
             metrics, failure = _execute(job, token, deps, progress, Path(tmp))
             if failure is not None:
                 # The job failed its promise, but what it made is measured and stored.

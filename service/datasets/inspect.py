@@ -19,6 +19,8 @@ from service.errors import Invalid
 IMAGE_DTYPES = {"uint8", "float32", "float16", "float64"}
 LABEL_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}
 MAX_MEMBERS = 16
+# Class indices beyond this are not classes but garbage (or an overflow waiting to happen downstream).
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -62,12 +64,35 @@ def guess_layout(shape: tuple[int, ...]) -> str:
 
 def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
     with archive.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError) as exc:
+            # numpy parses the header with ast.literal_eval: any malformed header lands here.
+            raise ValueError(f"malformed .npy header ({exc.__class__.__name__})") from None
+    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError("malformed .npy header (shape)")
     return shape, dtype
+
+
+def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype) -> None:
+    """Read the array once, in chunks: the zip's CRC check catches corrupt data now, not in a job,
+    and float pixels are checked to be finite (NaN or Inf would poison calibration and every metric)."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        leftover = b""
+        while chunk := f.read(1 << 20):
+            if dtype.kind != "f":
+                continue
+            data = leftover + chunk
+            usable = len(data) - len(data) % dtype.itemsize
+            values, leftover = np.frombuffer(data[:usable], dtype=dtype), data[usable:]
+            if not np.isfinite(values).all():
+                raise Invalid(f"'{member[:-4]}' holds NaN or infinite values", code="non_finite_images")
 
 
 def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:
@@ -100,10 +125,7 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
     expected = math.prod(int(s) for s in shape) * dtype.itemsize
     if infos["images.npy"].file_size < expected:
         raise Invalid("'images' is truncated", code="invalid_dataset")
-    # Read it through once, in chunks: the zip's CRC check catches corrupt data now, not in a job.
-    with archive.open("images.npy") as f:
-        while f.read(1 << 20):
-            pass
+    _read_through(archive, "images.npy", dtype)
 
     has_labels = "labels.npy" in infos
     num_classes = None
@@ -123,6 +145,9 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
             raise Invalid(f"'labels' cannot be read: {exc}", code="invalid_labels") from exc
         if labels.min() < 0:
             raise Invalid("'labels' holds negative class indices", code="invalid_labels")
+        if int(labels.max()) >= MAX_CLASSES:
+            raise Invalid(f"'labels' holds class index {int(labels.max())}; at most {MAX_CLASSES - 1} is accepted",
+                          code="invalid_labels")
         num_classes = int(labels.max()) + 1
     return DatasetInfo(count=int(count), shape=[int(s) for s in shape], dtype=dtype.name, layout=layout,
                        has_labels=has_labels, num_classes=num_classes)

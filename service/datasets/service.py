@@ -51,7 +51,11 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
         preprocess=spec.model_dump(exclude_defaults=True),
     )
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except Exception:
+        store.delete_prefix(f"datasets/{dataset_id}")  # the row failed: leave no orphan object behind
+        raise
     return row
 
 

@@ -6,12 +6,15 @@ from starlette.concurrency import run_in_threadpool
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetRead
 from service.deps import ContextDep, SessionDep, TenantDep
+from service.openapi import upload_body
 from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetRead)
+@router.post("", status_code=201, response_model=DatasetRead, openapi_extra=upload_body(
+    "an .npz with `images` and optional `labels`, or a .zip of image files", name="display name",
+    preprocess="JSON: how images become model input (PreprocessSpec)"))
 async def upload_dataset(request: Request, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
     """Multipart: `file` (an .npz with `images` and optional int `labels`, or a .zip of images in
     ImageFolder layout or flat), optional `name`, optional `preprocess` (JSON, see PreprocessSpec)."""

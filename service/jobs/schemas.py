@@ -19,7 +19,7 @@ class SplitSpec(BaseModel):
 
     dataset: str = Field(min_length=1, max_length=64)
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's shuffle takes a 32-bit seed
 
 
 class DataSpec(BaseModel):
@@ -50,6 +50,27 @@ class JobCreate(BaseModel):
         if (self.steps is None) == (self.preset is None):
             raise ValueError("give either steps or preset")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        # A job body is stored as JSON and its ids are looked up: NUL and other control characters
+        # have no place in either (PostgreSQL refuses NUL outright).
+        if _holds_control_characters(data):
+            raise ValueError("strings in a job body must not hold control characters (NUL, newline, ...)")
+        return data
+
+
+def _holds_control_characters(value: Any, depth: int = 0) -> bool:
+    if depth > 32:
+        raise ValueError("the job body nests deeper than 32 levels")
+    if isinstance(value, str):
+        return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    if isinstance(value, dict):
+        return any(_holds_control_characters(k, depth + 1) or _holds_control_characters(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_control_characters(v, depth + 1) for v in value)
+    return False
 
 
 class PresetRead(BaseModel):

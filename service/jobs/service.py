@@ -4,6 +4,7 @@ Status changes go through `states.transition`. The broker only ever carries a jo
 the job's row is committed.
 """
 
+import re
 import uuid
 from datetime import timedelta
 
@@ -245,7 +246,8 @@ def record_artifact(*, session: Session, job_id: str, token: str, name: str, siz
 
 def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metrics: dict | None = None,
            error_code: str | None = None, error_message: str | None = None) -> bool:
-    values = {"finished_at": utcnow(), "stage": status.value, "error_code": error_code, "error_message": error_message}
+    values = {"finished_at": utcnow(), "stage": status.value, "error_code": error_code,
+              "error_message": without_server_paths(error_message)}
     if status == JobStatus.SUCCEEDED:
         values["progress"] = 1.0
     if metrics is not None:
@@ -253,6 +255,15 @@ def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metr
     moved = transition(session, job_id, status, owner_token=token, only_from=frozenset({JobStatus.RUNNING}), **values)
     session.commit()
     return moved
+
+
+_SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.\-]+/)+([\w.\-]*)")
+
+
+def without_server_paths(message: str | None) -> str | None:
+    """Job errors are read by users: a library's message naming a file on the worker
+    (`/srv/data/tmp/job_.../converted.onnx`) keeps only the file's name."""
+    return _SERVER_PATH.sub(lambda m: m.group(1) or "<folder>", message) if message else message
 
 
 def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:
@@ -266,6 +277,14 @@ def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:
         where=(JobRow.heartbeat_at < stale_before,), stage="requeued", run_token=None)]
     session.commit()
     return requeued
+
+
+def live_run_tokens(*, session: Session, job_ids: list[str]) -> dict[str, str]:
+    """The delivery token of each of these jobs that is running now (for cleaning up work folders)."""
+    rows = session.execute(
+        select(JobRow.id, JobRow.run_token).where(JobRow.id.in_(job_ids), JobRow.status == JobStatus.RUNNING.value)
+    ).all()
+    return {job_id: token for job_id, token in rows if token}
 
 
 def queued_ids(*, session: Session, older_than_s: int = 0) -> list[str]:

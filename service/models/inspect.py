@@ -19,6 +19,8 @@ TORCH_EXPORT = "torch_export"
 TORCHSCRIPT = "torchscript"
 
 MAX_METADATA_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_SUBGRAPH_DEPTH = 16
+MAX_LOOP_TRIPS = 100_000
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
     "MatMulInteger", "MatMulNBits", "DynamicQuantizeLinear",
@@ -109,6 +111,10 @@ def _inspect_zip(path: Path, max_unpacked_bytes: int) -> ModelInfo:
         if any(n.endswith("/models/model.json") for n in names):
             return _inspect_torch_export(archive, names)
         if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
+            from service.models.torchscript_code import check_torchscript_code
+
+            check_archive_names(names)
+            check_torchscript_code(archive, names)
             version = _read_member(archive, next((n for n in names if n.endswith("/version")), ""), default=b"")
             return ModelInfo(
                 TORCHSCRIPT, inputs=[], outputs=[],
@@ -154,12 +160,56 @@ def _inspect_onnx_zip(archive: zipfile.ZipFile, names: list[str], max_unpacked_b
     return info
 
 
-def _external_tensors(model) -> list:
+def _graphs(graph, depth: int = 0):
+    """The graph and every subgraph of its If/Loop/Scan nodes, however deep."""
     import onnx
 
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise Invalid(f"the ONNX graph nests subgraphs deeper than {MAX_SUBGRAPH_DEPTH} levels", code="invalid_onnx")
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g, depth + 1)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _graphs(subgraph, depth + 1)
+
+
+def _external_tensors(model) -> list:
+    """Tensors that keep their data in files, in the main graph and in every subgraph (a path in a
+    Loop body is as dangerous as one at the top)."""
+    import onnx
+
+    tensors = []
+    for graph in _graphs(model.graph):
+        tensors += list(graph.initializer)
+        tensors += [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _check_loops_are_bounded(model) -> None:
+    """A Loop runs while its condition holds, up to its trip count: one with a trip count of 10**15
+    holds a worker for hours. Every Loop must name a constant trip count within the limit."""
+    import onnx
+    from onnx import numpy_helper
+
+    for graph in _graphs(model.graph):
+        constants = {t.name: t for t in graph.initializer}
+        constants.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant"
+                          for a in n.attribute if a.name == "value" and n.output})
+        for node in graph.node:
+            if node.op_type != "Loop":
+                continue
+            trip_name = node.input[0] if node.input else ""
+            trip = constants.get(trip_name)
+            if trip is None or trip.data_location == onnx.TensorProto.EXTERNAL:
+                raise Invalid(f"Loop node {node.name!r} has no constant trip count: its run time cannot be bounded",
+                              code="unbounded_loop")
+            count = int(numpy_helper.to_array(trip).reshape(-1)[0])
+            if count > MAX_LOOP_TRIPS:
+                raise Invalid(f"Loop node {node.name!r} runs up to {count} times; at most {MAX_LOOP_TRIPS} are accepted",
+                              code="unbounded_loop")
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, default: bytes | None = None) -> bytes:
@@ -268,9 +318,12 @@ def _inspect_onnx_bytes(content: bytes, *, external_ok: bool) -> ModelInfo:
     except onnx.checker.ValidationError as exc:
         raise Invalid(f"the ONNX model is invalid: {str(exc).splitlines()[0]}", code="invalid_onnx") from exc
 
+    _check_loops_are_bounded(model)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [_onnx_value(v) for v in model.graph.input if v.name not in initializers]
     outputs = [_onnx_value(v) for v in model.graph.output]
+    if not outputs:
+        raise Invalid("the ONNX model has no outputs: there is nothing to compress or compare", code="model_has_no_outputs")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     op_types = {n.op_type for n in model.graph.node}
     details = {

@@ -36,7 +36,11 @@ def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: Rece
         details=info.details,
     )
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except Exception:
+        store.delete_prefix(f"models/{model_id}")  # the row failed: leave no orphan object behind
+        raise
     return row
 
 

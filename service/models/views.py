@@ -6,12 +6,14 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import ContextDep, SessionDep, TenantDep
 from service.models import service
 from service.models.schemas import ModelList, ModelRead
+from service.openapi import upload_body
 from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("", status_code=201, response_model=ModelRead)
+@router.post("", status_code=201, response_model=ModelRead, openapi_extra=upload_body(
+    "ONNX (or a .zip of an .onnx and its external data), torch.export .pt2 or TorchScript", name="display name"))
 async def upload_model(request: Request, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
     """Multipart: `file` (ONNX, torch.export .pt2 or TorchScript), optional `name`."""
     upload = await receive_upload(request, tmp_dir=context.settings.tmp_dir, max_bytes=context.settings.max_model_bytes)

@@ -4,7 +4,7 @@ The API validates with them before a job is accepted, the runner hands them to t
 and `model_dump()` gives the step with every default filled in (what a recipe records).
 """
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -92,7 +92,7 @@ class QuantizeConfig(StepConfig):
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     distill: bool = False  # qat: learn from the original model's outputs (also without labels)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
 
     def wants_gpu(self) -> bool:
         return self.method == "qat"
@@ -164,7 +164,7 @@ class PruneConfig(StepConfig):
     finetune: FinetuneSpec | None = None
     # Iterative schedule: prune a share, fine-tune, repeat (magnitude: cubic sparsity ramp).
     iterations: int = Field(1, ge=1, le=20)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
 
     def wants_gpu(self) -> bool:
         return self.finetune is not None
@@ -234,7 +234,7 @@ class DistillConfig(StepConfig):
     patience: int | None = Field(None, ge=1, le=1000)  # early stopping on the eval split, in epochs
     feature_pairs: list[tuple[str, str]] = Field(default_factory=list, max_length=16)
     feature_weight: float = Field(1.0, ge=0.0, le=1000.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
 
     @model_validator(mode="after")
     def _one_student(self) -> "DistillConfig":
@@ -268,9 +268,10 @@ class PreprocessSpec(BaseModel):
     resize: int | tuple[int, int] | None = None
     center_crop: tuple[int, int] | None = None  # [h, w], after resize. Image files only.
     channels: Literal["rgb", "bgr", "gray"] | None = None
-    scale: float | None = Field(None, gt=0)  # multiplies pixel values; default 1/255 for uint8, 1 for float
-    mean: list[float] | None = Field(None, min_length=1, max_length=4)  # subtracted after scaling
-    std: list[float] | None = Field(None, min_length=1, max_length=4)  # divides after the mean
+    # Bounded so that preprocessed pixels stay far inside float32 (an extreme scale made inf inputs).
+    scale: float | None = Field(None, ge=1e-6, le=1e6)  # multiplies pixel values; default 1/255 for uint8, 1 for float
+    mean: list[Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(None, min_length=1, max_length=4)  # subtracted after scaling
+    std: list[Annotated[float, Field(ge=1e-6, le=1e6)]] | None = Field(None, min_length=1, max_length=4)  # divides after the mean
     layout: Literal["NCHW", "NHWC", "NHW"] | None = None  # of an .npz's images, when the guess is wrong
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from worker.engine.errors import EngineError
 
@@ -37,6 +38,37 @@ MAX_UNPACKED_BYTES = 16 * 1024**3
 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
+# The upload scan (service/models/torchscript_code.py) reads the source; this reads the compiled
+# graph, so a call the text scan could not see (an alias, generated code) is still caught before
+# anything runs the model. Keep the two lists in sync.
+DENIED_TORCHSCRIPT_OPS = {"from_file", "load", "save", "_load_for_mobile", "_save_for_mobile", "fork", "wait",
+                          "_fork", "_wait", "rpc_async", "rpc_sync", "remote", "_jit_pass", "set_num_threads",
+                          "_set_print_stack_traces_on_fatal_signal", "manual_seed"}
+ALLOWED_TORCHSCRIPT_NAMESPACES = {"aten", "prim", "quantized"}
+
+
+def torchscript_ops(module) -> set[str]:
+    kinds: set[str] = set()
+    pending = [module.inlined_graph] + [getattr(m, "inlined_graph", None) for m in module.modules()]
+    blocks = [g for g in pending if g is not None]
+    while blocks:
+        block = blocks.pop()
+        for node in block.nodes():
+            kinds.add(node.kind())
+            blocks.extend(node.blocks())
+    return kinds
+
+
+def check_torchscript_graph(module) -> None:
+    refused = sorted(
+        kind for kind in torchscript_ops(module)
+        if kind.split("::")[0] not in ALLOWED_TORCHSCRIPT_NAMESPACES or kind.split("::")[-1] in DENIED_TORCHSCRIPT_OPS
+    )
+    if refused:
+        raise EngineError("torchscript_op_refused",
+                          f"the TorchScript model calls operators that reach outside its tensors: {', '.join(refused[:20])}")
+
+
 def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | None, *, packed: bool = False) -> Path:
     """`packed`: the upload was a zip of an .onnx and its external data (decided at upload by its
     first bytes; never re-guessed here, so a file that is both ONNX and zip cannot switch paths)."""
@@ -49,6 +81,7 @@ def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | 
             module = torch.export.load(str(path)).module()
         elif model_format == "torchscript":
             module = torch.jit.load(str(path), map_location="cpu")
+            check_torchscript_graph(module)
             module.eval()
         else:
             raise EngineError("unsupported_model_format", f"cannot convert models of format {model_format!r}")
@@ -56,6 +89,8 @@ def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | 
         raise
     except Exception as exc:
         raise EngineError("model_load_failed", f"the {model_format} model cannot be loaded: {exc}") from exc
+    check_finite_weights((name, value.detach().numpy()) for name, value in module.state_dict().items()
+                         if value.is_floating_point())
     if example is None:
         raise EngineError("input_shape_unknown", "the model has no input shape and the job has no dataset to take one from")
 
@@ -150,12 +185,21 @@ def untie_weights(model: onnx.ModelProto) -> None:
     _unshare_initializers(model)
 
 
+def check_finite_weights(named_arrays) -> None:
+    """NaN or Inf weights make every output and every comparison meaningless: refuse them by name."""
+    bad = [name for name, array in named_arrays if array.dtype.kind == "f" and not np.isfinite(array).all()]
+    if bad:
+        raise EngineError("non_finite_weights", f"the model has NaN or infinite weights in {len(bad)} tensor(s): "
+                          f"{', '.join(bad[:10])}")
+
+
 def normalize_onnx(path: Path, workdir: Path, *, packed: bool = False) -> Path:
     source = _unpack(path, workdir) if packed else path
     try:
         model = onnx.load(str(source))  # external data is read relative to the model's folder
     except Exception as exc:
         raise EngineError("invalid_onnx", f"the ONNX model cannot be loaded: {exc}") from exc
+    check_finite_weights((t.name, numpy_helper.to_array(t)) for t in model.graph.initializer)
     changed = source != path
     if model.ir_version >= 4 and constants_to_initializers(model):
         changed = True

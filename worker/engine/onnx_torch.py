@@ -305,7 +305,11 @@ def trainable_module(path, model_format: str) -> nn.Module:
     if model_format == "torch_export":
         return torch.export.load(str(path)).module()
     if model_format == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu")
+        from worker.engine.formats import check_torchscript_graph
+
+        module = torch.jit.load(str(path), map_location="cpu")
+        check_torchscript_graph(module)
+        return module
     raise EngineError("unsupported_model_format", f"cannot make a torch module from {model_format!r}")
 
 

@@ -63,8 +63,8 @@ def render(metrics: dict, *, job_id: str = "") -> str:
         table.append(_row("top-5 accuracy", before["accuracy"].get("top5"), after["accuracy"].get("top5")))
 
     fidelity_rows = "".join(
-        f"<tr><td>{f['output']}</td><td>{_fmt(f.get('top1_agreement'), 4)}</td><td>{_fmt(f['cosine_mean'], 5)}</td>"
-        f"<td>{_fmt(f['max_abs_error'], 4)}</td><td>{_fmt(f.get('kl_softmax'), 6)}</td>"
+        f"<tr><td>{_fmt(f.get('output'))}</td><td>{_fmt(f.get('top1_agreement'), 4)}</td><td>{_fmt(f.get('cosine_mean'), 5)}</td>"
+        f"<td>{_fmt(f.get('max_abs_error'), 4)}</td><td>{_fmt(f.get('kl_softmax'), 6)}</td>"
         f"<td>{_worst(f.get('worst_slice'))}</td></tr>"
         for f in comparison.get("fidelity", []))
     layers = metrics.get("layers") or []
@@ -113,9 +113,9 @@ th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0
 def _quality(entry: dict | None) -> str:
     if not entry:
         return "—"
-    parts = [f"top-1 {entry['top1']:.4f}"] if entry.get("top1") is not None else []
+    parts = [f"top-1 {_fmt(entry['top1'], 4)}"] if entry.get("top1") is not None else []
     if entry.get("top1_agreement") is not None:
-        parts.append(f"agreement {entry['top1_agreement']:.4f}")
+        parts.append(f"agreement {_fmt(entry['top1_agreement'], 4)}")
     return escape(", ".join(parts) or "—")
 
 
@@ -159,7 +159,7 @@ def _step_details(index: int, step: dict) -> str:
 def _worst(entry: dict | None) -> str:
     if not entry:
         return "—"
-    return f"axis {entry['axis']} index {entry['index']}: cosine {entry['cosine']:.4f}"
+    return f"axis {_fmt(entry.get('axis'))} index {_fmt(entry.get('index'))}: cosine {_fmt(entry.get('cosine'), 4)}"
 
 
 def _step_summary(step: dict) -> str:
