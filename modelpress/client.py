@@ -295,8 +295,9 @@ class Client:
     @staticmethod
     def _parse(response: httpx.Response) -> dict:
         content_type = response.headers.get("content-type", "")
-        if response.content and "json" not in content_type:
+        if response.content and "json" not in content_type and response.status_code not in (502, 503, 504):
             # A web server, a proxy's login page: not this API. Say so instead of dumping its HTML.
+            # (502-504 without JSON is a proxy saying modelpress behind it is down: http_50x below.)
             raise ServerUnreachable("not_modelpress", f"{response.request.url} answered HTTP {response.status_code} with "
                                     f"{content_type.split(';')[0] or 'no content type'}, not the modelpress API: check --url")
         if response.is_success:
@@ -308,7 +309,8 @@ class Client:
         if not isinstance(problem, dict):
             problem = {}
         code = problem.get("code") or f"http_{response.status_code}"
-        message = problem.get("detail") or response.text[:500] or response.reason_phrase
+        message = problem.get("detail") or ("json" in content_type and response.text[:500]) or \
+            f"HTTP {response.status_code} {response.reason_phrase}"
         raise ModelpressError(code, message, status=response.status_code, problem=problem)
 
     def _download(self, url: str, target: Path, sha256: str) -> Path:
