@@ -10,7 +10,10 @@ BASE_STAMP := $(VENV)/.base-installed
 TEST_STAMP := $(VENV)/.test-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: run test worker migrate bench clean
+EXAMPLE_STAMP := $(VENV)/.example-installed
+EXAMPLE_OUT ?= example
+
+.PHONY: run test worker migrate bench example clean
 
 $(BASE_STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "modelpress needs Python 3.11"'
@@ -27,6 +30,15 @@ $(TEST_STAMP): $(BASE_STAMP)
 $(BENCH_STAMP): $(TEST_STAMP)
 	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
 	touch $@
+
+# scikit-learn carries the digits images the example model is trained on (offline, in seconds).
+$(EXAMPLE_STAMP): $(BASE_STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[example]'
+	touch $@
+
+# A small CNN to try the service with, and its data: $(EXAMPLE_OUT)/resnet-digits.onnx, digits-calib.npz, digits-test.npz.
+example: $(EXAMPLE_STAMP)
+	$(PY) -m bench.reference --dataset digits --small --out $(EXAMPLE_OUT)
 
 run: $(BASE_STAMP)
 	$(PY) -m service.migrate

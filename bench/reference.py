@@ -171,16 +171,20 @@ def export_all(model: nn.Module, example: np.ndarray, out_dir: Path, name: str) 
     return paths
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", choices=["digits", "fashion"], default="digits")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--force", action="store_true", help="train again even if the exports are cached in --out")
-    args = parser.parse_args()
+    parser.add_argument("--small", action="store_true",
+                        help="one narrow ResNet, 4 epochs (the tests' model, seconds on a CPU): a model to try the service with")
+    args = parser.parse_args(argv)
     train_split, test_split = load_digits_split() if args.dataset == "digits" else load_fashion_split()
-    epochs = args.epochs or (15 if args.dataset == "digits" else 3)
-    for name, model in (("resnet", ResNetSmall()), ("mobilenet", MobileNetSmall())):
+    epochs = args.epochs or (4 if args.small else 15 if args.dataset == "digits" else 3)
+    torch.manual_seed(0)
+    models = (("resnet", ResNetSmall(widths=(8, 16, 32))),) if args.small else (("resnet", ResNetSmall()), ("mobilenet", MobileNetSmall()))
+    for name, model in models:
         cached = [args.out / f"{name}-{args.dataset}{suffix}" for suffix in (".onnx", ".pt2", ".ts.pt")]
         if not args.force and all(p.is_file() for p in cached):
             print(f"{name}-{args.dataset}: cached in {args.out} (--force to train again)")

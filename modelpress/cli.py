@@ -1,11 +1,14 @@
 """`modelpress`: compress a model from a shell, a CI job or a pipeline step.
 
 Exit codes (stable): 0 succeeded, 1 job failed, 2 usage error (including a request the server
-refused as invalid), 3 accuracy guard not met, 4 server unreachable.
+refused as invalid, and a --url without http:// or https://), 3 accuracy guard not met or
+--max-accuracy-drop exceeded, 4 server unreachable (or the URL answers but is not modelpress).
 """
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +34,7 @@ def _ref(value: str | None, upload, prefix: str, kind: str) -> str | None:
 
 
 def _model_ref(client: Client, value: str) -> str:
-    return _ref(value, client.upload_model, "mdl_", "model")
+    return _ref(value, client.model_for_file, "mdl_", "model")  # the same file again: its first upload
 
 
 def _dataset_ref(client: Client, value: str | None) -> str | None:
@@ -48,7 +51,28 @@ def _parse_step(text: str) -> dict:
     return step
 
 
-def _summary(job: Job) -> str:
+# The server names the body's fields; the CLI user typed flags.
+FLAG_FOR_FIELD = {"data.calibration": "--calibration", "data.eval": "--eval", "data.train": "--train",
+                  "data.split": "--split", "model_id": "MODEL"}
+
+
+def _in_flags(message: str) -> str:
+    return re.sub(r"\b(data\.(?:calibration|eval|train|split)|model_id)\b", lambda m: FLAG_FOR_FIELD[m.group(1)], message)
+
+
+def _loud(text: str) -> str:
+    """Red and bold on a terminal (unless NO_COLOR is set); the words say it either way."""
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[1;31m{text}\033[0m"
+    return text
+
+
+def _accuracy_drop_points(job: Job) -> float | None:
+    drop = job.metrics.get("comparison", {}).get("accuracy_drop")
+    return None if drop is None else 100 * drop
+
+
+def _summary(job: Job, max_drop_points: float | None = None) -> str:
     metrics = job.metrics
     before, after, comparison = metrics.get("original", {}), metrics.get("compressed", {}), metrics.get("comparison", {})
     lines = [f"job {job.id}: {job.status}"]
@@ -66,8 +90,13 @@ def _summary(job: Job) -> str:
         for output in comparison.get("fidelity", []):
             agreement = f"top-1 agreement {output['top1_agreement']:.4f}, " if "top1_agreement" in output else ""
             lines.append(f"  fidelity  output {output['output']}: {agreement}cosine {output['cosine_mean']:.5f}")
+    warnings = [w["message"] for w in metrics.get("warnings", [])]
+    drop = _accuracy_drop_points(job)
+    if max_drop_points is not None and drop is not None and drop > max_drop_points:
+        warnings.insert(0, f"top-1 fell {drop:.1f} points, more than --max-accuracy-drop {max_drop_points:g}")
+    lines += [_loud(f"  WARNING   {message}") for message in warnings]
     if job.error:
-        lines.append(f"  error     {job.error['code']}: {job.error['message']}")
+        lines.append(f"  error     {job.error['code']}: {_in_flags(job.error['message'])}")
     return "\n".join(lines)
 
 
@@ -93,7 +122,8 @@ def _finish(args, client: Client, job: Job) -> int:
                 downloaded[name] = str(job.download(name, to=Path(output) / name))
         except ModelpressError as exc:  # the job's own outcome still decides the exit code
             download_error = exc
-    text = _summary(job) + "".join(f"\n  saved     {path}" for path in downloaded.values())
+    max_drop = getattr(args, "max_accuracy_drop", None)
+    text = _summary(job, max_drop) + "".join(f"\n  saved     {path}" for path in downloaded.values())
     _emit(args, {"job": job.raw, "downloaded": downloaded,
                  "download_error": download_error and {"code": download_error.code, "message": download_error.message}}, text)
     if download_error is not None:
@@ -101,7 +131,10 @@ def _finish(args, client: Client, job: Job) -> int:
         return EXIT_UNREACHABLE if isinstance(download_error, ServerUnreachable) else EXIT_JOB_FAILED
     if isinstance(failure, GuardNotMet):
         return EXIT_GUARD
-    return EXIT_JOB_FAILED if failure else EXIT_OK
+    if failure:
+        return EXIT_JOB_FAILED
+    drop = _accuracy_drop_points(job)
+    return EXIT_GUARD if max_drop is not None and drop is not None and drop > max_drop else EXIT_OK
 
 
 def cmd_compress(args, client: Client) -> int:
@@ -124,6 +157,10 @@ def cmd_compress(args, client: Client) -> int:
         ref = _dataset_ref(client, getattr(args, role))
         if ref:
             data[role] = ref
+    if args.split:
+        if not 0 < args.eval_fraction < 1:
+            raise UsageError(f"--eval-fraction must be between 0 and 1 (got {args.eval_fraction})")
+        data["split"] = {"dataset": _dataset_ref(client, args.split), "eval_fraction": args.eval_fraction}
     Path(args.output).mkdir(parents=True, exist_ok=True)
     job = client.submit(_model_ref(client, args.model), None if preset else steps, data=data, preset=preset)
     if not args.json:
@@ -204,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calibration", help="calibration data: an .npz file or a dataset id")
     compress.add_argument("--eval", help="evaluation data: an .npz file or a dataset id")
     compress.add_argument("--train", help="training data: an .npz file or a dataset id")
+    compress.add_argument("--split", help="one labelled dataset (.npz or id) split into eval and the rest (calibration, train)")
+    compress.add_argument("--eval-fraction", type=float, default=0.2, help="--split: the share held out for evaluation (default 0.2)")
+    compress.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                          help="exit 3 when top-1 falls more than this many points (a drop over 5 is always flagged)")
     compress.add_argument("--output", required=True, help="folder for the downloaded artifacts")
     compress.set_defaults(handler=cmd_compress)
 
@@ -233,27 +274,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(exc: Exception) -> int:
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, ServerUnreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, WaitTimeout):
+        return EXIT_JOB_FAILED
+    if exc.status is not None and 400 <= exc.status < 500:
+        return EXIT_USAGE  # the server refused the request as given (unknown id, invalid params)
+    if exc.status in (502, 503, 504):
+        return EXIT_UNREACHABLE  # still unavailable after the retries
+    return EXIT_JOB_FAILED
+
+
+def _report_error(args, exc: Exception) -> int:
+    """stderr for a person; with --json one JSON object on stdout, as every other answer."""
+    code = "usage_error" if isinstance(exc, UsageError) else exc.code
+    message = _in_flags(str(exc) if isinstance(exc, UsageError) else exc.message)
+    exit_code = _exit_code(exc)
+    if args.json:
+        print(json.dumps({"error": {"code": code, "message": message, "exit_code": exit_code}}, indent=2))
+    else:
+        print(f"modelpress: {'error' if isinstance(exc, UsageError) else code}: {message}", file=sys.stderr)
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    url = args.url or os.environ.get("MODELPRESS_URL")
+    if url and not url.startswith(("http://", "https://")):
+        return _report_error(args, UsageError(f"--url {url} needs a scheme: http://{url} or https://{url}"))
     client = Client(base_url=args.url, api_key=args.api_key)
     try:
         return args.handler(args, client)
-    except UsageError as exc:
-        print(f"modelpress: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ServerUnreachable as exc:
-        print(f"modelpress: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except WaitTimeout as exc:
-        print(f"modelpress: {exc.message}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    except ModelpressError as exc:
-        print(f"modelpress: {exc.code}: {exc.message}", file=sys.stderr)
-        if exc.status is not None and 400 <= exc.status < 500:
-            return EXIT_USAGE  # the server refused the request as given (unknown id, invalid params)
-        if exc.status in (502, 503, 504):
-            return EXIT_UNREACHABLE  # still unavailable after the retries
-        return EXIT_JOB_FAILED
+    except (UsageError, ModelpressError) as exc:
+        return _report_error(args, exc)
     finally:
         client.close()
 

@@ -14,6 +14,7 @@ backoff; waiting polls with backoff; downloads are streamed and verified against
 import hashlib
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -128,7 +129,8 @@ class Job:
         if artifact is None:
             raise ModelpressError("artifact_not_found", f"job {self.id} has no artifact {name!r} (has: {sorted(self.artifacts)})")
         target = Path(to) if to is not None else Path(name)
-        if target.is_dir():
+        # A folder that exists, or a path written as one ("out/"), which is then created.
+        if target.is_dir() or str(to).endswith(("/", os.sep)):
             target = target / name
         return self._client._download(artifact["url"], target, artifact["sha256"])
 
@@ -150,7 +152,10 @@ class ProgressBar:
         self.last = state
         if self.tty:
             filled = int(self.width * job.progress)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}% {job.status}: {job.stage:<40}")
+            line = f"[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}% {job.status}: {job.stage}"
+            # Padded to the terminal's width (and cut to it): no leftovers of a longer earlier stage.
+            columns = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+            self.stream.write(f"\r{line[:columns]:<{columns}}")
         else:
             self.stream.write(f"{job.id} {job.status} {percent}% {job.stage}\n")
         self.stream.flush()
@@ -185,6 +190,16 @@ class Client:
 
     def upload_model(self, path: str | os.PathLike, name: str | None = None) -> Model:
         return Model.from_json(self._upload("/v1/models", Path(path), name))
+
+    def model_for_file(self, path: str | os.PathLike, name: str | None = None) -> Model:
+        """The model already uploaded from a file with these bytes (same sha256), else a new upload:
+        compressing the same file again does not store another copy."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        found = self._json("GET", "/v1/models", params={"sha256": digest.hexdigest(), "limit": 1})["items"]
+        return Model.from_json(found[0]) if found else self.upload_model(path, name=name)
 
     def upload_dataset(self, path: str | os.PathLike, name: str | None = None) -> Dataset:
         return Dataset.from_json(self._upload("/v1/datasets", Path(path), name))
@@ -279,6 +294,12 @@ class Client:
 
     @staticmethod
     def _parse(response: httpx.Response) -> dict:
+        content_type = response.headers.get("content-type", "")
+        if response.content and "json" not in content_type and response.status_code not in (502, 503, 504):
+            # A web server, a proxy's login page: not this API. Say so instead of dumping its HTML.
+            # (502-504 without JSON is a proxy saying modelpress behind it is down: http_50x below.)
+            raise ServerUnreachable("not_modelpress", f"{response.request.url} answered HTTP {response.status_code} with "
+                                    f"{content_type.split(';')[0] or 'no content type'}, not the modelpress API: check --url")
         if response.is_success:
             return response.json() if response.content else {}
         try:
@@ -288,7 +309,8 @@ class Client:
         if not isinstance(problem, dict):
             problem = {}
         code = problem.get("code") or f"http_{response.status_code}"
-        message = problem.get("detail") or response.text[:500] or response.reason_phrase
+        message = problem.get("detail") or ("json" in content_type and response.text[:500]) or \
+            f"HTTP {response.status_code} {response.reason_phrase}"
         raise ModelpressError(code, message, status=response.status_code, problem=problem)
 
     def _download(self, url: str, target: Path, sha256: str) -> Path:

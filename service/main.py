@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from service.api_docs import install_api_docs
 from service.config import Settings, get_settings
 from service.datasets.views import router as datasets_router
 from service.db import make_engine, make_session_factory
@@ -53,18 +54,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dispatcher.stop()
         engine.dispose()
 
-    app = FastAPI(title="modelpress", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="modelpress", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
     app.state.context = context
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes,
                        body_idle_timeout_s=settings.body_idle_timeout_s, allowed_hosts=settings.allowed_host_names)
+    install_api_docs(app)
     app.include_router(models_router, responses=PROBLEM_RESPONSES)
     app.include_router(datasets_router, responses=PROBLEM_RESPONSES)
     app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
     app.include_router(presets_router, responses=PROBLEM_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
+    @app.head("/healthz", include_in_schema=False)
     def healthz():
         return {"status": "ok"}
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,8 @@ class Process:
                                      cwd=cwd, start_new_session=True)
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def alive(self) -> bool:
@@ -37,12 +39,14 @@ class Process:
     def stop(self, timeout: float = 15) -> None:
         if self.alive():
             # The whole process group: `make run` and its server, a Celery worker and its children.
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            _signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        # Children that outlived their parent (a pool process) still belong to the group: end them too.
+        _signal_group(self.proc.pid, signal.SIGKILL)
         self.log.close()
 
     def restarted(self, name: str) -> "Process":
@@ -52,6 +56,13 @@ class Process:
         """SIGKILL the whole process group (a Celery worker's children too)."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass  # nothing of the group is left
 
 
 def wait_http(url: str, process: Process, timeout: float = 60.0, expect: int = 200) -> None:
@@ -76,3 +87,14 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def cpu_load(log_dir: Path):
+    """A CPU-bound process running beside the test (as on a shared, busy machine): timing-based
+    choices flip under it, so a result that must not depend on timing is checked under it."""
+    burner = Process("cpu-burner", [sys.executable, "-c", "while True: pass"], {}, log_dir)
+    try:
+        yield burner
+    finally:
+        burner.stop()

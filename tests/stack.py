@@ -34,7 +34,7 @@ def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoi
     env = {
         **S3_ENV,
         "DATABASE_URL": postgres_url, "BROKER_URL": redis_url, "STORAGE_URL": f"s3://{bucket}/objects",
-        "S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_DATA_DIR": str(logs / "data"), "MODELPRESS_STALE_JOB_AFTER_S": "5",
+        "S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_DATA_DIR": str(logs / "data"), "MODELPRESS_STALE_JOB_AFTER_S": "10",
         # A slow test-only step, loaded the way a technique plug-in is.
         "MODELPRESS_PLUGINS": "tests.plugins",
     }
@@ -44,9 +44,26 @@ def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoi
     api = Process("api", [sys.executable, "-m", "service"], {**env, "PORT": str(port)}, logs)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", api)
-        wait_for(lambda: "ready" in worker.output() or not worker.alive(), 60, "celery worker")
-        assert worker.alive(), worker.output()
+        wait_ready(worker)
         yield f"http://127.0.0.1:{port}", worker, api
     finally:
         api.stop()
+        worker.stop()
+
+
+def wait_ready(worker: Process, timeout: float = 120) -> None:
+    wait_for(lambda: "ready" in worker.output() or not worker.alive(), timeout, "celery worker")
+    assert worker.alive(), worker.output()
+
+
+@contextmanager
+def own_worker(template: Process, name: str):
+    """A Celery worker of the test's own, and no other: the stack's first worker is stopped, so no
+    job of this test can go to a worker it does not control (whatever ran before)."""
+    template.stop()
+    worker = template.restarted(name)
+    try:
+        wait_ready(worker)
+        yield worker
+    finally:
         worker.stop()

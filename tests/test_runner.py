@@ -137,3 +137,16 @@ def test_embedded_restart_takes_up_interrupted_jobs(tmp_path, reference, wait_st
         finished, _ = wait_finished(client, job["id"], timeout=60)
         assert finished["status"] == "succeeded", finished["error"]
         assert finished["attempts"] == 2
+
+
+def test_the_heartbeat_beats_several_times_within_the_stale_limit(tmp_path):
+    """A step busy for longer than the stale limit between its own reports (a long epoch on a busy
+    machine) must still look alive: the heartbeat thread alone keeps it fresh."""
+    from types import SimpleNamespace
+
+    from service.config import Settings
+    from worker.runner import HEARTBEAT_S, Progress
+
+    for stale in (5, 10, 300):
+        progress = Progress(SimpleNamespace(settings=Settings(data_dir=tmp_path, stale_job_after_s=stale)), "job_x", "token")
+        assert progress.beat_s <= stale / 3 and progress.beat_s <= HEARTBEAT_S

@@ -35,6 +35,8 @@ from worker.engine.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, handler_for
 from worker.engine.train_norm import statistics_path
 from worker.engine.report import render as render_report
+from worker.quality_warnings import quality_warnings
+from worker.recipe import decided_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class Progress:
         self.last_write = 0.0
         self.lock = threading.Lock()
         self.done = threading.Event()
+        # Several beats within the stale limit: a busy step (a long epoch) is never taken for a dead one.
+        self.beat_s = min(HEARTBEAT_S, deps.settings.stale_job_after_s / 3)
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> "Progress":
@@ -86,7 +90,7 @@ class Progress:
             self.last_write = time.monotonic()
 
     def _beat(self) -> None:
-        while not self.done.wait(HEARTBEAT_S):
+        while not self.done.wait(self.beat_s):
             try:
                 self._write()
                 # A step stuck inside a library call never reaches check(): the job's state is
@@ -274,17 +278,21 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
         **evaluation,
         "steps": step_metrics,
     }
+    metrics["warnings"] = quality_warnings(metrics)
     progress("store", LOAD_SHARE + STEPS_SHARE + EVALUATE_SHARE)
     metrics = _finite(metrics)
     metrics_file = work / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2, allow_nan=False))
     report_file = work / "report.html"
     report_file.write_text(render_report(metrics, job_id=job.id))
-    # A complete POST /v1/jobs body, every default filled in: posting it back runs the same job.
+    # A complete POST /v1/jobs body, every default filled in and every measured choice decided:
+    # posting it back builds the same model (worker/recipe.py).
+    steps_decided, decisions = decided_steps(job.spec["steps"], step_metrics)
     recipe_file = work / "recipe.json"
     recipe_file.write_text(json.dumps({
-        "model_id": job.model_id, "steps": job.spec["steps"], "data": job.spec["data"],
-        "provenance": {"job_id": job.id, "preset": job.spec.get("preset"), "versions": metrics["environment"]["versions"]},
+        "model_id": job.model_id, "steps": steps_decided, "data": job.spec["data"],
+        "provenance": {"job_id": job.id, "preset": job.spec.get("preset"), "versions": metrics["environment"]["versions"],
+                       "decided": decisions},
     }, indent=2))
     for name, path in (("model.onnx", current), *extra_artifacts.items(), ("metrics.json", metrics_file),
                        ("report.html", report_file), ("recipe.json", recipe_file)):

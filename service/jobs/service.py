@@ -157,6 +157,10 @@ def cancel(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
 
 def get_artifact(*, session: Session, tenant_id: str, job_id: str, name: str) -> ArtifactRow:
     job = get(session=session, tenant_id=tenant_id, job_id=job_id)
+    if job.status in {s.value for s in ACTIVE}:
+        # Not a 404: the artifact is coming, and a client (curl -f) must not save this as the file.
+        raise Conflict(f"job {job_id} is {job.status}: its artifacts are stored when it finishes",
+                       code="job_not_finished", job_id=job_id, job_status=job.status)
     for artifact in job.artifacts:
         if artifact.name == name:
             return artifact

@@ -1,7 +1,7 @@
 import base64
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.deps import ContextDep, SessionDep, TenantDep
@@ -74,8 +74,20 @@ def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep):
 
 
 @router.get("/{job_id}/artifacts/{name}")
-def download_artifact(job_id: str, name: str, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
+@router.head("/{job_id}/artifacts/{name}", include_in_schema=False)  # HEAD: as GET, without the body
+def download_artifact(job_id: str, name: str, request: Request, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
     artifact = service.get_artifact(session=session, tenant_id=tenant_id, job_id=job_id, name=name)
+    media_type = "application/json" if name.endswith(".json") else "application/octet-stream"
+    headers = {
+        "Content-Length": str(artifact.size_bytes),
+        "ETag": f'"{artifact.sha256}"',
+        "X-Checksum-SHA256": artifact.sha256,
+        # RFC 9530: the digest of the whole representation, base64 of the raw sha-256.
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(artifact.sha256)).decode()}:",
+        "Content-Disposition": f'attachment; filename="{artifact.name}"',
+    }
+    if request.method == "HEAD":  # the headers a GET would send (size, digest), without reading storage
+        return Response(media_type=media_type, headers=headers)
     try:
         chunks = context.store.iter_chunks(artifact.storage_key)
         first = next(chunks, b"")
@@ -86,12 +98,4 @@ def download_artifact(job_id: str, name: str, context: ContextDep, session: Sess
         yield first
         yield from chunks
 
-    media_type = "application/json" if name.endswith(".json") else "application/octet-stream"
-    return StreamingResponse(body(), media_type=media_type, headers={
-        "Content-Length": str(artifact.size_bytes),
-        "ETag": f'"{artifact.sha256}"',
-        "X-Checksum-SHA256": artifact.sha256,
-        # RFC 9530: the digest of the whole representation, base64 of the raw sha-256.
-        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(artifact.sha256)).decode()}:",
-        "Content-Disposition": f'attachment; filename="{artifact.name}"',
-    })
+    return StreamingResponse(body(), media_type=media_type, headers=headers)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, NotFound
@@ -51,7 +52,11 @@ def get(*, session: Session, tenant_id: str, model_id: str) -> ModelRow:
     return row
 
 
-def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None) -> tuple[list[ModelRow], str | None]:
+def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None,
+              sha256: str | None = None) -> tuple[list[ModelRow], str | None]:
+    if sha256 is not None:  # the uploads of these exact bytes: a client reuses one instead of uploading again
+        query = select(ModelRow).where(ModelRow.tenant_id == tenant_id, ModelRow.sha256 == sha256)
+        return list(session.scalars(query.order_by(ModelRow.created_at.desc(), ModelRow.id.desc()).limit(limit))), None
     return newest_first(session=session, table=ModelRow, tenant_id=tenant_id, limit=limit, cursor=cursor)
 
 

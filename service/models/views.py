@@ -30,8 +30,9 @@ async def upload_model(request: Request, context: ContextDep, session: SessionDe
 def list_models(
     session: SessionDep, tenant_id: TenantDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
+    sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="only uploads of the file with this sha256")] = None,
 ):
-    rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor)
+    rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor, sha256=sha256)
     return ModelList(items=rows, next_cursor=next_cursor)
 
 

@@ -49,7 +49,7 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
     eval_data = ctx.data.get("eval")
     reference = run_outputs(open_session(ctx.model_path, 1), eval_data.head(2000).images) if eval_data is not None else None
     before = {**graph_stats(ctx.model_path), "quality": quality(ctx.model_path, eval_data, reference)}
-    final_keep = _final_keep_counts(config, model, ctx) if config.method == "channels" else None
+    final_keep, found_ratio = _final_keep_counts(config, model, ctx) if config.method == "channels" else (None, None)
     untie_weights(model)  # each weight its own: pruned, masked and trained on its own
     untied = ctx.workdir / "untied.onnx"
     onnx.save(model, str(untied))
@@ -105,6 +105,8 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
         "iterations": iterations,
         **details,
     }
+    if found_ratio is not None:  # what a target_macs / target_params search decided: a recipe replays it
+        metrics["ratio_found"] = found_ratio
     artifacts = {}
     if config.method in ("magnitude", "n_m"):
         compressed = ctx.workdir / "model.onnx.zst"
@@ -223,14 +225,15 @@ def _group_key(graph: channel_graph.ChannelGraph, root: int) -> tuple[str, ...]:
     return tuple(sorted(graph.layers(root)))
 
 
-def _final_keep_counts(config: PruneConfig, model: onnx.ModelProto, ctx: StepContext) -> dict[tuple, int]:
+def _final_keep_counts(config: PruneConfig, model: onnx.ModelProto, ctx: StepContext) -> tuple[dict[tuple, int], float | None]:
     """Channels each group keeps at the end: from `ratio`, or the smallest ratio that reaches
     `target_macs` / `target_params` (bisection on the uniform ratio; MACs and parameters are
-    counted on the actually pruned graph)."""
+    counted on the actually pruned graph). Also the ratio the bisection found (None for `ratio`)."""
     graph = channel_graph.analyse(model, config.exclude)
     if not graph.prunable():
         raise EngineError("nothing_to_prune", "no channel group can be pruned safely: "
                           + "; ".join(sorted(set(graph.blocked.values())))[:1000])
+    found = None
     if config.ratio is not None:
         counts = channel_graph.keep_counts(graph, config.ratio, config.round_to)
     else:
@@ -248,8 +251,8 @@ def _final_keep_counts(config: PruneConfig, model: onnx.ModelProto, ctx: StepCon
                 hi = mid
             else:
                 lo = mid
-        counts = channel_graph.keep_counts(graph, hi, config.round_to)
-    return {_group_key(graph, root): count for root, count in counts.items()}
+        counts, found = channel_graph.keep_counts(graph, hi, config.round_to), hi
+    return {_group_key(graph, root): count for root, count in counts.items()}, found
 
 
 def _gradients(path: Path, data, device: str) -> dict[str, np.ndarray]:

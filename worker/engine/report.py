@@ -59,7 +59,9 @@ def render(metrics: dict, *, job_id: str = "") -> str:
         change = "" if speedup is None else (f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x SLOWER")
         table.append(_row(f"latency p50, {key.replace('_', ' ')} (ms)", _latency(before, key), _latency(after, key), change))
     if acc_before is not None:
-        table.append(_row("top-1 accuracy", acc_before, acc_after, f"drop {100 * comparison.get('accuracy_drop', 0):.2f} points"))
+        drop_row = _row("top-1 accuracy", acc_before, acc_after, f"drop {100 * comparison.get('accuracy_drop', 0):.2f} points")
+        large = any(w["code"] == "large_accuracy_drop" for w in metrics.get("warnings", []))
+        table.append(drop_row.replace("<tr>", '<tr class="warn">', 1) if large else drop_row)
         table.append(_row("top-5 accuracy", before["accuracy"].get("top5"), after["accuracy"].get("top5")))
 
     fidelity_rows = "".join(
@@ -87,12 +89,15 @@ def render(metrics: dict, *, job_id: str = "") -> str:
 body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #1d2330; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem .8rem; border-bottom: 1px solid #dde2ea; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0; }} figcaption {{ font-weight: 600; }}
+.warnings {{ border: 2px solid #c62828; background: #fdecea; color: #8e1b1b; padding: .6rem 1rem; border-radius: 4px; }}
+tr.warn td, tr.warn th {{ color: #c62828; font-weight: 700; }}
 .label {{ font-size: 12px; fill: #1d2330; }} .value {{ font-size: 12px; fill: #1d2330; }} small {{ color: #667085; font-weight: 400; }}
 </style></head><body>
 <h1>Compression report</h1>
 <p>Job <code id="job-id">{escape(job_id)}</code> · model <code>{escape(str(metrics.get('model_id', '')))}</code>
 ({escape(str(metrics.get('model_format', '')))}) · evaluated on {_fmt(metrics.get('eval_samples'))} samples of
 <code>{escape(str(metrics.get('eval_dataset', '')))}</code> · metrics schema v{_fmt(metrics.get('schema_version'))}</p>
+{_warnings(metrics.get("warnings", []))}
 <h2>Before and after</h2>
 <table id="summary"><thead><tr><th></th><th>original</th><th>compressed</th><th>change</th></tr></thead>
 <tbody>{''.join(table)}</tbody></table>
@@ -110,13 +115,26 @@ th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0
 """
 
 
+QUALITY_ROWS = (("before", "before"), ("after_pruning", "right after pruning"), ("after_recovery", "after recovery"),
+                ("teacher", "teacher"), ("student_before", "student before training"), ("student_after", "student after training"))
+
+
 def _quality(entry: dict | None) -> str:
+    """"top-1 0.9810, agreement 0.9900", or "" when nothing was measured (no eval data)."""
     if not entry:
-        return "—"
+        return ""
     parts = [f"top-1 {_fmt(entry['top1'], 4)}"] if entry.get("top1") is not None else []
     if entry.get("top1_agreement") is not None:
         parts.append(f"agreement {_fmt(entry['top1_agreement'], 4)}")
-    return escape(", ".join(parts) or "—")
+    return escape(", ".join(parts))
+
+
+def _warnings(warnings: list[dict]) -> str:
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{escape(w['message'])}</li>" for w in warnings)
+    return f'<div class="warnings" role="alert"><strong>⚠ Quality warning</strong><ul>{items}</ul></div>'
+
 
 
 def _step_details(index: int, step: dict) -> str:
@@ -125,12 +143,16 @@ def _step_details(index: int, step: dict) -> str:
     html = []
     after = step.get("after_step")
     if after:
-        html.append(f"<p>After step {index + 1}: {_fmt(after.get('size_bytes'))} bytes, {_quality(after)}</p>")
+        measured = _quality(after)
+        html.append(f"<p>After step {index + 1}: {_fmt(after.get('size_bytes'))} bytes{', ' + measured if measured else ''}</p>")
     quality = step.get("quality")
     if quality:
-        html.append(f'<table class="step-quality"><tr><th>before</th><td>{_quality(quality.get("before"))}</td></tr>'
-                    f'<tr><th>right after pruning</th><td>{_quality(quality.get("after_pruning"))}</td></tr>'
-                    f'<tr><th>after recovery</th><td>{_quality(quality.get("after_recovery"))}</td></tr></table>')
+        # Prune: before / right after pruning / after recovery; distill: teacher / student before / after.
+        rows = "".join(f"<tr><th>{label}</th><td>{_quality(quality[key])}</td></tr>"
+                       for key, label in QUALITY_ROWS if _quality(quality.get(key)))
+        if step.get("type") == "prune" and quality.get("after_recovery") is None:
+            rows += "<tr><th>after recovery</th><td>no recovery (no <code>finetune</code>)</td></tr>"
+        html.append(f'<table class="step-quality">{rows}</table>')
     if step.get("size_bytes_compressed"):
         html.append(f"<p>Dense file {_fmt(step['size_bytes_dense'])} bytes; compressed (model.onnx.zst) "
                     f"{_fmt(step['size_bytes_compressed'])} bytes. {escape(step.get('note', ''))}</p>")
@@ -162,8 +184,29 @@ def _worst(entry: dict | None) -> str:
     return f"axis {_fmt(entry.get('axis'))} index {_fmt(entry.get('index'))}: cosine {_fmt(entry.get('cosine'), 4)}"
 
 
+# What the steps list shows of each step type, in this order, with its words.
+SUMMARY_FIELDS = {
+    "quantize": (("method", "method"), ("activation_type", "activations"), ("calibration", "calibration"),
+                 ("calibration_samples", "calibration samples")),
+    "prune": (("method", "method"), ("ratio", "ratio"), ("ratio_found", "ratio found"), ("importance", "importance")),
+    "distill": (("student", "student"), ("teacher", "teacher")),
+}
+
+
 def _step_summary(step: dict) -> str:
-    parts = [f"{k} {v}" for k, v in step.items() if k != "type" and isinstance(v, (int, float, str, bool))]
+    fields = SUMMARY_FIELDS.get(step["type"])
+    if fields is None:  # a plug-in step: its plain values
+        parts = [f"{k} {v}" for k, v in step.items() if k != "type" and isinstance(v, (int, float, str, bool))]
+    else:
+        parts = [f"{label} {_fmt(step[key], 4)}" for key, label in fields if step.get(key) is not None]
+    if step["type"] == "prune":
+        for key, label in (("parameters", "parameters"), ("macs", "MACs")):
+            if step.get(key) and None not in step[key]:
+                parts.append(f"{label} {_fmt(step[key][0])} → {_fmt(step[key][1])}")
+        if step.get("method") != "channels":  # channel pruning removes weights: it leaves no zeros
+            parts.append(f"sparsity {_fmt(step.get('sparsity'), 3)}")
+    if step.get("size_bytes") is not None:
+        parts.append(f"{_fmt(step['size_bytes'])} bytes")
     guard = step.get("guard")
     if guard:
         verdict = "met" if guard["met"] else "NOT met"
@@ -171,4 +214,4 @@ def _step_summary(step: dict) -> str:
                      f"(candidate {guard['candidate_holdout']}, original {guard['original_holdout']})")
         parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in guard["kept_float"]]
     parts += [f"left float: {entry['layer']} ({entry['reason']})" for entry in step.get("float_layers", [])]
-    return ", ".join(parts)
+    return "; ".join(parts)
