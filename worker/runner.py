@@ -244,7 +244,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
             continue
         last_input = current
         try:
-            result = handler_for(step["type"])(config, StepContext(
+            result = handler_for(config)(config, StepContext(
                 model_path=current, original_path=original, workdir=step_dir, data=data, progress=step_progress,
                 load_model=load_model, checkpoints=StoredCheckpoint(store, f"{saved}/training.pt", step_dir)))
         except GuardNotMet as exc:

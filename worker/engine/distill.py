@@ -21,7 +21,7 @@ from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
 
 
-@register("distill")
+@register(DistillConfig)
 def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
     teacher = ctx.load_model(config.teacher_model_id) if config.teacher_model_id else ctx.original_path
     train, eval_data = ctx.data["train"], ctx.data.get("eval")

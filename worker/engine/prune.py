@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from torch.nn import functional as F
 
 from worker.engine import channel_graph, train_norm
-from worker.engine.configs import PruneConfig
+from worker.engine.configs import PRUNE_SCHEMES, ChannelPruneConfig, PruneStepConfig
 from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.formats import untie_weights
@@ -41,8 +41,8 @@ ZSTD_LEVEL = 15
 TAYLOR_SAMPLES = 512
 
 
-@register("prune")
-def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
+@register(*PRUNE_SCHEMES)
+def prune(config: PruneStepConfig, ctx: StepContext) -> StepResult:
     model = onnx.load(str(ctx.model_path))
     if any(node.op_type in QUANTIZED_OPS for node in model.graph.node):
         raise EngineError("model_already_quantized", "pruning needs a float model: put the prune step before quantize")
@@ -119,7 +119,7 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
 
 # --- magnitude and n_m --------------------------------------------------------------------------
 
-def _weights(model: onnx.ModelProto, config: PruneConfig, left: list) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+def _weights(model: onnx.ModelProto, config: PruneStepConfig, left: list) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
     """The weights unstructured pruning works on. Depthwise/grouped convolutions (a handful of
     weights per channel) and layers under `min_weights` (the stem, squeeze-excite) hold little of
     the size and much of the accuracy: they are left, and listed."""
@@ -149,7 +149,7 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     return mask.reshape(values.shape)
 
 
-def _prune_magnitude(config: PruneConfig, source: Path, output: Path, sparsity: float):
+def _prune_magnitude(config: PruneStepConfig, source: Path, output: Path, sparsity: float):
     model = onnx.load(str(source))
     left = []
     layers = _weights(model, config, left)
@@ -183,7 +183,7 @@ def _input_last(node: onnx.NodeProto, array: np.ndarray) -> tuple[np.ndarray, ca
     return array.T, lambda x: x.T  # MatMul / Gemm: [in, out]
 
 
-def _prune_n_m(config: PruneConfig, source: Path, output: Path):
+def _prune_n_m(config: PruneStepConfig, source: Path, output: Path):
     model = onnx.load(str(source))
     masks, table, left = {}, [], []
     for node, tensor in _weights(model, config, left):
@@ -223,7 +223,7 @@ def _group_key(graph: channel_graph.ChannelGraph, root: int) -> tuple[str, ...]:
     return tuple(sorted(graph.layers(root)))
 
 
-def _final_keep_counts(config: PruneConfig, model: onnx.ModelProto, ctx: StepContext) -> dict[tuple, int]:
+def _final_keep_counts(config: ChannelPruneConfig, model: onnx.ModelProto, ctx: StepContext) -> dict[tuple, int]:
     """Channels each group keeps at the end: from `ratio`, or the smallest ratio that reaches
     `target_macs` / `target_params` (bisection on the uniform ratio; MACs and parameters are
     counted on the actually pruned graph)."""
@@ -268,7 +268,7 @@ def _gradients(path: Path, data, device: str) -> dict[str, np.ndarray]:
     return {inverse[key]: p.grad.detach().cpu().numpy() for key, p in module.weights.items() if p.grad is not None}
 
 
-def _prune_channels(config: PruneConfig, source: Path, output: Path, final_keep: dict, iteration: int, ctx: StepContext) -> dict:
+def _prune_channels(config: ChannelPruneConfig, source: Path, output: Path, final_keep: dict, iteration: int, ctx: StepContext) -> dict:
     model = onnx.load(str(source))
     graph = channel_graph.analyse(model, config.exclude)
     gradients = None
@@ -321,7 +321,7 @@ def _check_runs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
 
 # --- recovery -----------------------------------------------------------------------------------
 
-def _finetune(config: PruneConfig, source: Path, output: Path, masks: dict | None, targets: dict, ctx: StepContext,
+def _finetune(config: PruneStepConfig, source: Path, output: Path, masks: dict | None, targets: dict, ctx: StepContext,
               start: float, width: float) -> dict:
     train = ctx.data["train"]
     tune = config.finetune

@@ -15,7 +15,9 @@ import numpy as np
 import onnx
 
 from worker.engine import calibration_ranges, quant_weights
-from worker.engine.configs import QuantizeConfig
+from worker.engine.configs import (
+    QUANTIZE_SCHEMES, CodebookConfig, DynamicInt8Config, Fp16Config, Int8ExportFields, QatConfig, QuantizeStepConfig,
+    StaticInt8Config, WeightOnlyConfig)
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import environment, fixed_batch, open_session
 from worker.engine.registry import StepContext, StepResult, register
@@ -69,12 +71,12 @@ def excluded_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
     return [n.name for n in model.graph.node if n.name and (n.name in exclude or n.op_type in exclude or n.output[0] in exclude)]
 
 
-@register("quantize")
-def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
+@register(*QUANTIZE_SCHEMES)
+def quantize(config: QuantizeStepConfig, ctx: StepContext) -> StepResult:
     model = onnx.load(str(ctx.model_path), load_external_data=False)
     if {n.op_type for n in model.graph.node} & QUANTIZED_OPS:
         raise EngineError("already_quantized", "the model already holds quantized operators; it is not quantized again")
-    method = METHODS[config.method]
+    method = METHODS[type(config)]
     if config.guard is not None:
         from worker.engine.quant_guard import guarded
 
@@ -82,7 +84,7 @@ def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
     return method(config, ctx, model)
 
 
-def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto | None = None, *,
+def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelProto | None = None, *,
                 range_overrides: dict | None = None) -> StepResult:
     """`range_overrides`: activation ranges already known (learned by qat), by tensor name."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -217,7 +219,7 @@ def compact(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+def dynamic_int8(config: DynamicInt8Config, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ctx.progress("quantize", 0.1)
@@ -232,7 +234,7 @@ def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProt
     return StepResult(output, metrics={"method": config.method, **count_compute_nodes(output, ctx.workdir)})
 
 
-def fp16(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+def fp16(config: Fp16Config, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     ctx.progress("convert", 0.1)
@@ -249,7 +251,7 @@ def fp16(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> St
     return StepResult(output, metrics={"method": config.method, "keep_io_types": config.keep_io_types})
 
 
-def weight_only(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+def weight_only(config: WeightOnlyConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     ctx.progress("quantize weights", 0.1)
     output = ctx.workdir / "weight_only.onnx"
     report = quant_weights.weight_only(ctx.model_path, output, bits=config.bits, block_size=config.block_size,
@@ -257,13 +259,13 @@ def weight_only(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto
     return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
 
 
-def qat(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+def qat(config: QatConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     from worker.engine.qat import qat as quantization_aware_training
 
     return quantization_aware_training(config, ctx, static_int8)
 
 
-def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
+def codebook(config: CodebookConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     ctx.progress("cluster weights", 0.1)
     output = ctx.workdir / "codebook.onnx"
     report = quant_weights.codebook(ctx.model_path, output, bits=config.bits, exclude=config.exclude,
@@ -271,5 +273,5 @@ def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -
     return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
 
 
-METHODS = {"static_int8": static_int8, "dynamic_int8": dynamic_int8, "fp16": fp16,
-           "weight_only": weight_only, "codebook": codebook, "qat": qat}
+METHODS = {StaticInt8Config: static_int8, DynamicInt8Config: dynamic_int8, Fp16Config: fp16,
+           WeightOnlyConfig: weight_only, CodebookConfig: codebook, QatConfig: qat}

@@ -1,5 +1,5 @@
-"""Step types and their handlers. A technique registers one handler for its step type; the runner
-looks handlers up here and knows nothing else about them."""
+"""Step configs and their handlers. A technique registers one handler per config class (one per
+scheme); the runner looks the handler of a parsed config up here and knows nothing else about it."""
 
 import importlib
 from collections.abc import Callable
@@ -39,20 +39,22 @@ class StepResult:
 
 
 StepHandler = Callable[[StepConfig, StepContext], StepResult]
-_HANDLERS: dict[str, StepHandler] = {}
+_HANDLERS: dict[type[StepConfig], StepHandler] = {}
 
 
-def register(step_type: str) -> Callable[[StepHandler], StepHandler]:
+def register(*config_classes: type[StepConfig]) -> Callable[[StepHandler], StepHandler]:
     def decorate(handler: StepHandler) -> StepHandler:
-        _HANDLERS[step_type] = handler
+        for config_class in config_classes:
+            _HANDLERS[config_class] = handler
         return handler
 
     return decorate
 
 
-def handler_for(step_type: str) -> StepHandler:
+def handler_for(config: StepConfig) -> StepHandler:
     for module in TECHNIQUE_MODULES:  # imported once; later calls find them in sys.modules
         importlib.import_module(module)
-    if step_type not in _HANDLERS:
-        raise EngineError("unknown_step_type", f"no handler for step type {step_type!r}")
-    return _HANDLERS[step_type]
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise EngineError("unknown_step_type", f"no handler for {type(config).__name__}")
+    return handler
