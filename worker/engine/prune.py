@@ -31,12 +31,11 @@ from worker.engine.formats import untie_weights
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import count_macs, graph_stats, parameter_counts
 from worker.engine.onnx_torch import onnx_to_torch
+from worker.engine.quantized import is_quantized
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
 
 PRUNABLE_OPS = {"Conv", "Gemm", "MatMul"}
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-                 "MatMulNBits", "DynamicQuantizeLinear"}
 ZSTD_LEVEL = 15
 TAYLOR_SAMPLES = 512
 
@@ -44,7 +43,7 @@ TAYLOR_SAMPLES = 512
 @register(*PRUNE_SCHEMES)
 def prune(config: PruneStepConfig, ctx: StepContext) -> StepResult:
     model = onnx.load(str(ctx.model_path))
-    if any(node.op_type in QUANTIZED_OPS for node in model.graph.node):
+    if is_quantized(model):
         raise EngineError("model_already_quantized", "pruning needs a float model: put the prune step before quantize")
     eval_data = ctx.data.get("eval")
     reference = run_outputs(open_session(ctx.model_path, 1), eval_data.head(2000).images) if eval_data is not None else None
@@ -114,7 +113,9 @@ def prune(config: PruneStepConfig, ctx: StepContext) -> StepResult:
         metrics["size_bytes_compressed"] = compressed.stat().st_size
         metrics["note"] = "zeros do not run faster in ONNX Runtime: the gain is the compressed file (model.onnx.zst)"
     ctx.progress("done", 1.0)
-    return StepResult(current, metrics, artifacts)
+    stats = train_norm.statistics_path(current)
+    outputs = {train_norm.STATISTICS_OUTPUT: stats} if stats.is_file() else {}
+    return StepResult(current, metrics, artifacts, outputs=outputs)
 
 
 # --- magnitude and n_m --------------------------------------------------------------------------

@@ -36,6 +36,17 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Extra files of the final step, stored under these names beside model.onnx (model.onnx.zst).
     artifacts: dict[str, Path] = field(default_factory=dict)
+    # Named outputs a later step reads, each a file `beside(model_path, name)` (a prune step's
+    # channel statistics); the runner keeps them with the step's checkpoint.
+    outputs: dict[str, Path] = field(default_factory=dict)
+    # The technique's own measurements of the final model on the evaluation images, merged into
+    # the job's evaluation (per-layer SQNR of a quantized model).
+    measure: Callable[[Any], dict] | None = None
+
+
+def beside(model_path: Path, name: str) -> Path:
+    """Where a step's named output `name` lies: next to its model, `<model stem>.<name>`."""
+    return model_path.with_name(f"{model_path.stem}.{name}")
 
 
 StepHandler = Callable[[StepConfig, StepContext], StepResult]

@@ -10,6 +10,7 @@ worker has one.
 """
 
 import numpy as np
+import onnx
 import torch
 from torch.nn import functional as F
 
@@ -18,7 +19,8 @@ from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.onnx_torch import onnx_to_torch, save_weights
-from worker.engine.quant_weights import output_axis
+from worker.engine.quantize.static_int8 import static_int8
+from worker.engine.quantize.weights import output_axis
 from worker.engine.registry import StepContext, StepResult
 
 MOMENTUM = 0.1
@@ -55,7 +57,7 @@ class ActivationRanges:
         return output + (quantized - output).detach()
 
 
-def qat(config: QatConfig, ctx: StepContext, static_int8) -> StepResult:
+def qat(config: QatConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     train = ctx.data.get("train")
     if train is None:
         raise EngineError("train_data_required", "qat needs training data (data.train or data.split)")

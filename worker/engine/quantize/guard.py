@@ -18,7 +18,8 @@ from worker.engine.configs import QuantizeStepConfig
 from worker.engine.data import ImageSet, split
 from worker.engine.errors import EngineError, GuardNotMet
 from worker.engine.evaluate import open_session, run_outputs
-from worker.engine.layers import layer_sqnr, quantized_layers
+from worker.engine.fidelity import top1_agreement
+from worker.engine.quantize.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, StepResult
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
@@ -27,7 +28,7 @@ SENSITIVITY_SAMPLES = 64
 
 def _score(path, data: ImageSet, reference: np.ndarray) -> dict:
     logits = run_outputs(open_session(path, threads=1), data.images)[0]
-    score = {"top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
+    score = {"top1_agreement": top1_agreement(reference, logits)}
     if data.labels is not None:
         score["accuracy"] = float(np.mean(logits.argmax(1) == data.labels[: len(logits)]))
     return score
