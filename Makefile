@@ -1,5 +1,5 @@
 # `make run` serves the API (embedded: SQLite, local storage, in-process worker) on 127.0.0.1:$(PORT).
-# `make test` runs the whole suite, starting PostgreSQL and Redis if they are down.
+# `make test` checks the import contracts, then runs the whole suite, starting PostgreSQL and Redis if they are down.
 # Both create .venv and install everything on first use.
 
 PYTHON ?= python3
@@ -46,6 +46,8 @@ run: $(BASE_STAMP)
 
 test: $(TEST_STAMP)
 	bash tests/ensure_services.sh
+	# The import contracts of .importlinter: service without torch/onnxruntime/runner, engine without web or db.
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 # Production shape, by hand: a worker for the cpu queue (set DATABASE_URL, BROKER_URL, STORAGE_URL).

@@ -16,7 +16,7 @@ import torch
 
 from bench.reference import ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import DistillConfig, PruneConfig, QuantizeConfig
+from worker.engine.configs import ChannelPruneConfig, DistillConfig, StaticInt8Config
 from worker.engine.data import ImageSet
 from worker.engine.distill import distill
 from worker.engine.prune import prune
@@ -92,9 +92,9 @@ def main() -> None:
     current, rows = teacher_onnx, []
     started = time.perf_counter()
     for label, config, handler in (
-        ("prune channels, target_params 0.45", PruneConfig(method="channels", target_params=0.45), prune),
+        ("prune channels, target_params 0.45", ChannelPruneConfig(target_params=0.45), prune),
         (f"distill {args.epochs + 1} epochs (alpha 0.5, T 4)", DistillConfig(epochs=args.epochs + 1), distill),
-        ("quantize static_int8", QuantizeConfig(method="static_int8"), quantize),
+        ("quantize static_int8", StaticInt8Config(), quantize),
     ):
         step_dir = work / label.split()[0]
         step_dir.mkdir()

@@ -15,7 +15,7 @@ import torch
 
 from bench.reference import ResNetSmall, export_all, load_digits_split, train
 from worker.engine import device
-from worker.engine.configs import DistillConfig, PruneConfig, QuantizeConfig
+from worker.engine.configs import ChannelPruneConfig, DistillConfig, MagnitudePruneConfig, QatConfig
 from worker.engine.data import ImageSet
 from worker.engine.distill import distill
 from worker.engine.prune import prune
@@ -49,12 +49,12 @@ def main() -> None:
             "calibration": ImageSet(train_split.images[:256].astype(np.float32) / 255, None)}
     pair = ["/stages/stages.1/Relu_1_output_0"] * 2
     cases = {
-        "prune channels + distilled finetune": (prune, PruneConfig(method="channels", ratio=0.5, round_to=4,
+        "prune channels + distilled finetune": (prune, ChannelPruneConfig(ratio=0.5, round_to=4,
                                                                    finetune={"epochs": 4, "distill": True})),
-        "prune magnitude 70% + finetune": (prune, PruneConfig(method="magnitude", sparsity=0.7, finetune={"epochs": 3})),
+        "prune magnitude 70% + finetune": (prune, MagnitudePruneConfig(sparsity=0.7, finetune={"epochs": 3})),
         "distill from_teacher, hints, augment": (distill, DistillConfig(from_teacher={"prune_channels": 0.5, "round_to": 4}, epochs=6,
                                                                         feature_pairs=[pair], augment=["flip", "noise"])),
-        "qat": (quantize, QuantizeConfig(method="qat", epochs=2, lr=1e-4)),
+        "qat": (quantize, QatConfig(epochs=2, lr=1e-4)),
     }
     rows = []
     for name, (handler, config) in cases.items():

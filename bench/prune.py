@@ -18,7 +18,7 @@ import torch
 
 from bench.reference import MobileNetSmall, ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import FinetuneSpec, PruneConfig
+from worker.engine.configs import ChannelPruneConfig, FinetuneSpec, MagnitudePruneConfig
 from worker.engine.data import ImageSet
 from worker.engine.prune import prune
 from worker.engine.registry import StepContext
@@ -94,7 +94,7 @@ def main() -> None:
         for keep in TARGETS:
             step_dir = work / f"ours-{keep}"
             step_dir.mkdir()
-            config = PruneConfig(method="channels", target_macs=keep, importance="l2", finetune={"epochs": args.finetune_epochs})
+            config = ChannelPruneConfig(target_macs=keep, importance="l2", finetune={"epochs": args.finetune_epochs})
             started = time.perf_counter()
             result = prune(config, StepContext(fp32, fp32, step_dir, {"train": train_set, "eval": eval_set}, lambda *_: None))
             ours_s = time.perf_counter() - started
@@ -110,7 +110,7 @@ def main() -> None:
 
         step_dir = work / "magnitude"
         step_dir.mkdir()
-        config = PruneConfig(method="magnitude", sparsity=0.9, finetune={"epochs": args.finetune_epochs, "distill": True})
+        config = MagnitudePruneConfig(sparsity=0.9, finetune={"epochs": args.finetune_epochs, "distill": True})
         started = time.perf_counter()
         result = prune(config, StepContext(fp32, fp32, step_dir, {"train": train_set, "eval": eval_set}, lambda *_: None))
         after, _ = evaluate.measure(result.model_path, eval_set, settings)

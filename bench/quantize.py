@@ -14,7 +14,7 @@ import torch
 
 from bench.reference import MobileNetSmall, ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import QuantizeConfig
+from worker.engine.configs import parse_step
 from worker.engine.data import ImageSet
 from worker.engine.fidelity import fidelity
 from worker.engine.quantize import count_compute_nodes, quantize
@@ -38,7 +38,7 @@ def ort_static(model: Path, calibration: np.ndarray, out: Path, **options) -> Pa
 def ours(fp32: Path, work: Path, calib_data: ImageSet, **params) -> Path:
     step_dir = work / ("step-" + "-".join(f"{k}{v}" for k, v in params.items()))
     step_dir.mkdir()
-    config = QuantizeConfig(**params)
+    config = parse_step("quantize", params)
     return quantize(config, StepContext(fp32, fp32, step_dir, {"calibration": calib_data}, lambda *_: None)).model_path
 
 

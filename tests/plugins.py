@@ -15,7 +15,7 @@ class WaitConfig(StepConfig):
     seconds: float = 30.0
 
 
-@register("wait")
+@register(WaitConfig)
 def wait(config: WaitConfig, ctx: StepContext) -> StepResult:
     started.append(time.monotonic())
     deadline = time.monotonic() + config.seconds

@@ -27,10 +27,9 @@ def test_defaults_are_filled_in(client, reference):
     data = upload_dataset(client, reference.calib_npz)
     job = submit(client, model["id"], data["id"], None, params={})
     assert job["steps"][0]["params"] == {
-        "version": 1, "method": "static_int8", "bits": 8, "per_channel": True, "symmetric": True, "calibration": "minmax",
+        "version": 2, "method": "static_int8", "bits": 8, "per_channel": True, "calibration": "minmax",
         "percentile": 99.999, "activation_type": "auto", "weight_type": "int8", "calibration_samples": 256,
-        "block_size": None, "keep_io_types": True, "exclude": [], "keep_first_last": False, "guard": None,
-        "epochs": 1, "lr": 1e-4, "batch_size": 64, "distill": False, "seed": 0,
+        "exclude": [], "guard": None,
     }
     finished, _ = wait_finished(client, job["id"])
     # Unlabelled evaluation data: fidelity, no accuracy.
@@ -57,6 +56,9 @@ def test_bad_job_requests(client, reference):
     assert "method" in body["detail"]
     assert_problem(post({"model_id": model["id"], "steps": [{"type": "quantize", "params": {"colour": 1}}],
                          "data": {"calibration": data["id"]}}), 422, "invalid_step_params")
+    future = assert_problem(post({"model_id": model["id"], "steps": [{"type": "quantize", "params": {"version": 99}}],
+                                  "data": {"calibration": data["id"]}}), 422, "unsupported_config_version")
+    assert "version 99" in future["detail"]
     assert_problem(post({"model_id": model["id"], "steps": [], "data": {"calibration": data["id"]}}), 422, "validation_error")
     assert_problem(post({"model_id": model["id"]}), 422, "validation_error")
     assert_problem(client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422, "validation_error")

@@ -104,7 +104,8 @@ def zero_channels(graph, chosen):
 
 
 def step(params, model_path, workdir, data=None):
-    return handler_for("prune")(parse_step("prune", params), StepContext(model_path, model_path, workdir, data or {}, lambda s, f: None))
+    config = parse_step("prune", params)
+    return handler_for(config)(config, StepContext(model_path, model_path, workdir, data or {}, lambda s, f: None))
 
 
 @pytest.mark.parametrize("build", ["zoo", "bn"])

@@ -18,7 +18,7 @@ from service.dispatch import RUN_JOB_TASK
 from service.jobs import service as jobs
 from service.jobs.tables import JobRow
 from service.storage import open_store
-from worker.runner import RunnerDeps, run_job
+from worker.runner import Outcome, RunnerDeps, run_job
 from worker.workdirs import remove_dead_workdirs
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run_job_task(self, job_id: str) -> str:
         outcome = run_job(job_id, deps())
     except OperationalError as exc:  # the database blinked before the job was claimed or finished
         raise self.retry(exc=exc, countdown=10)
-    if outcome == "skipped":
+    if outcome is Outcome.SKIPPED:
         with deps().session_factory() as session:
             job = session.get(JobRow, job_id)
             busy = job is not None and job.status == "running"

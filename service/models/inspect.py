@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import Invalid
+from worker.engine.quantized import holds_quantized_ops
 
 ONNX = "onnx"
 TORCH_EXPORT = "torch_export"
@@ -21,10 +22,6 @@ TORCHSCRIPT = "torchscript"
 MAX_METADATA_MEMBER_BYTES = 256 * 1024 * 1024
 MAX_SUBGRAPH_DEPTH = 16
 MAX_LOOP_TRIPS = 100_000
-QUANTIZED_OPS = {
-    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-    "MatMulInteger", "MatMulNBits", "DynamicQuantizeLinear",
-}
 # Globals a plain `torch.save(state_dict)` file references; anything else means the pickle would
 # rebuild arbitrary objects (an nn.Module, or worse) when loaded.
 WEIGHTS_ONLY_GLOBALS = {
@@ -331,7 +328,7 @@ def _inspect_onnx_bytes(content: bytes, *, external_ok: bool) -> ModelInfo:
         "ir_version": model.ir_version,
         "producer": model.producer_name,
         "nodes": len(model.graph.node),
-        "quantized": bool(op_types & QUANTIZED_OPS),
+        "quantized": holds_quantized_ops(op_types),
     }
     return ModelInfo(ONNX, inputs=inputs, outputs=outputs, details=details)
 

@@ -16,12 +16,12 @@ from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import graph_stats
-from worker.engine.prune import QUANTIZED_OPS
+from worker.engine.quantized import is_quantized
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
 
 
-@register("distill")
+@register(DistillConfig)
 def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
     teacher = ctx.load_model(config.teacher_model_id) if config.teacher_model_id else ctx.original_path
     train, eval_data = ctx.data["train"], ctx.data.get("eval")
@@ -37,7 +37,7 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
     else:
         student_path, student_from = ctx.model_path, "the previous step's output"
         targets = train_norm.load_targets(ctx.model_path)  # a prune step before may have left them
-    if any(node.op_type in QUANTIZED_OPS for node in onnx.load(str(student_path), load_external_data=False).graph.node):
+    if is_quantized(onnx.load(str(student_path), load_external_data=False)):
         raise EngineError("model_already_quantized", "the student must be a float model: put distill before quantize")
     _check_outputs_match(teacher, student_path, train.images[:2])
 

@@ -12,6 +12,11 @@ def is_class_scores(output: np.ndarray) -> bool:
     return output.ndim == 2 and output.shape[1] > 1
 
 
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """How often two models' class scores pick the same class."""
+    return float(np.mean(np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)))
+
+
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> dict | None:
     if not is_class_scores(scores):
         return None
@@ -69,7 +74,7 @@ def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> list[d
             "worst_slice": worst_slice(ref64, cand64),
         }
         if is_class_scores(ref):
-            entry["top1_agreement"] = float(np.mean(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+            entry["top1_agreement"] = top1_agreement(ref, cand)
             p, q = _softmax(ref64), _softmax(cand64)
             entry["kl_softmax"] = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
         results.append(entry)

@@ -24,27 +24,26 @@ from onnx import numpy_helper
 from torch.nn import functional as F
 
 from worker.engine import channel_graph, train_norm
-from worker.engine.configs import PruneConfig
+from worker.engine.configs import PRUNE_SCHEMES, ChannelPruneConfig, PruneStepConfig
 from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.formats import untie_weights
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import count_macs, graph_stats, parameter_counts
 from worker.engine.onnx_torch import onnx_to_torch
+from worker.engine.quantized import is_quantized
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
 
 PRUNABLE_OPS = {"Conv", "Gemm", "MatMul"}
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-                 "MatMulNBits", "DynamicQuantizeLinear"}
 ZSTD_LEVEL = 15
 TAYLOR_SAMPLES = 512
 
 
-@register("prune")
-def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
+@register(*PRUNE_SCHEMES)
+def prune(config: PruneStepConfig, ctx: StepContext) -> StepResult:
     model = onnx.load(str(ctx.model_path))
-    if any(node.op_type in QUANTIZED_OPS for node in model.graph.node):
+    if is_quantized(model):
         raise EngineError("model_already_quantized", "pruning needs a float model: put the prune step before quantize")
     eval_data = ctx.data.get("eval")
     reference = run_outputs(open_session(ctx.model_path, 1), eval_data.head(2000).images) if eval_data is not None else None
@@ -116,12 +115,14 @@ def prune(config: PruneConfig, ctx: StepContext) -> StepResult:
         metrics["size_bytes_compressed"] = compressed.stat().st_size
         metrics["note"] = "zeros do not run faster in ONNX Runtime: the gain is the compressed file (model.onnx.zst)"
     ctx.progress("done", 1.0)
-    return StepResult(current, metrics, artifacts)
+    stats = train_norm.statistics_path(current)
+    outputs = {train_norm.STATISTICS_OUTPUT: stats} if stats.is_file() else {}
+    return StepResult(current, metrics, artifacts, outputs=outputs)
 
 
 # --- magnitude and n_m --------------------------------------------------------------------------
 
-def _weights(model: onnx.ModelProto, config: PruneConfig, left: list) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+def _weights(model: onnx.ModelProto, config: PruneStepConfig, left: list) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
     """The weights unstructured pruning works on. Depthwise/grouped convolutions (a handful of
     weights per channel) and layers under `min_weights` (the stem, squeeze-excite) hold little of
     the size and much of the accuracy: they are left, and listed."""
@@ -151,7 +152,7 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     return mask.reshape(values.shape)
 
 
-def _prune_magnitude(config: PruneConfig, source: Path, output: Path, sparsity: float):
+def _prune_magnitude(config: PruneStepConfig, source: Path, output: Path, sparsity: float):
     model = onnx.load(str(source))
     left = []
     layers = _weights(model, config, left)
@@ -185,7 +186,7 @@ def _input_last(node: onnx.NodeProto, array: np.ndarray) -> tuple[np.ndarray, ca
     return array.T, lambda x: x.T  # MatMul / Gemm: [in, out]
 
 
-def _prune_n_m(config: PruneConfig, source: Path, output: Path):
+def _prune_n_m(config: PruneStepConfig, source: Path, output: Path):
     model = onnx.load(str(source))
     masks, table, left = {}, [], []
     for node, tensor in _weights(model, config, left):
@@ -225,7 +226,7 @@ def _group_key(graph: channel_graph.ChannelGraph, root: int) -> tuple[str, ...]:
     return tuple(sorted(graph.layers(root)))
 
 
-def _final_keep_counts(config: PruneConfig, model: onnx.ModelProto, ctx: StepContext) -> tuple[dict[tuple, int], float | None]:
+def _final_keep_counts(config: ChannelPruneConfig, model: onnx.ModelProto, ctx: StepContext) -> tuple[dict[tuple, int], float | None]:
     """Channels each group keeps at the end: from `ratio`, or the smallest ratio that reaches
     `target_macs` / `target_params` (bisection on the uniform ratio; MACs and parameters are
     counted on the actually pruned graph). Also the ratio the bisection found (None for `ratio`)."""
@@ -271,7 +272,7 @@ def _gradients(path: Path, data, device: str) -> dict[str, np.ndarray]:
     return {inverse[key]: p.grad.detach().cpu().numpy() for key, p in module.weights.items() if p.grad is not None}
 
 
-def _prune_channels(config: PruneConfig, source: Path, output: Path, final_keep: dict, iteration: int, ctx: StepContext) -> dict:
+def _prune_channels(config: ChannelPruneConfig, source: Path, output: Path, final_keep: dict, iteration: int, ctx: StepContext) -> dict:
     model = onnx.load(str(source))
     graph = channel_graph.analyse(model, config.exclude)
     gradients = None
@@ -324,7 +325,7 @@ def _check_runs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
 
 # --- recovery -----------------------------------------------------------------------------------
 
-def _finetune(config: PruneConfig, source: Path, output: Path, masks: dict | None, targets: dict, ctx: StepContext,
+def _finetune(config: PruneStepConfig, source: Path, output: Path, masks: dict | None, targets: dict, ctx: StepContext,
               start: float, width: float) -> dict:
     train = ctx.data["train"]
     tune = config.finetune

@@ -1,5 +1,5 @@
-"""Step types and their handlers. A technique registers one handler for its step type; the runner
-looks handlers up here and knows nothing else about them."""
+"""Step configs and their handlers. A technique registers one handler per config class (one per
+scheme); the runner looks the handler of a parsed config up here and knows nothing else about it."""
 
 import importlib
 from collections.abc import Callable
@@ -36,23 +36,36 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Extra files of the final step, stored under these names beside model.onnx (model.onnx.zst).
     artifacts: dict[str, Path] = field(default_factory=dict)
+    # Named outputs a later step reads, each a file `beside(model_path, name)` (a prune step's
+    # channel statistics); the runner keeps them with the step's checkpoint.
+    outputs: dict[str, Path] = field(default_factory=dict)
+    # The technique's own measurements of the final model on the evaluation images, merged into
+    # the job's evaluation (per-layer SQNR of a quantized model).
+    measure: Callable[[Any], dict] | None = None
+
+
+def beside(model_path: Path, name: str) -> Path:
+    """Where a step's named output `name` lies: next to its model, `<model stem>.<name>`."""
+    return model_path.with_name(f"{model_path.stem}.{name}")
 
 
 StepHandler = Callable[[StepConfig, StepContext], StepResult]
-_HANDLERS: dict[str, StepHandler] = {}
+_HANDLERS: dict[type[StepConfig], StepHandler] = {}
 
 
-def register(step_type: str) -> Callable[[StepHandler], StepHandler]:
+def register(*config_classes: type[StepConfig]) -> Callable[[StepHandler], StepHandler]:
     def decorate(handler: StepHandler) -> StepHandler:
-        _HANDLERS[step_type] = handler
+        for config_class in config_classes:
+            _HANDLERS[config_class] = handler
         return handler
 
     return decorate
 
 
-def handler_for(step_type: str) -> StepHandler:
+def handler_for(config: StepConfig) -> StepHandler:
     for module in TECHNIQUE_MODULES:  # imported once; later calls find them in sys.modules
         importlib.import_module(module)
-    if step_type not in _HANDLERS:
-        raise EngineError("unknown_step_type", f"no handler for step type {step_type!r}")
-    return _HANDLERS[step_type]
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise EngineError("unknown_step_type", f"no handler for {type(config).__name__}")
+    return handler

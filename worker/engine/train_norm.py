@@ -27,8 +27,11 @@ from torch.nn import functional as F
 
 from worker.engine.formats import constants_to_initializers
 from worker.engine.onnx_torch import OnnxModule, onnx_to_torch
+from worker.engine.registry import beside
 
 EPS = 1e-5
+# The named step output (registry.StepResult.outputs) the statistics travel as.
+STATISTICS_OUTPUT = "channel-stats.npz"
 MAX_SHRINK = 10.0
 
 
@@ -98,7 +101,7 @@ def output_statistics(path, images: np.ndarray, device: str, samples: int = 512)
 def statistics_path(model: Path) -> Path:
     """Where a pruned model's channel statistics travel beside it to a later training step (a
     `distill` after `prune` in a recipe): `<model stem>.channel-stats.npz`."""
-    return model.with_name(f"{model.stem}.channel-stats.npz")
+    return beside(model, STATISTICS_OUTPUT)
 
 
 def save_targets(targets: dict[str, tuple[np.ndarray, np.ndarray]], model: Path) -> None:

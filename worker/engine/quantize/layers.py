@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine.evaluate import open_session, run_outputs
+from worker.engine.evaluate import fixed_batch, open_session, run_outputs
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 MAX_LAYERS = 200
@@ -86,3 +86,12 @@ def layer_sqnr(original: Path, quantized: Path, images: np.ndarray, workdir: Pat
         report.append({"layer": layer, "op": op_type, "tensor": tensor,
                        "sqnr_db": None if value == float("inf") else round(value, 3)})
     return report
+
+
+def per_layer_report(float_model: Path, quantized: Path, images: np.ndarray) -> dict:
+    """Per-layer error of quantization against `float_model`, the model the quantizing step started
+    from (after a prune or distill step the job's original has other layer shapes)."""
+    if not quantized_layers(quantized):
+        return {}
+    fixed = fixed_batch(open_session(quantized, 1))
+    return {"layers": layer_sqnr(float_model, quantized, images[: max(fixed or 0, 64)], quantized.parent)}

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.engine import qmath
+from worker.engine.quantize import qmath
 from worker.engine.errors import EngineError
 
 WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

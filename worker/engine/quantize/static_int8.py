@@ -1,12 +1,7 @@
-"""The `quantize` step. One handler; `method` picks the function that does the work:
-
-- static_int8: pre-process (shape inference, graph clean-up) -> calibrate on the calibration data ->
-  write a QDQ model with ONNX Runtime's quantizer -> count which compute nodes ONNX Runtime really
-  runs in int8 after its graph optimisation (a QDQ pair that ORT cannot fuse leaves the node in
-  fp32, which is slower than no quantization).
-- dynamic_int8: ONNX Runtime's dynamic quantizer (int8 weights, activations at run time).
-- fp16: ONNX Runtime's float16 converter, inputs/outputs kept fp32 by default.
-- weight_only, codebook: our own graph rewrites (quant_weights.py).
+"""static_int8: pre-process (shape inference, graph clean-up) -> calibrate on the calibration data ->
+write a QDQ model with ONNX Runtime's quantizer -> count which compute nodes ONNX Runtime really
+runs in int8 after its graph optimisation (a QDQ pair that ORT cannot fuse leaves the node in
+fp32, which is slower than no quantization). qat exports through it with learned ranges.
 """
 
 from pathlib import Path
@@ -14,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine import calibration_ranges, quant_weights
-from worker.engine.configs import QuantizeConfig
+from worker.engine.configs import Int8ExportFields
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import environment, fixed_batch, open_session
-from worker.engine.registry import StepContext, StepResult, register
+from worker.engine.fidelity import top1_agreement
+from worker.engine.quantize import calibration_ranges
+from worker.engine.quantize.ops import count_compute_nodes, excluded_nodes
+from worker.engine.registry import StepContext, StepResult
 
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits"}
-INT8_COMPUTE_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul", "QLinearAdd", "QLinearGlobalAveragePool"}
-FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcFusedConv"}
 CALIBRATION_BATCH = 16
 
 
@@ -47,42 +41,7 @@ class _CalibrationReader:
         self.position = 0
 
 
-def count_compute_nodes(model_path: Path, workdir: Path) -> dict:
-    """Op types of the compute-heavy nodes after ORT's own graph optimisation."""
-    import onnxruntime as ort
-
-    optimized = workdir / "ort-optimized.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(optimized)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-    return {
-        "int8_compute_nodes": sum(op in INT8_COMPUTE_OPS for op in ops),
-        "float_compute_nodes": sum(op in FLOAT_COMPUTE_OPS for op in ops),
-    }
-
-
-def excluded_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
-    """Node names to leave float, from names, op types or output tensor names."""
-    return [n.name for n in model.graph.node if n.name and (n.name in exclude or n.op_type in exclude or n.output[0] in exclude)]
-
-
-@register("quantize")
-def quantize(config: QuantizeConfig, ctx: StepContext) -> StepResult:
-    model = onnx.load(str(ctx.model_path), load_external_data=False)
-    if {n.op_type for n in model.graph.node} & QUANTIZED_OPS:
-        raise EngineError("already_quantized", "the model already holds quantized operators; it is not quantized again")
-    method = METHODS[config.method]
-    if config.guard is not None:
-        from worker.engine.quant_guard import guarded
-
-        return guarded(config, ctx, lambda cfg, sub_ctx: method(cfg, sub_ctx, model))
-    return method(config, ctx, model)
-
-
-def static_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto | None = None, *,
+def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelProto | None = None, *,
                 range_overrides: dict | None = None) -> StepResult:
     """`range_overrides`: activation ranges already known (learned by qat), by tensor name."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -174,7 +133,7 @@ def select_fastest(build, float_model: Path, images: np.ndarray, ctx: StepContex
         batch = fixed_batch(session) or 32
         timing = latency(session, sample, batch, RunSettings(time_budget_s=0.5, max_timed_runs=50))
         outputs = run_outputs(session, sample)[0]
-        agreement = float(np.mean(outputs.argmax(-1) == reference.argmax(-1))) if reference.ndim == 2 else \
+        agreement = top1_agreement(reference, outputs) if reference.ndim == 2 else \
             float(-np.abs(outputs - reference).mean())
         candidates.append({"activation_type": activation_type, "path": path, "p50_ms": timing["p50_ms"],
                            "batch": batch, "agreement": agreement, **count_compute_nodes(path, ctx.workdir)})
@@ -215,61 +174,3 @@ def compact(path: Path) -> None:
             if name in renamed:
                 node.input[position] = renamed[name]
     onnx.save(model, str(path))
-
-
-def dynamic_int8(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    ctx.progress("quantize", 0.1)
-    output = ctx.workdir / "dynamic.onnx"
-    try:
-        quantize_dynamic(str(ctx.model_path), str(output), per_channel=config.per_channel,
-                         weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[config.weight_type],
-                         nodes_to_exclude=excluded_nodes(model, config.exclude))
-    except Exception as exc:
-        raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
-    ctx.progress("inspect", 0.9)
-    return StepResult(output, metrics={"method": config.method, **count_compute_nodes(output, ctx.workdir)})
-
-
-def fp16(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    ctx.progress("convert", 0.1)
-    output = ctx.workdir / "fp16.onnx"
-    # The user's op types add to ORT's own list of ops that must stay fp32 (NMS, TopK, RoiAlign...).
-    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | {n.op_type for n in model.graph.node if n.op_type in config.exclude})
-    try:
-        converted = convert_float_to_float16(model, keep_io_types=config.keep_io_types,
-                                             node_block_list=excluded_nodes(model, config.exclude) or None,
-                                             op_block_list=block)
-    except Exception as exc:
-        raise EngineError("quantization_failed", f"the float16 conversion failed: {str(exc)[:1500]}") from exc
-    onnx.save(converted, str(output))
-    return StepResult(output, metrics={"method": config.method, "keep_io_types": config.keep_io_types})
-
-
-def weight_only(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
-    ctx.progress("quantize weights", 0.1)
-    output = ctx.workdir / "weight_only.onnx"
-    report = quant_weights.weight_only(ctx.model_path, output, bits=config.bits, block_size=config.block_size,
-                                       symmetric=config.symmetric, exclude=config.exclude, keep_first_last=config.keep_first_last)
-    return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
-
-
-def qat(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
-    from worker.engine.qat import qat as quantization_aware_training
-
-    return quantization_aware_training(config, ctx, static_int8)
-
-
-def codebook(config: QuantizeConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
-    ctx.progress("cluster weights", 0.1)
-    output = ctx.workdir / "codebook.onnx"
-    report = quant_weights.codebook(ctx.model_path, output, bits=config.bits, exclude=config.exclude,
-                                    keep_first_last=config.keep_first_last)
-    return StepResult(output, metrics={"method": config.method, "bits": config.bits, **report})
-
-
-METHODS = {"static_int8": static_int8, "dynamic_int8": dynamic_int8, "fp16": fp16,
-           "weight_only": weight_only, "codebook": codebook, "qat": qat}

@@ -10,15 +10,17 @@ worker has one.
 """
 
 import numpy as np
+import onnx
 import torch
 from torch.nn import functional as F
 
-from worker.engine.configs import QuantizeConfig
+from worker.engine.configs import QatConfig
 from worker.engine.device import pick_device
 from worker.engine.errors import EngineError
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.onnx_torch import onnx_to_torch, save_weights
-from worker.engine.quant_weights import output_axis
+from worker.engine.quantize.static_int8 import static_int8
+from worker.engine.quantize.weights import output_axis
 from worker.engine.registry import StepContext, StepResult
 
 MOMENTUM = 0.1
@@ -55,7 +57,7 @@ class ActivationRanges:
         return output + (quantized - output).detach()
 
 
-def qat(config: QuantizeConfig, ctx: StepContext, static_int8) -> StepResult:
+def qat(config: QatConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResult:
     train = ctx.data.get("train")
     if train is None:
         raise EngineError("train_data_required", "qat needs training data (data.train or data.split)")
@@ -118,8 +120,7 @@ def qat(config: QuantizeConfig, ctx: StepContext, static_int8) -> StepResult:
     save_weights(module, prepared, trained)
     overrides = {name: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(max(hi, 0.0))}] for name, (lo, hi) in ranges.ranges.items()}
     export_ctx = StepContext(trained, ctx.original_path, ctx.workdir, {"calibration": train}, lambda s, f: ctx.progress(s, 0.8 + 0.2 * f))
-    export = config.model_copy(update={"method": "static_int8", "activation_type": "uint8", "calibration": "minmax"})
-    result = static_int8(export, export_ctx, range_overrides=overrides)
+    result = static_int8(config.export_config(), export_ctx, range_overrides=overrides)
     result.metrics.update({"method": "qat", "epochs": config.epochs, "train_samples": len(images), "loss_per_epoch": losses,
                            "device": device, "distill": config.distill})
     return result

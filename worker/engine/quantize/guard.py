@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from worker.engine.configs import QuantizeConfig
+from worker.engine.configs import QuantizeStepConfig
 from worker.engine.data import ImageSet, split
 from worker.engine.errors import EngineError, GuardNotMet
 from worker.engine.evaluate import open_session, run_outputs
-from worker.engine.layers import layer_sqnr, quantized_layers
+from worker.engine.fidelity import top1_agreement
+from worker.engine.quantize.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, StepResult
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
@@ -27,7 +28,7 @@ SENSITIVITY_SAMPLES = 64
 
 def _score(path, data: ImageSet, reference: np.ndarray) -> dict:
     logits = run_outputs(open_session(path, threads=1), data.images)[0]
-    score = {"top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
+    score = {"top1_agreement": top1_agreement(reference, logits)}
     if data.labels is not None:
         score["accuracy"] = float(np.mean(logits.argmax(1) == data.labels[: len(logits)]))
     return score
@@ -45,7 +46,11 @@ def _meets(score: dict, original: dict, guard) -> bool:
     return original["accuracy"] - score["accuracy"] <= guard.max_accuracy_drop + 1e-12
 
 
-def guarded(config: QuantizeConfig, ctx: StepContext, run: Callable[[QuantizeConfig, StepContext], StepResult]) -> StepResult:
+def _calibration_change(calibration: str | None) -> dict:
+    return {} if calibration is None else {"calibration": calibration}
+
+
+def guarded(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[QuantizeStepConfig, StepContext], StepResult]) -> StepResult:
     guard = config.guard
     data = ctx.data.get("eval")
     if data is None:
@@ -82,11 +87,12 @@ def guarded(config: QuantizeConfig, ctx: StepContext, run: Callable[[QuantizeCon
         attempts.append({"attempt": label, "tune": score, "meets_on_tune": _meets(score, original_tune, guard)})
         return result, score
 
-    calibrations = [config.calibration] + [c for c in CALIBRATIONS if c != config.calibration] \
-        if config.method == "static_int8" else [config.calibration]
+    # Only the calibrated schemes have a calibration to search; the others run one candidate.
+    given = getattr(config, "calibration", None)
+    calibrations = [given] + [c for c in CALIBRATIONS if c != given] if config.method == "static_int8" else [given]
     passing, best = None, None
     for calibration in calibrations:
-        result, score = attempt(f"calibration {calibration}", calibration=calibration)
+        result, score = attempt(f"calibration {calibration}" if calibration else "as asked", **_calibration_change(calibration))
         if result is None:
             continue
         if best is None or _value(score, guard) > _value(best[1], guard):
@@ -108,7 +114,7 @@ def guarded(config: QuantizeConfig, ctx: StepContext, run: Callable[[QuantizeCon
         count = 1
         while count < len(ranked):
             sensitive = ranked[:count]
-            result, score = attempt(f"{count} most sensitive layers float", calibration=calibration,
+            result, score = attempt(f"{count} most sensitive layers float", **_calibration_change(calibration),
                                     exclude=[*config.exclude, *(layer["layer"] for layer in sensitive)])
             if result is None:
                 count *= 2

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine import qmath
+from worker.engine.quantize import qmath
 from worker.engine.evaluate import open_session
-from worker.engine.layers import expose_outputs
+from worker.engine.quantize.layers import expose_outputs
 
 SAMPLES = 32
 VALUES_PER_TENSOR = 200_000

@@ -1,0 +1,34 @@
+"""The final model against the original on the evaluation data: size, latency, accuracy, fidelity,
+and the measurements the last step's technique adds (per-layer SQNR of a quantized model)."""
+
+from pathlib import Path
+
+from worker.engine import evaluate
+from worker.engine.data import ImageSet
+from worker.engine.errors import EngineError
+from worker.engine.fidelity import fidelity
+from worker.engine.registry import StepResult
+
+
+def evaluate_job(original: Path, compressed: Path, last_result: StepResult | None, eval_data: ImageSet | None,
+                 threads: int, progress) -> dict:
+    settings = evaluate.RunSettings(threads=threads)
+    if eval_data is None:
+        raise EngineError("eval_data_required", "the job has no dataset to evaluate on (data.eval or data.calibration)")
+    progress("original", 0.0)
+    before, reference = evaluate.measure(original, eval_data, settings)
+    progress("compressed", 0.5)
+    after, outputs = evaluate.measure(compressed, eval_data, settings)
+    comparison = {"size_ratio": round(before["size_bytes"] / after["size_bytes"], 3)}
+    for key in ("batch_1", f"batch_{evaluate.LARGE_BATCH}"):
+        if before["latency"][key] and after["latency"][key]:
+            comparison[f"speedup_{key}"] = round(before["latency"][key]["p50_ms"] / after["latency"][key]["p50_ms"], 3)
+    if before.get("accuracy") and after.get("accuracy"):
+        comparison["accuracy_drop"] = round(before["accuracy"]["top1"] - after["accuracy"]["top1"], 6)
+    comparison["fidelity"] = fidelity(reference, outputs)
+    result = {"original": before, "compressed": after, "comparison": comparison}
+    if last_result is not None and last_result.measure is not None:
+        progress("layers", 0.9)
+        result.update(last_result.measure(eval_data.images))
+    progress("done", 1.0)
+    return {**result, "eval_samples": len(reference[0]), "environment": evaluate.environment(settings.threads)}

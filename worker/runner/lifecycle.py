@@ -1,0 +1,201 @@
+"""A job's life: claim it, run it under a heartbeat that checks cancel, deadline and worker stop,
+settle its final status. The outcome of a delivery is an `Outcome`; the heartbeat's reading of the
+job's row a `Verdict`."""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from billiard.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.jobs import service as jobs
+from service.jobs.states import JobStatus
+from service.storage import ObjectStore
+from worker.engine.errors import EngineError, GuardNotMet, JobCancelled, JobSuperseded
+from worker.runner.artifacts import METRICS_SCHEMA_VERSION, finite, write_and_store
+from worker.runner.evaluation import evaluate_job
+from worker.runner.inputs import LOAD_SHARE, load_inputs
+from worker.runner.steps import STEPS_SHARE, run_steps
+from worker.quality_warnings import quality_warnings
+from worker.workdirs import make_workdir
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0
+PROGRESS_WRITE_EVERY_S = 1.0
+EVALUATE_SHARE = 0.15  # of the job's progress bar, after loading and the steps
+
+
+class Outcome(StrEnum):
+    """What one delivery of a job came to (the Celery task logs it; skipped: nothing to claim)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RELEASED = "released"  # left for another delivery: superseded, or this worker stopping
+    SKIPPED = "skipped"
+
+
+class Verdict(StrEnum):
+    """The heartbeat's reading of the job's row (jobs.report): go on, cancel, or the claim is lost."""
+
+    OK = "ok"
+    CANCEL = "cancel"
+    LOST = "lost"
+
+
+class WorkerStopping(Exception):
+    """The worker process is shutting down; the job is left for the next worker to claim."""
+
+
+@dataclass
+class RunnerDeps:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    store: ObjectStore
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+class Progress:
+    """Stage and percent, throttled, plus the checks every long job needs at each report:
+    cancel requested, superseded by another delivery, deadline passed, worker stopping. A heartbeat
+    thread keeps reporting while a step is busy inside a library call."""
+
+    def __init__(self, deps: RunnerDeps, job_id: str, token: str):
+        self.deps, self.job_id, self.token = deps, job_id, token
+        self.deadline = time.monotonic() + deps.settings.job_time_limit_s
+        self.stage, self.fraction = "starting", 0.0
+        self.verdict = Verdict.OK
+        self.last_write = 0.0
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        # Several beats within the stale limit: a busy step (a long epoch) is never taken for a dead one.
+        self.beat_s = min(HEARTBEAT_S, deps.settings.stale_job_after_s / 3)
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+
+    def _write(self) -> None:
+        with self.lock, self.deps.session_factory() as session:
+            self.verdict = Verdict(jobs.report(session=session, job_id=self.job_id, token=self.token, stage=self.stage, progress=self.fraction))
+            self.last_write = time.monotonic()
+
+    def _beat(self) -> None:
+        while not self.done.wait(self.beat_s):
+            try:
+                self._write()
+                # A step stuck inside a library call never reaches check(): the job's state is
+                # settled from here, and whatever the step does later is ignored (it lost the claim).
+                if self.verdict is Verdict.CANCEL:
+                    self._settle(JobStatus.CANCELLED)
+                elif time.monotonic() > self.deadline:
+                    self._settle(JobStatus.FAILED, error_code="time_limit_exceeded",
+                                 error_message=f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s")
+            except Exception:  # a missed heartbeat is retried at the next beat
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def _settle(self, status: JobStatus, **values) -> None:
+        with self.lock, self.deps.session_factory() as session:
+            if jobs.finish(session=session, job_id=self.job_id, token=self.token, status=status, **values):
+                self.verdict = Verdict.LOST
+
+    def check(self) -> None:
+        if self.verdict is Verdict.CANCEL:
+            raise JobCancelled()
+        if self.verdict is Verdict.LOST:
+            raise JobSuperseded()
+        if self.deps.stopping.is_set():
+            raise WorkerStopping()
+        if time.monotonic() > self.deadline:
+            raise EngineError("time_limit_exceeded", f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s")
+
+    def __call__(self, stage: str, fraction: float, force: bool = False) -> None:
+        changed = stage != self.stage
+        self.stage, self.fraction = stage, max(self.fraction, min(1.0, fraction))
+        if force or changed or time.monotonic() - self.last_write >= PROGRESS_WRITE_EVERY_S:
+            self._write()
+        self.check()
+
+    def span(self, start: float, width: float, prefix: str):
+        """A progress function for one part of the job, mapping its own 0..1 into [start, start+width]."""
+        return lambda stage, fraction: self(f"{prefix}:{stage}", start + width * max(0.0, min(1.0, fraction)))
+
+
+def run_job(job_id: str, deps: RunnerDeps) -> Outcome:
+    settings = deps.settings
+    with deps.session_factory() as session:
+        claimed = jobs.claim(session=session, job_id=job_id, stale_after_s=settings.stale_job_after_s, max_attempts=settings.max_job_attempts)
+    if claimed is None:
+        return Outcome.SKIPPED
+    job, token = claimed
+    log.info("job %s: claimed (attempt %d)", job_id, job.attempts)
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def finish(status: JobStatus, **values) -> None:
+        with deps.session_factory() as session:
+            jobs.finish(session=session, job_id=job_id, token=token, status=status, **values)
+        try:  # checkpoints only serve a re-delivery of an unfinished job
+            deps.store.delete_prefix(f"jobs/{job_id}/checkpoints/")
+        except Exception:
+            log.warning("job %s: checkpoints not deleted", job_id, exc_info=True)
+
+    try:
+        with Progress(deps, job_id, token) as progress, make_workdir(settings.tmp_dir, job_id, token) as tmp:
+            metrics, failure = _execute(job, token, deps, progress, Path(tmp))
+            if failure is not None:
+                # The job failed its promise, but what it made is measured and stored.
+                finish(JobStatus.FAILED, metrics=metrics, error_code=failure.code, error_message=failure.message)
+                return Outcome.FAILED
+            finish(JobStatus.SUCCEEDED, metrics=metrics)
+        log.info("job %s: succeeded", job_id)
+        return Outcome.SUCCEEDED
+    except JobCancelled:
+        finish(JobStatus.CANCELLED)
+        return Outcome.CANCELLED
+    except JobSuperseded:
+        return Outcome.RELEASED
+    except WorkerStopping:
+        return Outcome.RELEASED
+    except EngineError as exc:
+        finish(JobStatus.FAILED, error_code=exc.code, error_message=exc.message)
+        return Outcome.FAILED
+    except SoftTimeLimitExceeded:
+        finish(JobStatus.FAILED, error_code="time_limit_exceeded", error_message="the job ran past its time limit")
+        return Outcome.FAILED
+    except Exception as exc:
+        log.exception("job %s: unexpected failure", job_id)
+        finish(JobStatus.FAILED, error_code="internal_error", error_message=f"{exc.__class__.__name__}: {str(exc)[:1000]}")
+        return Outcome.FAILED
+
+
+def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) -> tuple[dict, GuardNotMet | None]:
+    """Inputs -> steps -> evaluation -> artifacts; the metrics, and the broken promise if one was."""
+    inputs = load_inputs(job, deps, progress, work)
+    run = run_steps(job, inputs, deps.store, progress, work)
+    evaluation = evaluate_job(inputs.original, run.current, run.last_result, inputs.eval_data, deps.settings.bench_threads,
+                              progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"))
+    data_spec, split_spec = job.spec["data"], job.spec["data"].get("split")
+    metrics = finite({
+        "schema_version": METRICS_SCHEMA_VERSION,
+        "model_id": job.model_id,
+        "model_format": inputs.model.format,
+        "eval_dataset": data_spec.get("eval") or (split_spec and f"{split_spec['dataset']} (held-out {split_spec['eval_fraction']:.0%})")
+        or data_spec.get("calibration"),
+        **evaluation,
+        "steps": run.metrics,
+    })
+    metrics["warnings"] = quality_warnings(metrics)
+    progress("store", LOAD_SHARE + STEPS_SHARE + EVALUATE_SHARE)
+    write_and_store(job, token, deps, work, metrics, run.current, run.last_result.artifacts if run.last_result else {})
+    return metrics, run.failure
