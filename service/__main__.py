@@ -1,4 +1,7 @@
-"""`python -m service`: serve the API (what `make run` starts). PORT and HOST override the address."""
+"""`python -m service`: serve the API (what `make run` starts). PORT and HOST override the address.
+
+With a broker it starts `MODELPRESS_API_WORKERS` uvicorn processes (default: one per core, at most
+4), each building its own app from the environment; the embedded default runs one."""
 
 import logging
 import os
@@ -12,10 +15,14 @@ from service.main import create_app
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    app = create_app(settings)
     mode = "embedded worker, SQLite" if settings.embedded_worker else f"broker {settings.broker_url.split('@')[-1]}"
-    logging.getLogger("modelpress").info("data in %s (%s)", settings.data_dir, mode)
-    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")), log_level="info")
+    workers = settings.effective_api_workers
+    logging.getLogger("modelpress").info("data in %s (%s), %d API process(es)", settings.data_dir, mode, workers)
+    address = {"host": os.environ.get("HOST", "127.0.0.1"), "port": int(os.environ.get("PORT", "8000"))}
+    if workers == 1:
+        uvicorn.run(create_app(settings), **address, log_level="info")
+    else:
+        uvicorn.run("service.main:create_app", factory=True, workers=workers, **address, log_level="info")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, raiseload
 
 from service.datasets import service as datasets
 from service.db import utcnow
@@ -131,9 +131,15 @@ def get(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
     return job
 
 
-def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None, status: str | None = None):
+def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None, status: str | None = None,
+              full: bool = False):
+    """A page of jobs, newest first. Without `full`, the rows lack metrics and artifacts (a summary
+    needs neither), so the page is one query; with it, artifacts come in one more for the page."""
     where = (JobRow.status == status,) if status else ()
-    return newest_first(session=session, table=JobRow, tenant_id=tenant_id, limit=limit, cursor=cursor, where=where)
+    # raiseload: a summary that touched either would fail loudly instead of querying per row.
+    options = () if full else (defer(JobRow.metrics, raiseload=True), raiseload(JobRow.artifacts))
+    return newest_first(session=session, table=JobRow, tenant_id=tenant_id, limit=limit, cursor=cursor, where=where,
+                        options=options)
 
 
 def cancel(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
@@ -250,9 +256,22 @@ def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metr
         values["progress"] = 1.0
     if metrics is not None:
         values["metrics"] = metrics
+        values["headline"] = headline_of(metrics)
     moved = transition(session, job_id, status, owner_token=token, only_from=frozenset({JobStatus.RUNNING}), **values)
     session.commit()
     return moved
+
+
+def headline_of(metrics: dict) -> dict | None:
+    """The list's figures for a job: size ratio, batch-1 speed-up, accuracy drop, compressed size."""
+    comparison, compressed = metrics.get("comparison") or {}, metrics.get("compressed") or {}
+    figures = {
+        "size_ratio": comparison.get("size_ratio"),
+        "speedup_batch_1": comparison.get("speedup_batch_1"),
+        "accuracy_drop": comparison.get("accuracy_drop"),
+        "compressed_size_bytes": compressed.get("size_bytes"),
+    }
+    return figures if any(v is not None for v in figures.values()) else None
 
 
 def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:
