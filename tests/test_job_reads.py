@@ -66,26 +66,27 @@ def test_the_summary_is_documented_in_the_openapi_spec(queued_client):
     assert "/v1/jobs/{job_id}/metrics" in spec["paths"]
 
 
-def test_a_list_page_is_one_query_however_many_jobs(queued_client, reference):
+def test_a_list_page_and_a_job_read_are_one_query_each(queued_client, reference):
     engine = queued_client.app.state.context.session_factory.kw["bind"]
     statements: list[str] = []
 
     def record(conn, cursor, statement, *args):
         statements.append(statement)
 
-    def queries_for_the_list() -> int:
+    def queries_for(url: str) -> int:
         statements.clear()
         event.listen(engine, "before_cursor_execute", record)
         try:
-            assert queued_client.get("/v1/jobs", params={"limit": 50}).status_code == 200
+            assert queued_client.get(url).status_code == 200
         finally:
             event.remove(engine, "before_cursor_execute", record)
         return len(statements)
 
-    _queued_jobs(queued_client, reference, 1)
-    one = queries_for_the_list()
+    [job] = _queued_jobs(queued_client, reference, 1)
+    one = queries_for("/v1/jobs?limit=50")
     _queued_jobs(queued_client, reference, 6)
-    assert queries_for_the_list() == one == 1
+    assert queries_for("/v1/jobs?limit=50") == one == 1
+    assert queries_for(f"/v1/jobs/{job['id']}") == 1
 
 
 def test_job_reads_answer_304_until_the_job_changes(queued_client, reference):

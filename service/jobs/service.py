@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, defer, raiseload
+from sqlalchemy.orm import Session, defer, joinedload, raiseload
 
 from service.datasets import service as datasets
 from service.db import utcnow
@@ -125,7 +125,8 @@ def enqueue(*, session: Session, dispatcher: Dispatcher, job: JobRow) -> None:
 
 
 def get(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
-    job = session.get(JobRow, job_id)
+    # Artifacts joined in: one round trip for a job read, the route polled most.
+    job = session.get(JobRow, job_id, options=[joinedload(JobRow.artifacts)])
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} does not exist", code="job_not_found", job_id=job_id)
     return job
