@@ -49,9 +49,9 @@ def ensure_wrk() -> str:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * _UNITS[unit]
+def _ms(match) -> float:
+    parsed = match and re.fullmatch(r"([\d.]+)(us|ms|s)", match.group(1))
+    return float(parsed.group(1)) * _UNITS[parsed.group(2)] if parsed else float("nan")  # no request answered
 
 
 def wrk(url: str, connections: int, seconds: int, script: Path | None = None) -> dict:
@@ -63,8 +63,8 @@ def wrk(url: str, connections: int, seconds: int, script: Path | None = None) ->
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50": _ms(re.search(r"50%\s+(\S+)", out).group(1)),
-        "p99": _ms(re.search(r"99%\s+(\S+)", out).group(1)),
+        "p50": _ms(re.search(r"50%\s+(\S+)", out)),
+        "p99": _ms(re.search(r"99%\s+(\S+)", out)),
         "errors": (int(errors.group(1)) if errors else 0),
         "socket_errors": socket_errors.group(1).strip() if socket_errors else "",
     }
@@ -213,14 +213,15 @@ def rss_bytes(pid: int) -> int:
 # --- measurements ------------------------------------------------------------------------------------
 
 def measure_reads(rows: list, label: str, base: str, job_id: str, post_script: Path, args) -> None:
-    routes = [("GET /v1/jobs/{id}", f"{base}/v1/jobs/{job_id}", None), ("GET /v1/jobs?limit=20", f"{base}/v1/jobs?limit=20", None),
-              ("/healthz", f"{base}/healthz", None)]
-    if post_script is not None:
-        routes.append(("POST /v1/jobs", f"{base}/v1/jobs", post_script))  # last: it leaves work behind
-    for connections in args.connections:
-        for route, url, script in routes:
-            rows.append({"server": label, "route": route, "connections": connections, **wrk(url, connections, args.seconds, script)})
-            print(_row_line(rows[-1]), flush=True)
+    reads = [("GET /v1/jobs/{id}", f"{base}/v1/jobs/{job_id}", None), ("GET /v1/jobs?limit=20", f"{base}/v1/jobs?limit=20", None),
+             ("/healthz", f"{base}/healthz", None)]
+    # Submissions last, at every connection count: on the embedded default each one is a job its
+    # worker thread then runs, which would load the machine under the reads measured after it.
+    runs = [(c, *route) for c in args.connections for route in reads]
+    runs += [(c, "POST /v1/jobs", f"{base}/v1/jobs", post_script) for c in args.connections]
+    for connections, route, url, script in runs:
+        rows.append({"server": label, "route": route, "connections": connections, **wrk(url, connections, args.seconds, script)})
+        print(_row_line(rows[-1]), flush=True)
 
 
 def measure_bare(rows: list, workers: int, logs: Path, args) -> None:

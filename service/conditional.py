@@ -20,6 +20,15 @@ def _matches(if_none_match: str, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
 
 
+def encoded(model: BaseModel, *, status_code: int = 200, headers: dict | None = None) -> Response:
+    """`model` as JSON, encoded here, in the route's thread. Returning a model instead would have
+    FastAPI serialise it on another thread-pool thread while the route's session still holds its
+    database connection: under load every thread can be a route waiting for a connection that
+    only such a serialisation would free (a deadlock seen at 200 connections)."""
+    return Response(content=model.__pydantic_serializer__.to_json(model), status_code=status_code,
+                    media_type="application/json", headers=headers)
+
+
 def json_or_not_modified(request: Request, model: BaseModel) -> Response:
     """`model` as JSON with an ETag, or 304 Not Modified when the request's If-None-Match names it."""
     body = model.__pydantic_serializer__.to_json(model)

@@ -1,10 +1,10 @@
 import base64
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from service.conditional import json_or_not_modified
+from service.conditional import encoded, json_or_not_modified
 from service.deps import ContextDep, SessionDep, TenantDep
 from service.errors import DomainError, NotFound
 from service.jobs import service
@@ -54,14 +54,13 @@ def to_read(job: JobRow) -> JobRead:
 
 
 @router.post("", status_code=202, response_model=JobRead)
-def create_job(body: JobCreate, response: Response, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
+def create_job(body: JobCreate, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
     try:
         job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=tenant_id, body=body,
                              gpu_queue=context.settings.gpu_queue)
     except service.DispatchFailed as exc:
         raise ServiceUnavailable(f"the job was stored but could not be queued: {exc}") from exc
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return to_read(job)
+    return encoded(to_read(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("", response_model=JobList | JobFullList)
@@ -78,8 +77,8 @@ def list_jobs(
     rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor,
                                           status=status, full=full)
     if full:
-        return JobFullList(items=[to_read(r) for r in rows], next_cursor=next_cursor)
-    return JobList(items=[to_summary(r) for r in rows], next_cursor=next_cursor)
+        return encoded(JobFullList(items=[to_read(r) for r in rows], next_cursor=next_cursor))
+    return encoded(JobList(items=[to_summary(r) for r in rows], next_cursor=next_cursor))
 
 
 _CONDITIONAL = {304: {"description": "Not Modified: the job is unchanged since the ETag given in If-None-Match."}}
@@ -101,7 +100,7 @@ def get_job_metrics(job_id: str, request: Request, session: SessionDep, tenant_i
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep):
-    return to_read(service.cancel(session=session, tenant_id=tenant_id, job_id=job_id))
+    return encoded(to_read(service.cancel(session=session, tenant_id=tenant_id, job_id=job_id)), status_code=202)
 
 
 @router.get("/{job_id}/artifacts/{name}")
