@@ -12,7 +12,8 @@
 
 Needs `wrk` (installed with apt-get if missing), PostgreSQL at BENCH_PG (default
 postgresql://postgres@127.0.0.1:5432/test; a fresh database is made and dropped) and Redis at
-BENCH_REDIS (default redis://127.0.0.1:6379/14, flushed). Prints a markdown table.
+BENCH_REDIS (default redis://127.0.0.1:6379/14, flushed: never the database a test run is
+using, or each takes the other's job messages). Prints a markdown table.
 """
 
 import argparse
@@ -63,8 +64,9 @@ def wrk(url: str, connections: int, seconds: int, script: Path | None = None) ->
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50": _ms(re.search(r"50%\s+(\S+)", out)),
-        "p99": _ms(re.search(r"99%\s+(\S+)", out)),
+        # Anchored: the Req/Sec line's "+/- Stdev" column (e.g. "67.50%") must not match.
+        "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)),
+        "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)),
         "errors": (int(errors.group(1)) if errors else 0),
         "socket_errors": socket_errors.group(1).strip() if socket_errors else "",
     }
