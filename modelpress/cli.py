@@ -168,10 +168,21 @@ def cmd_compress(args, client: Client) -> int:
     return _finish(args, client, job)
 
 
+def _list_line(job: dict) -> str:
+    line = f"{job['id']}  {job['status']:<9}  {job['progress'] * 100:5.1f}%  {job['stage']}"
+    headline = job.get("headline") or {}
+    if headline.get("size_ratio"):
+        line += f"  {headline['size_ratio']:.2f}x smaller"
+    if headline.get("accuracy_drop") is not None:
+        line += f", top-1 drop {100 * headline['accuracy_drop']:.2f} points"
+    return line
+
+
 def cmd_jobs(args, client: Client) -> int:
     if args.action == "list":
-        jobs = [job.raw for _, job in zip(range(args.limit), client.jobs(status=args.status))]
-        _emit(args, jobs, "\n".join(f"{j['id']}  {j['status']:<9}  {j['progress'] * 100:5.1f}%  {j['stage']}" for j in jobs))
+        # Summaries: one request for the page, no metrics (`jobs show ID` has them).
+        jobs = [job.raw for _, job in zip(range(args.limit), client.jobs(status=args.status, limit=args.limit))]
+        _emit(args, jobs, "\n".join(_list_line(j) for j in jobs))
         return EXIT_OK
     if not args.job_id:
         raise UsageError(f"jobs {args.action} needs a job id")

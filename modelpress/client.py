@@ -64,25 +64,46 @@ class Dataset:
 
 
 class Job:
-    """A job as last seen; `refresh()` reads it again."""
+    """A job as last seen; `refresh()` reads it again.
 
-    def __init__(self, client: "Client", body: dict):
+    A job from `Client.jobs()` starts as the list's summary (status, stage, progress, headline);
+    `metrics` and `artifacts` read the full job the first time they are asked for."""
+
+    def __init__(self, client: "Client", body: dict, etag: str | None = None):
         self._client = client
         self.raw = body
+        self._etag = etag
 
     id = property(lambda self: self.raw["id"])
     status = property(lambda self: self.raw["status"])
     stage = property(lambda self: self.raw["stage"])
     progress = property(lambda self: float(self.raw["progress"]))
-    metrics = property(lambda self: self.raw.get("metrics") or {})
     error = property(lambda self: self.raw.get("error"))
-    artifacts = property(lambda self: {a["name"]: a for a in self.raw.get("artifacts", [])})
+    headline = property(lambda self: self.raw.get("headline") or {})
+
+    @property
+    def is_summary(self) -> bool:
+        return "metrics" not in self.raw
+
+    @property
+    def metrics(self) -> dict:
+        return self._full().raw.get("metrics") or {}
+
+    @property
+    def artifacts(self) -> dict[str, dict]:
+        return {a["name"]: a for a in self._full().raw.get("artifacts", [])}
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, status={self.status!r}, stage={self.stage!r}, progress={self.progress:.2f})"
 
+    def _full(self) -> "Job":
+        return self.refresh() if self.is_summary else self
+
     def refresh(self) -> "Job":
-        self.raw = self._client._json("GET", f"/v1/jobs/{self.id}")
+        """Read the job again. Sends the last ETag, so an unchanged job costs the server a 304."""
+        body, self._etag = self._client._json_if_changed(f"/v1/jobs/{self.id}", self._etag)
+        if body is not None:
+            self.raw = body
         return self
 
     def cancel(self) -> "Job":
@@ -231,9 +252,10 @@ class Client:
         return self._json("GET", "/v1/presets")
 
     def job(self, job_id: str) -> Job:
-        return Job(self, self._json("GET", f"/v1/jobs/{job_id}"))
+        return Job(self, {"id": job_id}).refresh()
 
     def jobs(self, status: str | None = None, limit: int = 50) -> Iterator[Job]:
+        """Jobs newest first, as summaries (see `Job`): one request per `limit` jobs."""
         for body in self._pages("/v1/jobs", limit, status=status):
             yield Job(self, body)
 
@@ -263,6 +285,14 @@ class Client:
 
     def _json(self, method: str, path: str, **kwargs) -> dict:
         return self._parse(self._send(lambda: self.http.request(method, path, **kwargs), idempotent=method == "GET"))
+
+    def _json_if_changed(self, path: str, etag: str | None) -> tuple[dict | None, str | None]:
+        """GET `path` conditionally: (None, etag) when the server answers 304 Not Modified."""
+        headers = {"If-None-Match": etag} if etag else {}
+        response = self._send(lambda: self.http.get(path, headers=headers), idempotent=True)
+        if response.status_code == 304:
+            return None, etag
+        return self._parse(response), response.headers.get("etag")
 
     def _send(self, send, idempotent: bool) -> httpx.Response:
         """Retry transient failures with jittered exponential backoff. A request that may have

@@ -1,4 +1,7 @@
-"""`python -m service`: serve the API (what `make run` starts). PORT and HOST override the address."""
+"""`python -m service`: serve the API (what `make run` starts). PORT and HOST override the address.
+
+With a broker it starts `MODELPRESS_API_WORKERS` uvicorn processes (default: one per core, at most
+4), each building its own app from the environment; the embedded default runs one."""
 
 import logging
 import os
@@ -16,13 +19,18 @@ def main() -> None:
     settings = get_settings()
     host = os.environ.get("HOST", "127.0.0.1")
     if host in LOOPBACK and not settings.allowed_hosts:
-        settings.allowed_hosts = ",".join(sorted(LOOPBACK | {"localhost"}))
-    app = create_app(settings)
+        # Through the environment: with several API processes each builds its own settings.
+        os.environ["MODELPRESS_ALLOWED_HOSTS"] = settings.allowed_hosts = ",".join(sorted(LOOPBACK | {"localhost"}))
     mode = "embedded worker, SQLite" if settings.embedded_worker else f"broker {settings.broker_url.split('@')[-1]}"
-    logging.getLogger("modelpress").info("data in %s (%s)", settings.data_dir, mode)
+    workers = settings.effective_api_workers
+    logging.getLogger("modelpress").info("data in %s (%s), %d API process(es)", settings.data_dir, mode, workers)
     # A client that opens a connection and sends nothing is closed after the keep-alive timeout;
     # slow headers and bodies beyond that are the reverse proxy's job in production (README).
-    uvicorn.run(app, host=host, port=int(os.environ.get("PORT", "8000")), log_level="info", timeout_keep_alive=5)
+    address = {"host": host, "port": int(os.environ.get("PORT", "8000")), "log_level": "info", "timeout_keep_alive": 5}
+    if workers == 1:
+        uvicorn.run(create_app(settings), **address)
+    else:
+        uvicorn.run("service.main:create_app", factory=True, workers=workers, **address)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Nothing reads environment variables anywhere else: tests build a `Settings` and 
 """
 
 import importlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,6 +66,14 @@ class Settings(BaseSettings):
     # Modules imported at start-up by the API and the workers; each registers extra step types
     # (a config with `register_config` and a handler with `register`).
     plugins: str = Field("", validation_alias=AliasChoices("MODELPRESS_PLUGINS", "plugins"))
+    # API processes `python -m service` starts with a broker (0: one per core, at most 4). The
+    # embedded default is always one: its worker thread and SQLite writer live in that process.
+    api_workers: int = Field(0, ge=0, validation_alias=AliasChoices("MODELPRESS_API_WORKERS", "api_workers"))
+    # PostgreSQL connections per API process: sync routes run on anyio's 40 threads, but on a few
+    # cores a handful of connections keeps the database busy; the rest wait in the pool briefly.
+    # api_workers * (db_pool_size + db_max_overflow) must stay under the server's max_connections.
+    db_pool_size: int = Field(10, gt=0, validation_alias=AliasChoices("MODELPRESS_DB_POOL_SIZE", "db_pool_size"))
+    db_max_overflow: int = Field(10, ge=0, validation_alias=AliasChoices("MODELPRESS_DB_MAX_OVERFLOW", "db_max_overflow"))
     default_tenant: str = "default"
     # Embedded mode only: run migrations at start-up.
     migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
@@ -89,6 +98,12 @@ class Settings(BaseSettings):
     @property
     def allowed_host_names(self) -> list[str]:
         return [name.strip() for name in self.allowed_hosts.split(",") if name.strip()]
+
+    @property
+    def effective_api_workers(self) -> int:
+        if self.embedded_worker:
+            return 1
+        return self.api_workers or min(os.cpu_count() or 1, 4)
 
     @property
     def plugin_modules(self) -> list[str]:

@@ -41,7 +41,7 @@ class Base(DeclarativeBase):
     )
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -57,7 +57,7 @@ def make_engine(url: str) -> Engine:
         return engine
     # A database that is away must answer within seconds (a 503), not hold every request for the
     # driver's default of minutes.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10,
                          connect_args={"connect_timeout": 5})
 
 

@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from service.migrate import upgrade
 
         upgrade(settings.effective_database_url)
-    engine = make_engine(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url, pool_size=settings.db_pool_size,
+                         max_overflow=settings.db_max_overflow)
     session_factory = make_session_factory(engine)
     store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     dispatcher = make_dispatcher(settings, session_factory, store)

@@ -6,8 +6,9 @@ from sqlalchemy.orm import Session
 from service.ids import decode_cursor, encode_cursor
 
 
-def newest_first(*, session: Session, table, tenant_id: str, limit: int, cursor: str | None, where=()) -> tuple[list, str | None]:
-    query = select(table).where(table.tenant_id == tenant_id, *where)
+def newest_first(*, session: Session, table, tenant_id: str, limit: int, cursor: str | None, where=(),
+                 options=()) -> tuple[list, str | None]:
+    query = select(table).where(table.tenant_id == tenant_id, *where).options(*options)
     if cursor:
         created_at, row_id = decode_cursor(cursor)
         query = query.where(tuple_(table.created_at, table.id) < tuple_(created_at, row_id))

@@ -1,7 +1,7 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 
 class StepSpec(BaseModel):
@@ -92,25 +92,54 @@ class ArtifactRead(BaseModel):
     url: str
 
 
-class JobRead(BaseModel):
+class JobHeadline(BaseModel):
+    """The figures a list shows for a finished job, copied out of its metrics when it finishes."""
+
+    size_ratio: float | None = None
+    speedup_batch_1: float | None = None
+    accuracy_drop: float | None = None
+    compressed_size_bytes: int | None = None
+
+
+class JobSummary(BaseModel):
+    """One job in a list: what a dashboard or a poller needs, without metrics, steps or artifacts
+    (those are on `GET /v1/jobs/{id}` and `GET /v1/jobs/{id}/metrics`)."""
+
     id: str
     model_id: str
     status: str
     stage: str
     progress: float
-    steps: list[StepSpec]
     preset: str | None = None
-    data: DataSpec
     queue: str
     attempts: int
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     error: JobErrorRead | None
+    headline: JobHeadline | None
+
+
+class JobRead(JobSummary):
+    """A whole job: the summary's fields and the request, metrics and artifacts."""
+
+    steps: list[StepSpec]
+    data: DataSpec
     metrics: dict[str, Any]
     artifacts: list[ArtifactRead]
 
 
+class MetricsRead(RootModel[dict[str, Any]]):
+    """A finished job's metrics.json (docs/METRICS.md)."""
+
+
 class JobList(BaseModel):
+    items: list[JobSummary]
+    next_cursor: str | None
+
+
+class JobFullList(BaseModel):
+    """`GET /v1/jobs?view=full`: every job as `GET /v1/jobs/{id}` returns it."""
+
     items: list[JobRead]
     next_cursor: str | None

@@ -9,7 +9,7 @@ import uuid
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, joinedload, raiseload
 
 from service.datasets import service as datasets
 from service.db import utcnow
@@ -126,15 +126,22 @@ def enqueue(*, session: Session, dispatcher: Dispatcher, job: JobRow) -> None:
 
 
 def get(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
-    job = session.get(JobRow, job_id)
+    # Artifacts joined in: one round trip for a job read, the route polled most.
+    job = session.get(JobRow, job_id, options=[joinedload(JobRow.artifacts)])
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} does not exist", code="job_not_found", job_id=job_id)
     return job
 
 
-def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None, status: str | None = None):
+def list_page(*, session: Session, tenant_id: str, limit: int, cursor: str | None, status: str | None = None,
+              full: bool = False):
+    """A page of jobs, newest first. Without `full`, the rows lack metrics and artifacts (a summary
+    needs neither), so the page is one query; with it, artifacts come in one more for the page."""
     where = (JobRow.status == status,) if status else ()
-    return newest_first(session=session, table=JobRow, tenant_id=tenant_id, limit=limit, cursor=cursor, where=where)
+    # raiseload: a summary that touched either would fail loudly instead of querying per row.
+    options = () if full else (defer(JobRow.metrics, raiseload=True), raiseload(JobRow.artifacts))
+    return newest_first(session=session, table=JobRow, tenant_id=tenant_id, limit=limit, cursor=cursor, where=where,
+                        options=options)
 
 
 def cancel(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
@@ -256,6 +263,7 @@ def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metr
         values["progress"] = 1.0
     if metrics is not None:
         values["metrics"] = metrics
+        values["headline"] = headline_of(metrics)
     moved = transition(session, job_id, status, owner_token=token, only_from=frozenset({JobStatus.RUNNING}), **values)
     session.commit()
     return moved
@@ -268,6 +276,18 @@ def without_server_paths(message: str | None) -> str | None:
     """Job errors are read by users: a library's message naming a file on the worker
     (`/srv/data/tmp/job_.../converted.onnx`) keeps only the file's name."""
     return _SERVER_PATH.sub(lambda m: m.group(1) or "<folder>", message) if message else message
+
+
+def headline_of(metrics: dict) -> dict | None:
+    """The list's figures for a job: size ratio, batch-1 speed-up, accuracy drop, compressed size."""
+    comparison, compressed = metrics.get("comparison") or {}, metrics.get("compressed") or {}
+    figures = {
+        "size_ratio": comparison.get("size_ratio"),
+        "speedup_batch_1": comparison.get("speedup_batch_1"),
+        "accuracy_drop": comparison.get("accuracy_drop"),
+        "compressed_size_bytes": compressed.get("size_bytes"),
+    }
+    return figures if any(v is not None for v in figures.values()) else None
 
 
 def reap_stale(*, session: Session, stale_after_s: int) -> list[str]:

@@ -20,6 +20,8 @@ class JobRow(Base):
     spec: Mapped[dict] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    # A few figures copied out of `metrics` when the job finishes, so a list never loads metrics.
+    headline: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -35,7 +37,11 @@ class JobRow(Base):
         back_populates="job", cascade="all, delete-orphan", order_by="ArtifactRow.name", lazy="selectin"
     )
 
-    __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        # The list's order (newest first, cursor on created_at, id), unfiltered and by status.
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+    )
 
 
 class ArtifactRow(Base):

@@ -1,13 +1,14 @@
 import base64
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.conditional import encoded, json_or_not_modified
 from service.deps import ContextDep, SessionDep, TenantDep
 from service.errors import DomainError, NotFound
 from service.jobs import service
-from service.jobs.schemas import JobCreate, JobList, JobRead, PresetRead
+from service.jobs.schemas import JobCreate, JobFullList, JobList, JobRead, JobSummary, MetricsRead, PresetRead
 from service.jobs.tables import JobRow
 from service.storage import ObjectMissing
 
@@ -28,13 +29,23 @@ class ServiceUnavailable(DomainError):
     status, code, title = 503, "broker_unavailable", "Service unavailable"
 
 
+def _common_fields(job: JobRow) -> dict[str, Any]:
+    return {
+        "id": job.id, "model_id": job.model_id, "status": job.status, "stage": job.stage, "progress": job.progress,
+        "preset": job.spec.get("preset"), "queue": job.queue, "attempts": job.attempts,
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
+        "headline": job.headline,
+    }
+
+
+def to_summary(job: JobRow) -> JobSummary:
+    return JobSummary(**_common_fields(job))
+
+
 def to_read(job: JobRow) -> JobRead:
     return JobRead(
-        id=job.id, model_id=job.model_id, status=job.status, stage=job.stage, progress=job.progress,
-        steps=job.spec["steps"], preset=job.spec.get("preset"), data=job.spec["data"], queue=job.queue, attempts=job.attempts,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        metrics=job.metrics or {},
+        **_common_fields(job), steps=job.spec["steps"], data=job.spec["data"], metrics=job.metrics or {},
         artifacts=[
             {"name": a.name, "size_bytes": a.size_bytes, "sha256": a.sha256, "url": f"/v1/jobs/{job.id}/artifacts/{a.name}"}
             for a in job.artifacts
@@ -43,34 +54,53 @@ def to_read(job: JobRow) -> JobRead:
 
 
 @router.post("", status_code=202, response_model=JobRead)
-def create_job(body: JobCreate, response: Response, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
+def create_job(body: JobCreate, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
     try:
         job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=tenant_id, body=body,
                              gpu_queue=context.settings.gpu_queue)
     except service.DispatchFailed as exc:
         raise ServiceUnavailable(f"the job was stored but could not be queued: {exc}") from exc
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return to_read(job)
+    return encoded(to_read(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList | JobFullList)
 def list_jobs(
     session: SessionDep, tenant_id: TenantDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    view: Annotated[Literal["summary", "full"], Query(description=(
+        "`summary` (the default): a `JobSummary` per job, without metrics, steps or artifacts. "
+        "`full`: each job as `GET /v1/jobs/{id}` returns it."))] = "summary",
 ):
-    rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor, status=status)
-    return JobList(items=[to_read(r) for r in rows], next_cursor=next_cursor)
+    """Jobs, newest first. The summary view is one database query for the page."""
+    full = view == "full"
+    rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor,
+                                          status=status, full=full)
+    if full:
+        return encoded(JobFullList(items=[to_read(r) for r in rows], next_cursor=next_cursor))
+    return encoded(JobList(items=[to_summary(r) for r in rows], next_cursor=next_cursor))
 
 
-@router.get("/{job_id}", response_model=JobRead)
-def get_job(job_id: str, session: SessionDep, tenant_id: TenantDep):
-    return to_read(service.get(session=session, tenant_id=tenant_id, job_id=job_id))
+_CONDITIONAL = {304: {"description": "Not Modified: the job is unchanged since the ETag given in If-None-Match."}}
+
+
+@router.get("/{job_id}", response_model=JobRead, responses=_CONDITIONAL)
+def get_job(job_id: str, request: Request, session: SessionDep, tenant_id: TenantDep):
+    """The job with its metrics and artifacts. Carries an `ETag`; send it back in `If-None-Match`
+    when polling and an unchanged job answers 304 with no body."""
+    return json_or_not_modified(request, to_read(service.get(session=session, tenant_id=tenant_id, job_id=job_id)))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsRead, responses=_CONDITIONAL)
+def get_job_metrics(job_id: str, request: Request, session: SessionDep, tenant_id: TenantDep):
+    """The job's metrics.json (docs/METRICS.md); `{}` until the job has finished. ETag as for the job."""
+    job = service.get(session=session, tenant_id=tenant_id, job_id=job_id)
+    return json_or_not_modified(request, MetricsRead(job.metrics or {}))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep):
-    return to_read(service.cancel(session=session, tenant_id=tenant_id, job_id=job_id))
+    return encoded(to_read(service.cancel(session=session, tenant_id=tenant_id, job_id=job_id)), status_code=202)
 
 
 @router.get("/{job_id}/artifacts/{name}")
