@@ -84,6 +84,10 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
         job, _ = wait_finished(as_a, submit(as_a, model["id"], dataset["id"], None)["id"])
         assert job["status"] == "succeeded", job["error"]
         key_id = as_a.get("/v1/admin/keys").json()[0]["id"]
+        # A's objects lie in A's folder of the store only.
+        a_objects = settings.data_dir / "objects" / "tenants" / a.id
+        for kind, thing in (("models", model), ("datasets", dataset), ("jobs", job)):
+            assert (a_objects / kind / thing["id"]).is_dir(), kind
         mine = {"model_id": model["id"], "dataset_id": dataset["id"], "job_id": job["id"], "name": "report.html",
                 "tenant_id": a.id, "key_id": key_id}
         unknown = {"model_id": f"mdl_{uuid.uuid4().hex}", "dataset_id": f"ds_{uuid.uuid4().hex}",

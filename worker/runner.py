@@ -24,7 +24,7 @@ from service.errors import NotFound
 from service.jobs import service as jobs
 from service.jobs.states import JobStatus
 from service.models import service as models
-from service.storage import ObjectStore
+from service.storage import ObjectStore, tenant_prefix
 from worker.engine import evaluate
 from worker.engine.configs import parse_step
 from worker.engine.data import ImageSet, load_dataset, split
@@ -288,7 +288,7 @@ def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) 
     }, indent=2))
     for name, path in (("model.onnx", current), *extra_artifacts.items(), ("metrics.json", metrics_file),
                        ("report.html", report_file), ("recipe.json", recipe_file)):
-        _store_artifact(deps, job.id, token, name, path)
+        _store_artifact(deps, job.id, token, name, path, tenant_id=job.tenant_id)
     return metrics, failure
 
 
@@ -350,14 +350,14 @@ def _finite(value):
     return value
 
 
-def _store_artifact(deps: RunnerDeps, job_id: str, token: str, name: str, path: Path) -> None:
+def _store_artifact(deps: RunnerDeps, job_id: str, token: str, name: str, path: Path, *, tenant_id: str) -> None:
     """Each delivery writes under its own token, and the row is switched to the new object only
     after the upload completed: a delivery that dies half-way leaves no half-written artifact."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1024 * 1024):
             digest.update(chunk)
-    key = f"jobs/{job_id}/{token}/{name}"
+    key = f"{tenant_prefix(tenant_id)}jobs/{job_id}/{token}/{name}"
     deps.store.put_file(key, path)
     with deps.session_factory() as session:
         owned = jobs.record_artifact(session=session, job_id=job_id, token=token, name=name, size_bytes=path.stat().st_size,
