@@ -4,6 +4,8 @@ from sqlalchemy import engine_from_config, pool
 import service.datasets.tables  # noqa: F401  (register tables on Base.metadata)
 import service.jobs.tables  # noqa: F401
 import service.models.tables  # noqa: F401
+import service.tenants.tables  # noqa: F401
+import service.audit.tables  # noqa: F401
 from service.db import Base
 
 config = context.config

@@ -7,6 +7,7 @@ import importlib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,7 +75,26 @@ class Settings(BaseSettings):
     # api_workers * (db_pool_size + db_max_overflow) must stay under the server's max_connections.
     db_pool_size: int = Field(10, gt=0, validation_alias=AliasChoices("MODELPRESS_DB_POOL_SIZE", "db_pool_size"))
     db_max_overflow: int = Field(10, ge=0, validation_alias=AliasChoices("MODELPRESS_DB_MAX_OVERFLOW", "db_max_overflow"))
+    # The tenant of requests made without a key where keys are not required (the embedded default).
     default_tenant: str = "default"
+    # Where the API listens (`python -m service`); whether keys are required depends on it.
+    host: str = Field("127.0.0.1", validation_alias=AliasChoices("HOST", "host"))
+    port: int = Field(8000, gt=0, validation_alias=AliasChoices("PORT", "port"))
+    # "auto": keys are required unless this is the embedded default on a loopback address;
+    # "on": always required; "off": never (logged as a warning everywhere but the embedded default).
+    auth: Literal["auto", "on", "off"] = Field("auto", validation_alias=AliasChoices("MODELPRESS_AUTH", "auth"))
+    # "production" requires keys like a public bind address does.
+    environment: Literal["development", "production"] = Field(
+        "development", validation_alias=AliasChoices("MODELPRESS_ENV", "environment"))
+    # Requests per minute per tenant when its row sets no limit of its own.
+    requests_per_minute: int = Field(
+        6000, gt=0, validation_alias=AliasChoices("MODELPRESS_REQUESTS_PER_MINUTE", "requests_per_minute"))
+    # The limiter's counters: a limits storage URI ("redis://...", "memory://"); empty means the
+    # broker's Redis in production and memory when embedded.
+    rate_limit_storage_url: str = Field(
+        "", validation_alias=AliasChoices("MODELPRESS_RATE_LIMIT_STORAGE_URL", "rate_limit_storage_url"))
+    # Comma-separated origins allowed by CORS; empty keeps CORS off (no browser origin may call the API).
+    cors_origins: str = Field("", validation_alias=AliasChoices("MODELPRESS_CORS_ORIGINS", "cors_origins"))
     # Embedded mode only: run migrations at start-up.
     migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
 
@@ -104,6 +124,31 @@ class Settings(BaseSettings):
         if self.embedded_worker:
             return 1
         return self.api_workers or min(os.cpu_count() or 1, 4)
+    def loopback_only(self) -> bool:
+        return self.host in {"127.0.0.1", "localhost", "::1"}
+
+    @property
+    def keys_required(self) -> bool:
+        if self.auth != "auto":
+            return self.auth == "on"
+        return not (self.embedded_worker and self.loopback_only and self.environment != "production")
+
+    @property
+    def auth_mode(self) -> str:
+        """What /readyz and the start-up log say about keys."""
+        if self.keys_required:
+            return "api_keys"
+        return "off" if self.auth == "off" else "local_without_keys"
+
+    @property
+    def effective_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else "memory://"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def plugin_modules(self) -> list[str]:

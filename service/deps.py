@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.dispatch import Dispatcher
+from service.ratelimit import RequestLimiter
 from service.storage import ObjectStore
 
 
@@ -19,6 +20,7 @@ class AppContext:
     session_factory: sessionmaker[Session]
     store: ObjectStore
     dispatcher: Dispatcher
+    limiter: RequestLimiter
 
 
 async def get_context(request: Request) -> AppContext:
@@ -38,11 +40,5 @@ async def get_session(context: Annotated[AppContext, Depends(get_context)]) -> A
         session.close()
 
 
-def get_tenant() -> str:
-    # API keys and tenants arrive later; until then every request acts as the default tenant.
-    return "default"
-
-
 ContextDep = Annotated[AppContext, Depends(get_context)]
 SessionDep = Annotated[Session, Depends(get_session)]
-TenantDep = Annotated[str, Depends(get_tenant)]

@@ -23,12 +23,15 @@ class DomainError(Exception):
     status = 400
     code = "bad_request"
     title = "Bad request"
+    headers: dict[str, str] = {}
 
-    def __init__(self, message: str, *, code: str | None = None, **extra: Any):
+    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
+        if headers:
+            self.headers = {**self.headers, **headers}
         self.extra = extra
 
 
@@ -44,6 +47,10 @@ class Invalid(DomainError):
     status, code, title = 422, "invalid_request", "Unprocessable content"
 
 
+class QuotaExceeded(DomainError):
+    status, code, title = 403, "quota_exceeded", "Quota exceeded"
+
+
 class TooLarge(DomainError):
     status, code, title = 413, "upload_too_large", "Content too large"
 
@@ -52,7 +59,8 @@ class UnsupportedMediaType(DomainError):
     status, code, title = 415, "unsupported_media_type", "Unsupported media type"
 
 
-def problem(status: int, code: str, title: str, detail: str, instance: str, **extra: Any) -> JSONResponse:
+def problem(status: int, code: str, title: str, detail: str, instance: str, headers: dict[str, str] | None = None,
+            **extra: Any) -> JSONResponse:
     body = {
         "type": f"urn:modelpress:problem:{code}",
         "title": title,
@@ -62,12 +70,13 @@ def problem(status: int, code: str, title: str, detail: str, instance: str, **ex
         "instance": instance,
         **extra,
     }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 _STATUS_CODES = {
     400: ("bad_request", "Bad request"),
     401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
     404: ("not_found", "Not found"),
     405: ("method_not_allowed", "Method not allowed"),
     413: ("upload_too_large", "Content too large"),
@@ -91,7 +100,7 @@ def _allowed_methods(request: Request) -> list[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError):
-        return problem(exc.status, exc.code, exc.title, exc.message, request.url.path, **exc.extra)
+        return problem(exc.status, exc.code, exc.title, exc.message, request.url.path, headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -4,6 +4,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
 from service.api_docs import install_api_docs
@@ -18,7 +19,9 @@ from service.openapi import PROBLEM_RESPONSES
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
 from service.models.views import router as models_router
+from service.ratelimit import RequestLimiter
 from service.storage import open_store
+from service.tenants.views import router as admin_router
 
 log = logging.getLogger("modelpress")
 
@@ -30,6 +33,17 @@ class NotReady(DomainError):
 def _ping_database(context: AppContext) -> None:
     with context.session_factory() as session:
         session.execute(text("SELECT 1"))
+
+
+def _log_auth_mode(settings: Settings) -> None:
+    if settings.auth_mode == "local_without_keys":
+        log.info("no API keys required: the embedded default on %s (loopback only); every request acts as tenant %r",
+                 settings.host, settings.default_tenant)
+    elif settings.auth_mode == "off":
+        log.warning("MODELPRESS_AUTH=off: no API keys required, anyone who reaches %s can read and delete every model",
+                    settings.host)
+    else:
+        log.info("API keys required (Authorization: Bearer <key>); create the first with `python -m service.keys create`")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,7 +60,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     session_factory = make_session_factory(engine)
     store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     dispatcher = make_dispatcher(settings, session_factory, store)
-    context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher)
+    limiter = RequestLimiter(settings.effective_rate_limit_storage_url)
+    context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher,
+                         limiter=limiter)
+    _log_auth_mode(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -59,9 +76,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
     app.state.context = context
     install_error_handlers(app)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.middleware("http")
+    async def no_sniffing(request, call_next):
+        response = await call_next(request)
+        # A browser must take every answer as the type it is labelled with (no HTML guessed from an upload).
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes,
                        body_idle_timeout_s=settings.body_idle_timeout_s, allowed_hosts=settings.allowed_host_names)
     install_api_docs(app)
+    app.include_router(admin_router, responses=PROBLEM_RESPONSES)
     app.include_router(models_router, responses=PROBLEM_RESPONSES)
     app.include_router(datasets_router, responses=PROBLEM_RESPONSES)
     app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
@@ -84,9 +113,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 probe()
                 checks[name] = "ok"
             except Exception as exc:  # readiness reports every failure instead of raising the first
-                checks[name] = f"error: {exc.__class__.__name__}: {exc}"[:300]
+                # The class only: a message can hold a path or a host; the log has the whole of it.
+                log.warning("readiness: %s unreachable: %s", name, exc)
+                checks[name] = f"error: {exc.__class__.__name__}"
         if any(v != "ok" for v in checks.values()):
             raise NotReady("a dependency is unreachable", checks=checks)
-        return {"status": "ready", "checks": checks, "worker": "embedded" if settings.embedded_worker else "celery"}
+        return {"status": "ready", "checks": checks, "worker": "embedded" if settings.embedded_worker else "celery",
+                "auth": settings.auth_mode}
 
     return app

@@ -30,6 +30,12 @@ class ObjectStore(Protocol):
     def ping(self) -> None: ...
 
 
+def tenant_prefix(tenant_id: str) -> str:
+    """Where a tenant's uploads lie: one folder per tenant, so its objects can be listed, sized or
+    removed as one."""
+    return f"tenants/{tenant_id}/"
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):

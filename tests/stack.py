@@ -37,6 +37,8 @@ def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoi
         "S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_DATA_DIR": str(logs / "data"), "MODELPRESS_STALE_JOB_AFTER_S": "10",
         # A slow test-only step, loaded the way a technique plug-in is.
         "MODELPRESS_PLUGINS": "tests.plugins",
+        # These tests are about the jobs' path; keys on a served API are tested in test_api_keys.py.
+        "MODELPRESS_AUTH": "off",
     }
     worker = Process("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
                                 "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", f"cpu-{bucket}@%h"], env, logs)

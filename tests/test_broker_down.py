@@ -12,7 +12,8 @@ from tests.test_models_api import assert_problem
 
 
 def test_job_fails_cleanly_when_the_broker_is_down(tmp_path, reference):
-    settings = Settings(data_dir=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    # Keys are off: this test is about the broker (keys with a broker: test_api_keys.py).
+    settings = Settings(data_dir=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0", auth="off")
     upgrade(settings.effective_database_url)
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")

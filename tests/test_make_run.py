@@ -24,4 +24,4 @@ def test_make_run_serves_the_embedded_service(tmp_path, reference):
     finally:
         server.stop()
     assert (data_dir / "modelpress.db").is_file()
-    assert any((data_dir / "objects" / "jobs").rglob("model.onnx"))
+    assert any((data_dir / "objects" / "tenants" / "default" / "jobs").rglob("model.onnx"))

@@ -133,7 +133,7 @@ def test_list_is_newest_first_with_cursor(client, reference):
 
 def test_delete_removes_row_and_object(client, settings, reference):
     model = upload(client, reference.onnx.read_bytes()).json()
-    objects = settings.data_dir / "objects" / "models" / model["id"]
+    objects = settings.data_dir / "objects" / "tenants" / "default" / "models" / model["id"]
     assert objects.is_dir()
     assert client.delete(f"/v1/models/{model['id']}").status_code == 204
     assert client.get(f"/v1/models/{model['id']}").status_code == 404

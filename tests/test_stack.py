@@ -42,7 +42,7 @@ def test_static_int8_job_through_celery_postgres_and_s3(stack, reference, tmp_pa
         assert connection.exec_driver_sql(f"SELECT status FROM jobs WHERE id = '{job['id']}'").scalar() == "succeeded"
         keys = [row[0] for row in connection.exec_driver_sql(f"SELECT storage_key FROM artifacts WHERE job_id = '{job['id']}'")]
     engine.dispose()
-    assert keys and all(key.startswith(f"jobs/{job['id']}/") for key in keys)
+    assert keys and all(key.startswith(f"tenants/default/jobs/{job['id']}/") for key in keys)
 
 
 def test_errors_on_the_stack(stack, reference):

@@ -11,7 +11,8 @@ from service.datasets.tables import DatasetRow
 from service.errors import Conflict, Invalid, NotFound
 from service.ids import clean_name, new_id
 from service.pagination import newest_first
-from service.storage import ObjectStore
+from service.storage import ObjectStore, tenant_prefix
+from service.tenants import quotas
 from service.uploads import ReceivedUpload
 from worker.engine.configs import PreprocessSpec, parse_preprocess
 from worker.engine.errors import EngineError
@@ -41,7 +42,8 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
         raise Invalid("resize and center_crop apply to image files; an .npz must already hold the model's size",
                       code="invalid_preprocess")
     dataset_id = new_id("ds")
-    key = f"datasets/{dataset_id}/{'data.npz' if info.format == 'npz' else 'images.zip'}"
+    key = f"{tenant_prefix(tenant_id)}datasets/{dataset_id}/{'data.npz' if info.format == 'npz' else 'images.zip'}"
+    quotas.check_upload(session=session, tenant_id=tenant_id, table=DatasetRow, size_bytes=upload.size_bytes)
     store.put_file(key, upload.path)
     row = DatasetRow(
         id=dataset_id, tenant_id=tenant_id, name=clean_name(name or Path(upload.filename).stem or dataset_id),
@@ -78,4 +80,4 @@ def delete(*, session: Session, store: ObjectStore, tenant_id: str, dataset_id: 
         raise Conflict(f"dataset {dataset_id} is used by a queued or running job", code="dataset_in_use", dataset_id=dataset_id)
     session.delete(row)
     session.commit()
-    store.delete_prefix(f"datasets/{dataset_id}")
+    store.delete_prefix(row.storage_key.rsplit("/", 1)[0] + "/")

@@ -21,6 +21,7 @@ from service.jobs.states import ACTIVE, FINISHED, JobStatus, transition
 from service.jobs.tables import ArtifactRow, JobRow
 from service.models import service as models
 from service.pagination import newest_first
+from service.tenants import quotas
 from worker.engine.configs import parse_step
 from worker.engine.errors import EngineError
 from worker.engine.presets import PRESETS
@@ -96,6 +97,7 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
     if split is not None and rows["split"].count < 2:
         raise Invalid("a dataset of one sample cannot be split", code="dataset_too_small")
 
+    quotas.check_job(session=session, tenant_id=tenant_id)
     job = JobRow(
         id=new_id("job"), tenant_id=tenant_id, model_id=model.id, status=JobStatus.QUEUED.value, stage="queued",
         progress=0.0, queue="gpu" if gpu_queue and any(c.wants_gpu() for c in configs) else "cpu",

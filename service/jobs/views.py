@@ -4,8 +4,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.audit import service as audit
+from service.auth import ReadCaller, WriteCaller
 from service.conditional import encoded, json_or_not_modified
-from service.deps import ContextDep, SessionDep, TenantDep
+from service.deps import ContextDep, SessionDep
 from service.errors import DomainError, NotFound
 from service.jobs import service
 from service.jobs.schemas import JobCreate, JobFullList, JobList, JobRead, JobSummary, MetricsRead, PresetRead
@@ -17,12 +19,15 @@ presets_router = APIRouter(prefix="/v1/presets", tags=["jobs"])
 
 
 @presets_router.get("", response_model=list[PresetRead])
-def list_presets():
+def list_presets(_caller: ReadCaller):
     """Named recipes for `"preset"` in a job body. Steps shown for labelled training data; with
     unlabelled data, distillation is label-free (alpha 0)."""
     from worker.engine.presets import PRESETS
 
     return [PresetRead(name=name, description=p.description, needs=list(p.needs), steps=p.steps(True)) for name, p in PRESETS.items()]
+
+
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; sandbox"
 
 
 class ServiceUnavailable(DomainError):
@@ -54,18 +59,19 @@ def to_read(job: JobRow) -> JobRead:
 
 
 @router.post("", status_code=202, response_model=JobRead)
-def create_job(body: JobCreate, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
+def create_job(body: JobCreate, context: ContextDep, session: SessionDep, caller: WriteCaller):
     try:
-        job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=tenant_id, body=body,
+        job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=caller.tenant_id, body=body,
                              gpu_queue=context.settings.gpu_queue)
     except service.DispatchFailed as exc:
         raise ServiceUnavailable(f"the job was stored but could not be queued: {exc}") from exc
+    audit.record(session=session, caller=caller, action="job.created", resource_id=job.id)
     return encoded(to_read(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("", response_model=JobList | JobFullList)
 def list_jobs(
-    session: SessionDep, tenant_id: TenantDep,
+    session: SessionDep, caller: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
     view: Annotated[Literal["summary", "full"], Query(description=(
@@ -74,7 +80,7 @@ def list_jobs(
 ):
     """Jobs, newest first. The summary view is one database query for the page."""
     full = view == "full"
-    rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor,
+    rows, next_cursor = service.list_page(session=session, tenant_id=caller.tenant_id, limit=limit, cursor=cursor,
                                           status=status, full=full)
     if full:
         return encoded(JobFullList(items=[to_read(r) for r in rows], next_cursor=next_cursor))
@@ -85,28 +91,30 @@ _CONDITIONAL = {304: {"description": "Not Modified: the job is unchanged since t
 
 
 @router.get("/{job_id}", response_model=JobRead, responses=_CONDITIONAL)
-def get_job(job_id: str, request: Request, session: SessionDep, tenant_id: TenantDep):
+def get_job(job_id: str, request: Request, session: SessionDep, caller: ReadCaller):
     """The job with its metrics and artifacts. Carries an `ETag`; send it back in `If-None-Match`
     when polling and an unchanged job answers 304 with no body."""
-    return json_or_not_modified(request, to_read(service.get(session=session, tenant_id=tenant_id, job_id=job_id)))
+    return json_or_not_modified(request, to_read(service.get(session=session, tenant_id=caller.tenant_id, job_id=job_id)))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsRead, responses=_CONDITIONAL)
-def get_job_metrics(job_id: str, request: Request, session: SessionDep, tenant_id: TenantDep):
+def get_job_metrics(job_id: str, request: Request, session: SessionDep, caller: ReadCaller):
     """The job's metrics.json (docs/METRICS.md); `{}` until the job has finished. ETag as for the job."""
-    job = service.get(session=session, tenant_id=tenant_id, job_id=job_id)
+    job = service.get(session=session, tenant_id=caller.tenant_id, job_id=job_id)
     return json_or_not_modified(request, MetricsRead(job.metrics or {}))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRead)
-def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep):
-    return encoded(to_read(service.cancel(session=session, tenant_id=tenant_id, job_id=job_id)), status_code=202)
+def cancel_job(job_id: str, session: SessionDep, caller: WriteCaller):
+    job = service.cancel(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    audit.record(session=session, caller=caller, action="job.cancelled", resource_id=job_id)
+    return encoded(to_read(job), status_code=202)
 
 
 @router.get("/{job_id}/artifacts/{name}")
 @router.head("/{job_id}/artifacts/{name}", include_in_schema=False)  # HEAD: as GET, without the body
-def download_artifact(job_id: str, name: str, request: Request, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
-    artifact = service.get_artifact(session=session, tenant_id=tenant_id, job_id=job_id, name=name)
+def download_artifact(job_id: str, name: str, request: Request, context: ContextDep, session: SessionDep, caller: ReadCaller):
+    artifact = service.get_artifact(session=session, tenant_id=caller.tenant_id, job_id=job_id, name=name)
     media_type = "application/json" if name.endswith(".json") else "application/octet-stream"
     headers = {
         "Content-Length": str(artifact.size_bytes),
@@ -115,6 +123,9 @@ def download_artifact(job_id: str, name: str, request: Request, context: Context
         # RFC 9530: the digest of the whole representation, base64 of the raw sha-256.
         "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(artifact.sha256)).decode()}:",
         "Content-Disposition": f'attachment; filename="{artifact.name}"',
+        # Opened from the API origin anyway, a report (which shows user-chosen names) runs no script
+        # and loads nothing: inline styles and data: images only.
+        "Content-Security-Policy": REPORT_CSP,
     }
     if request.method == "HEAD":  # the headers a GET would send (size, digest), without reading storage
         return Response(media_type=media_type, headers=headers)

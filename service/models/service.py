@@ -10,7 +10,8 @@ from service.ids import clean_name, new_id
 from service.models.inspect import inspect_model
 from service.models.tables import ModelRow
 from service.pagination import newest_first
-from service.storage import ObjectStore
+from service.storage import ObjectStore, tenant_prefix
+from service.tenants import quotas
 from service.uploads import ReceivedUpload
 
 FILE_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": "model.pt"}
@@ -21,7 +22,8 @@ def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: Rece
     info = inspect_model(upload.path, max_unpacked_bytes=max_unpacked_bytes)
     model_id = new_id("mdl")
     file_name = "model.zip" if info.details.get("packaging") == "zip" else FILE_NAMES[info.format]
-    key = f"models/{model_id}/{file_name}"
+    key = f"{tenant_prefix(tenant_id)}models/{model_id}/{file_name}"
+    quotas.check_upload(session=session, tenant_id=tenant_id, table=ModelRow, size_bytes=upload.size_bytes)
     # The object is written before the row: a row never points at a missing object.
     store.put_file(key, upload.path)
     row = ModelRow(
@@ -68,4 +70,4 @@ def delete(*, session: Session, store: ObjectStore, tenant_id: str, model_id: st
         raise Conflict(f"model {model_id} is used by a queued or running job", code="model_in_use", model_id=model_id)
     session.delete(row)
     session.commit()
-    store.delete_prefix(f"models/{model_id}")
+    store.delete_prefix(row.storage_key.rsplit("/", 1)[0] + "/")

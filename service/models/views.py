@@ -3,7 +3,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import ContextDep, SessionDep, TenantDep
+from service.audit import service as audit
+from service.auth import ReadCaller, WriteCaller
+from service.deps import ContextDep, SessionDep
 from service.models import service
 from service.models.schemas import ModelList, ModelRead
 from service.openapi import upload_body
@@ -14,34 +16,37 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.post("", status_code=201, response_model=ModelRead, openapi_extra=upload_body(
     "ONNX (or a .zip of an .onnx and its external data), torch.export .pt2 or TorchScript", name="display name"))
-async def upload_model(request: Request, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
+async def upload_model(request: Request, context: ContextDep, session: SessionDep, caller: WriteCaller):
     """Multipart: `file` (ONNX, torch.export .pt2 or TorchScript), optional `name`."""
     upload = await receive_upload(request, tmp_dir=context.settings.tmp_dir, max_bytes=context.settings.max_model_bytes)
     try:
-        return await run_in_threadpool(
-            service.create, session=session, store=context.store, tenant_id=tenant_id,
+        row = await run_in_threadpool(
+            service.create, session=session, store=context.store, tenant_id=caller.tenant_id,
             upload=upload, name=upload.fields.get("name"), max_unpacked_bytes=4 * context.settings.max_model_bytes,
         )
     finally:
         upload.discard()
+    await run_in_threadpool(audit.record, session=session, caller=caller, action="model.created", resource_id=row.id)
+    return row
 
 
 @router.get("", response_model=ModelList)
 def list_models(
-    session: SessionDep, tenant_id: TenantDep,
+    session: SessionDep, caller: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
     sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="only uploads of the file with this sha256")] = None,
 ):
-    rows, next_cursor = service.list_page(session=session, tenant_id=tenant_id, limit=limit, cursor=cursor, sha256=sha256)
+    rows, next_cursor = service.list_page(session=session, tenant_id=caller.tenant_id, limit=limit, cursor=cursor, sha256=sha256)
     return ModelList(items=rows, next_cursor=next_cursor)
 
 
 @router.get("/{model_id}", response_model=ModelRead)
-def get_model(model_id: str, session: SessionDep, tenant_id: TenantDep):
-    return service.get(session=session, tenant_id=tenant_id, model_id=model_id)
+def get_model(model_id: str, session: SessionDep, caller: ReadCaller):
+    return service.get(session=session, tenant_id=caller.tenant_id, model_id=model_id)
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, context: ContextDep, session: SessionDep, tenant_id: TenantDep):
-    service.delete(session=session, store=context.store, tenant_id=tenant_id, model_id=model_id)
+def delete_model(model_id: str, context: ContextDep, session: SessionDep, caller: WriteCaller):
+    service.delete(session=session, store=context.store, tenant_id=caller.tenant_id, model_id=model_id)
+    audit.record(session=session, caller=caller, action="model.deleted", resource_id=model_id)
     return Response(status_code=204)

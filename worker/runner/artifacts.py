@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from service.jobs import service as jobs
+from service.storage import tenant_prefix
 from worker.engine.errors import JobSuperseded
 from worker.engine.report import render as render_report
 from worker.recipe import decided_steps
@@ -41,17 +42,17 @@ def write_and_store(job, token: str, deps, work: Path, metrics: dict, model: Pat
     }, indent=2))
     for name, path in (("model.onnx", model), *extra.items(), ("metrics.json", metrics_file),
                        ("report.html", report_file), ("recipe.json", recipe_file)):
-        store_artifact(deps, job.id, token, name, path)
+        store_artifact(deps, job.id, token, name, path, tenant_id=job.tenant_id)
 
 
-def store_artifact(deps, job_id: str, token: str, name: str, path: Path) -> None:
+def store_artifact(deps, job_id: str, token: str, name: str, path: Path, *, tenant_id: str) -> None:
     """Each delivery writes under its own token, and the row is switched to the new object only
     after the upload completed: a delivery that dies half-way leaves no half-written artifact."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1024 * 1024):
             digest.update(chunk)
-    key = f"jobs/{job_id}/{token}/{name}"
+    key = f"{tenant_prefix(tenant_id)}jobs/{job_id}/{token}/{name}"
     deps.store.put_file(key, path)
     with deps.session_factory() as session:
         owned = jobs.record_artifact(session=session, job_id=job_id, token=token, name=name, size_bytes=path.stat().st_size,

@@ -1,0 +1,70 @@
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Scope = Literal["read", "write", "admin"]
+
+
+class TenantQuotas(BaseModel):
+    """Each empty quota is unlimited."""
+
+    max_stored_bytes: int | None = Field(None, ge=0)
+    max_models: int | None = Field(None, ge=0)
+    max_datasets: int | None = Field(None, ge=0)
+    max_active_jobs: int | None = Field(None, ge=0, description="queued and running jobs together")
+    max_requests_per_minute: int | None = Field(None, gt=0)
+
+
+class TenantCreate(TenantQuotas):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    name: str | None = Field(None, max_length=255)
+
+
+class TenantRead(TenantQuotas):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    operator: bool
+    created_at: datetime
+    usage: dict[str, int] = {}
+
+
+class ApiKeyCreate(BaseModel):
+    scopes: list[Scope] = Field(min_length=1)
+    name: str = Field("", max_length=255)
+    expires_at: datetime | None = None
+    # Only an operator's admin key may create a key for another tenant.
+    tenant_id: str | None = None
+
+
+class ApiKeyRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tenant_id: str
+    prefix: str
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class ApiKeyIssued(ApiKeyRead):
+    key: str = Field(description="the key itself: shown this once, stored only as a hash")
+
+
+class AuditEventRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    key_prefix: str
+    action: str
+    resource_id: str
+    at: datetime
+
+
+class AuditList(BaseModel):
+    items: list[AuditEventRead]
