@@ -124,6 +124,8 @@ class Settings(BaseSettings):
         if self.embedded_worker:
             return 1
         return self.api_workers or min(os.cpu_count() or 1, 4)
+
+    @property
     def loopback_only(self) -> bool:
         return self.host in {"127.0.0.1", "localhost", "::1"}
 

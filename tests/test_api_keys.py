@@ -23,7 +23,7 @@ from tests.test_tenant_isolation import COLLECTION_ROUTES, ID_ROUTES
 SCOPE_OF = {
     **{route: "read" for route in [("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"), ("GET", "/v1/datasets"),
                                    ("GET", "/v1/datasets/{dataset_id}"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"),
-                                   ("GET", "/v1/jobs/{job_id}/artifacts/{name}"), ("GET", "/v1/presets")]},
+                                   ("GET", "/v1/jobs/{job_id}/artifacts/{name}"), ("GET", "/v1/jobs/{job_id}/metrics"), ("GET", "/v1/presets")]},
     **{route: "write" for route in [("POST", "/v1/models"), ("DELETE", "/v1/models/{model_id}"), ("POST", "/v1/datasets"),
                                     ("DELETE", "/v1/datasets/{dataset_id}"), ("POST", "/v1/jobs"),
                                     ("POST", "/v1/jobs/{job_id}/cancel")]},

@@ -21,6 +21,22 @@ ROUTES = ["/v1/models/{}", "/v1/datasets/{}", "/v1/jobs/{}", "/v1/jobs/{}/artifa
 CURSORS = ["%00", "abc%00", "WyIyMDI2LTAxLTAxIiwgIlx1MDAwMCJd", "WyIyMDI2LTAxLTAxIiwgMV0"]  # "\u0000" and 1 as row ids
 
 
+@pytest.fixture(scope="module")
+def fresh_postgres_url():
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"modelpress_hostile_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def hostile_client(request, tmp_path_factory):
     from fastapi.testclient import TestClient
@@ -31,7 +47,8 @@ def hostile_client(request, tmp_path_factory):
 
     database_url = ""
     if request.param == "postgresql":
-        database_url = request.getfixturevalue("postgres_url")
+        # A database of its own: the corpus asserts that nothing was stored, so no other test's rows.
+        database_url = request.getfixturevalue("fresh_postgres_url")
         upgrade(database_url)
     data_dir = tmp_path_factory.mktemp("hostile") / "data"
     settings = Settings(data_dir=data_dir, database_url=database_url)

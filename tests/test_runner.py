@@ -145,7 +145,7 @@ def test_the_heartbeat_beats_several_times_within_the_stale_limit(tmp_path):
     from types import SimpleNamespace
 
     from service.config import Settings
-    from worker.runner import HEARTBEAT_S, Progress
+    from worker.runner.lifecycle import HEARTBEAT_S, Progress
 
     for stale in (5, 10, 300):
         progress = Progress(SimpleNamespace(settings=Settings(data_dir=tmp_path, stale_job_after_s=stale)), "job_x", "token")

@@ -54,6 +54,7 @@ ID_ROUTES = {
     ("GET", "/v1/datasets/{dataset_id}"): "dataset_id",
     ("DELETE", "/v1/datasets/{dataset_id}"): "dataset_id",
     ("GET", "/v1/jobs/{job_id}"): "job_id",
+    ("GET", "/v1/jobs/{job_id}/metrics"): "job_id",
     ("POST", "/v1/jobs/{job_id}/cancel"): "job_id",
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): "job_id",
     ("GET", "/v1/admin/tenants/{tenant_id}"): "tenant_id",

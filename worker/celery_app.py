@@ -95,6 +95,7 @@ def _reap_forever(stop: threading.Event) -> None:
             with deps().session_factory() as session:
                 for job_id in jobs.reap_stale(session=session, stale_after_s=settings.stale_job_after_s):
                     log.warning("job %s: worker lost, re-queued", job_id)
+                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=session.get(JobRow, job_id).queue)
                 for job_id in jobs.queued_ids(session=session, older_than_s=max(settings.stale_job_after_s, QUEUED_RESEND_AFTER_S)):
                     app.send_task(RUN_JOB_TASK, args=[job_id], queue=session.get(JobRow, job_id).queue)
         except Exception:

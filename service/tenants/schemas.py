@@ -1,13 +1,16 @@
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Scope = Literal["read", "write", "admin"]
 
 
 class TenantQuotas(BaseModel):
     """Each empty quota is unlimited."""
+
+    # Strict: `false` or "10" is not a quota (lax mode would read them as 0 and 10).
+    model_config = ConfigDict(strict=True)
 
     max_stored_bytes: int | None = Field(None, ge=0)
     max_models: int | None = Field(None, ge=0)
@@ -22,7 +25,7 @@ class TenantCreate(TenantQuotas):
 
 
 class TenantRead(TenantQuotas):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, strict=False)
 
     id: str
     name: str
@@ -37,6 +40,14 @@ class ApiKeyCreate(BaseModel):
     expires_at: datetime | None = None
     # Only an operator's admin key may create a key for another tenant.
     tenant_id: str | None = None
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _iso_date_time(cls, value):
+        # An ISO 8601 date-time, as the spec says; not a number read as seconds since 1970.
+        if value is not None and not isinstance(value, (str, datetime)):
+            raise ValueError("expires_at must be an ISO 8601 date-time string")
+        return value
 
 
 class ApiKeyRead(BaseModel):
