@@ -23,18 +23,12 @@ CURSORS = ["%00", "abc%00", "WyIyMDI2LTAxLTAxIiwgIlx1MDAwMCJd", "WyIyMDI2LTAxLTA
 
 @pytest.fixture(scope="module")
 def fresh_postgres_url():
-    import uuid
-
-    import psycopg
-
     from tests.conftest import PG_ADMIN_URL
+    from tests.tenancy import fresh_postgres_database
 
-    name = f"modelpress_hostile_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    url, drop = fresh_postgres_database(PG_ADMIN_URL)
+    yield url
+    drop()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

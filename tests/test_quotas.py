@@ -6,10 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_ADMIN_URL
 from tests.jobs_flow import upload_dataset, upload_model, wait_finished
-from tests.tenancy import add_tenant, fresh_postgres_database, keyed_client, keyed_settings, problem_code
-from tests.test_tenant_isolation import As
+from tests.tenancy import add_tenant, keyed_client, keyed_settings, problem_code
+from tests.test_tenant_isolation import As, backend_settings  # noqa: F401  (fixture)
 
 RW = "read,write"
 
@@ -50,16 +49,6 @@ def test_stored_bytes_quota_leaves_nothing_behind(tmp_path, reference):
         assert usage == {"stored_bytes": size, "models": 1, "datasets": 0, "active_jobs": 0}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_settings(request, tmp_path):
-    if request.param == "sqlite":
-        yield keyed_settings(tmp_path)
-        return
-    url, drop = fresh_postgres_database(PG_ADMIN_URL)
-    try:
-        yield keyed_settings(tmp_path, url)
-    finally:
-        drop()
 
 
 def test_concurrent_submissions_beyond_the_job_quota(backend_settings, reference):
