@@ -16,7 +16,7 @@ import torch
 
 from bench.reference import ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import ChannelPruneConfig, DistillConfig, StaticInt8Config
+from modelpress.spec.configs import ChannelPruneConfig, DistillConfig, StaticInt8Config
 from worker.engine.data import ImageSet
 from worker.engine.distill import distill
 from worker.engine.prune import prune

@@ -15,7 +15,7 @@ import torch
 
 from bench.reference import ResNetSmall, export_all, load_digits_split, train
 from worker.engine import device
-from worker.engine.configs import ChannelPruneConfig, DistillConfig, MagnitudePruneConfig, QatConfig
+from modelpress.spec.configs import ChannelPruneConfig, DistillConfig, MagnitudePruneConfig, QatConfig
 from worker.engine.data import ImageSet
 from worker.engine.distill import distill
 from worker.engine.prune import prune

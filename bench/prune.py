@@ -18,7 +18,7 @@ import torch
 
 from bench.reference import MobileNetSmall, ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import ChannelPruneConfig, FinetuneSpec, MagnitudePruneConfig
+from modelpress.spec.configs import ChannelPruneConfig, FinetuneSpec, MagnitudePruneConfig
 from worker.engine.data import ImageSet
 from worker.engine.prune import prune
 from worker.engine.registry import StepContext

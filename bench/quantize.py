@@ -14,7 +14,7 @@ import torch
 
 from bench.reference import MobileNetSmall, ResNetSmall, export_all, load_digits_split, load_fashion_split, train
 from worker.engine import evaluate
-from worker.engine.configs import parse_step
+from modelpress.spec.configs import parse_step
 from worker.engine.data import ImageSet
 from worker.engine.fidelity import fidelity
 from worker.engine.quantize import count_compute_nodes, quantize

@@ -13,50 +13,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modelpress.spec.errors import (  # noqa: F401  (re-exported: the services raise them from here)
+    Conflict, DomainError, EngineError, Invalid, NotFound, QuotaExceeded, TooLarge, UnsupportedMediaType)
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_S = 5
-
-
-class DomainError(Exception):
-    status = 400
-    code = "bad_request"
-    title = "Bad request"
-    headers: dict[str, str] = {}
-
-    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None, **extra: Any):
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
-        if headers:
-            self.headers = {**self.headers, **headers}
-        self.extra = extra
-
-
-class NotFound(DomainError):
-    status, code, title = 404, "not_found", "Not found"
-
-
-class Conflict(DomainError):
-    status, code, title = 409, "conflict", "Conflict"
-
-
-class Invalid(DomainError):
-    status, code, title = 422, "invalid_request", "Unprocessable content"
-
-
-class QuotaExceeded(DomainError):
-    status, code, title = 403, "quota_exceeded", "Quota exceeded"
-
-
-class TooLarge(DomainError):
-    status, code, title = 413, "upload_too_large", "Content too large"
-
-
-class UnsupportedMediaType(DomainError):
-    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
 
 
 def problem(status: int, code: str, title: str, detail: str, instance: str, headers: dict[str, str] | None = None,

@@ -4,7 +4,7 @@ tests can cancel it, overrun the time limit, or kill its worker mid-step."""
 
 import time
 
-from worker.engine.configs import StepConfig, register_config
+from modelpress.spec.configs import StepConfig, register_config
 from worker.engine.registry import StepContext, StepResult, register
 
 started: list[float] = []

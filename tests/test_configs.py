@@ -2,11 +2,11 @@
 
 import pytest
 
-from worker.engine.configs import (
+from modelpress.spec.configs import (
     ChannelPruneConfig, CodebookConfig, DistillConfig, DynamicInt8Config, Fp16Config, MagnitudePruneConfig,
     NMPruneConfig, QatConfig, StaticInt8Config, WeightOnlyConfig, parse_step)
-from worker.engine.errors import EngineError
-from worker.engine.presets import PRESETS
+from modelpress.spec.errors import EngineError
+from modelpress.spec.presets import PRESETS
 
 # The dumps version 1 recorded in jobs (one flat class per step type, every field filled in).
 V1_QUANTIZE_DUMP = {

@@ -195,7 +195,7 @@ def test_torchscript_that_reads_files_is_refused_at_upload(hostile_client):
 
 
 def test_the_worker_checks_the_compiled_torchscript_graph_too(tmp_path):
-    from worker.engine.errors import EngineError
+    from modelpress.spec.errors import EngineError
     from worker.engine.formats import check_torchscript_graph, to_onnx
 
     check_torchscript_graph(torch.jit.script(PlainConv()))

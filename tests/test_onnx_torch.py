@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.formats import normalize_onnx
 from worker.engine.onnx_torch import onnx_to_torch, trainable_module
 

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 from tests.jobs_flow import upload_dataset, upload_model, wait_finished
 from tests.test_models_api import assert_problem
 from worker.engine import channel_graph
-from worker.engine.configs import parse_step
+from modelpress.spec.configs import parse_step
 from worker.engine.data import ImageSet
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.registry import StepContext, handler_for
 
 

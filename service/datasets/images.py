@@ -9,8 +9,8 @@ from PIL import Image, UnidentifiedImageError
 from service.datasets.inspect import DatasetInfo
 from service.errors import Invalid
 from service.models.inspect import check_archive_names
-from worker.engine.errors import EngineError
-from worker.engine.imagefiles import image_entries
+from modelpress.spec.errors import EngineError
+from modelpress.spec.imagefiles import image_entries
 
 CHANNELS = {"1": 1, "L": 1, "LA": 1, "I;16": 1, "P": 3, "RGB": 3, "RGBA": 3, "CMYK": 3, "YCbCr": 3}
 

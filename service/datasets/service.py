@@ -14,8 +14,8 @@ from service.pagination import newest_first
 from service.storage import ObjectStore, tenant_prefix
 from service.tenants import quotas
 from service.uploads import ReceivedUpload
-from worker.engine.configs import PreprocessSpec, parse_preprocess
-from worker.engine.errors import EngineError
+from modelpress.spec.configs import PreprocessSpec, parse_preprocess
+from modelpress.spec.errors import EngineError
 
 
 def _preprocess(raw: str | None) -> PreprocessSpec:

@@ -22,10 +22,10 @@ from service.jobs.tables import ArtifactRow, JobRow
 from service.models import service as models
 from service.pagination import newest_first
 from service.tenants import quotas
-from worker.engine.configs import parse_step
-from worker.engine.errors import EngineError
-from worker.engine.presets import PRESETS
-from worker.engine.shapes import check_dataset_fits
+from modelpress.spec.configs import parse_step
+from modelpress.spec.errors import EngineError
+from modelpress.spec.presets import PRESETS
+from modelpress.spec.shapes import check_dataset_fits
 
 
 class DispatchFailed(Exception):

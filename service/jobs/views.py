@@ -22,7 +22,7 @@ presets_router = APIRouter(prefix="/v1/presets", tags=["jobs"])
 def list_presets(_caller: ReadCaller):
     """Named recipes for `"preset"` in a job body. Steps shown for labelled training data; with
     unlabelled data, distillation is label-free (alpha 0)."""
-    from worker.engine.presets import PRESETS
+    from modelpress.spec.presets import PRESETS
 
     return [PresetRead(name=name, description=p.description, needs=list(p.needs), steps=p.steps(True)) for name, p in PRESETS.items()]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import Invalid
-from worker.engine.quantized import holds_quantized_ops
+from modelpress.spec.quantized import holds_quantized_ops
 
 ONNX = "onnx"
 TORCH_EXPORT = "torch_export"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engine.configs import PreprocessSpec, parse_preprocess
-from worker.engine.errors import EngineError
-from worker.engine.imagefiles import image_entries
-from worker.engine.shapes import InputLayout, check_dataset_fits, check_fits, model_layout
+from modelpress.spec.configs import PreprocessSpec, parse_preprocess
+from modelpress.spec.errors import EngineError
+from modelpress.spec.imagefiles import image_entries
+from modelpress.spec.shapes import InputLayout, check_dataset_fits, check_fits, model_layout
 
 
 @dataclass

@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 
 from worker.engine import channel_graph, train_norm
-from worker.engine.configs import DistillConfig
+from modelpress.spec.configs import DistillConfig
 from worker.engine.device import pick_device
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import graph_stats
-from worker.engine.quantized import is_quantized
+from modelpress.spec.quantized import is_quantized
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
 

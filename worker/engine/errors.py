@@ -1,10 +1,4 @@
-class EngineError(Exception):
-    """A failure the user can act on. `code` is stable and documented in docs/ERRORS.md."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+from modelpress.spec.errors import EngineError  # noqa: F401  (the engine's failures share the domain hierarchy)
 
 
 class GuardNotMet(EngineError):

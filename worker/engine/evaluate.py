@@ -18,7 +18,7 @@ from worker.engine.data import ImageSet
 from worker.engine.device import gpu_name, pick_device
 from worker.engine.fidelity import accuracy, fidelity
 from worker.engine.graph_stats import graph_stats
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 LARGE_BATCH = 32
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 EXPORT_OPSET = 17
 MIN_OPSET = 13

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

@@ -24,14 +24,14 @@ from onnx import numpy_helper
 from torch.nn import functional as F
 
 from worker.engine import channel_graph, train_norm
-from worker.engine.configs import PRUNE_SCHEMES, ChannelPruneConfig, PruneStepConfig
+from modelpress.spec.configs import PRUNE_SCHEMES, ChannelPruneConfig, PruneStepConfig
 from worker.engine.device import pick_device
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.formats import untie_weights
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import count_macs, graph_stats, parameter_counts
 from worker.engine.onnx_torch import onnx_to_torch
-from worker.engine.quantized import is_quantized
+from modelpress.spec.quantized import is_quantized
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.engine.configs import StepConfig
+from modelpress.spec.configs import StepConfig
 from worker.engine.data import ImageSet
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 # Modules that register handlers when imported; one per technique.
 TECHNIQUE_MODULES = ("worker.engine.quantize", "worker.engine.prune", "worker.engine.distill")

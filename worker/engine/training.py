@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from worker.engine.data import ImageSet
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.formats import untie_weights
 from worker.engine.onnx_torch import OnnxModule, onnx_to_torch, save_weights

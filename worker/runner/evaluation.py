@@ -5,7 +5,7 @@ from pathlib import Path
 
 from worker.engine import evaluate
 from worker.engine.data import ImageSet
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.fidelity import fidelity
 from worker.engine.registry import StepResult
 

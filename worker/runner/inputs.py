@@ -8,7 +8,7 @@ from service.datasets import service as datasets
 from service.errors import NotFound
 from service.models import service as models
 from worker.engine.data import ImageSet, load_dataset, split
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.formats import to_onnx
 
 LOAD_SHARE = 0.05  # of the job's progress bar

@@ -16,7 +16,8 @@ from service.config import Settings
 from service.jobs import service as jobs
 from service.jobs.states import JobStatus
 from service.storage import ObjectStore
-from worker.engine.errors import EngineError, GuardNotMet, JobCancelled, JobSuperseded
+from modelpress.spec.errors import EngineError
+from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
 from worker.runner.artifacts import METRICS_SCHEMA_VERSION, finite, write_and_store
 from worker.runner.evaluation import evaluate_job
 from worker.runner.inputs import LOAD_SHARE, load_inputs

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from service.storage import ObjectStore
 from worker.engine import evaluate
-from worker.engine.configs import parse_step
+from modelpress.spec.configs import parse_step
 from worker.engine.errors import GuardNotMet
 from worker.engine.registry import StepContext, StepResult, beside, handler_for
 from worker.runner.artifacts import finite

@@ -8,9 +8,10 @@ function by config class and does what every scheme shares.
 
 import onnx
 
-from worker.engine.configs import (
+from modelpress.spec.configs import (
     CodebookConfig, DynamicInt8Config, Fp16Config, QatConfig, QuantizeStepConfig, StaticInt8Config, WeightOnlyConfig)
-from worker.engine.errors import EngineError, GuardNotMet
+from modelpress.spec.errors import EngineError
+from worker.engine.errors import GuardNotMet
 from worker.engine.quantize.codebook import codebook
 from worker.engine.quantize.dynamic_int8 import dynamic_int8
 from worker.engine.quantize.fp16 import fp16

@@ -2,7 +2,7 @@
 
 import onnx
 
-from worker.engine.configs import CodebookConfig
+from modelpress.spec.configs import CodebookConfig
 from worker.engine.quantize import weights
 from worker.engine.registry import StepContext, StepResult
 

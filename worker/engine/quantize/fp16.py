@@ -2,8 +2,8 @@
 
 import onnx
 
-from worker.engine.configs import Fp16Config
-from worker.engine.errors import EngineError
+from modelpress.spec.configs import Fp16Config
+from modelpress.spec.errors import EngineError
 from worker.engine.quantize.ops import excluded_nodes
 from worker.engine.registry import StepContext, StepResult
 

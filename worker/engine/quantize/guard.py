@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from worker.engine.configs import QuantizeStepConfig
+from modelpress.spec.configs import QuantizeStepConfig
 from worker.engine.data import ImageSet, split
-from worker.engine.errors import EngineError, GuardNotMet
+from modelpress.spec.errors import EngineError
+from worker.engine.errors import GuardNotMet
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import onnx
 
-from worker.engine.quantized import QUANTIZED_OPS, is_quantized  # noqa: F401  (re-exported)
+from modelpress.spec.quantized import QUANTIZED_OPS, is_quantized  # noqa: F401  (re-exported)
 
 INT8_COMPUTE_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul", "QLinearAdd", "QLinearGlobalAveragePool"}
 FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcFusedConv"}

@@ -14,9 +14,9 @@ import onnx
 import torch
 from torch.nn import functional as F
 
-from worker.engine.configs import QatConfig
+from modelpress.spec.configs import QatConfig
 from worker.engine.device import pick_device
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.onnx_torch import onnx_to_torch, save_weights
 from worker.engine.quantize.static_int8 import static_int8

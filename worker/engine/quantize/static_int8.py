@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from worker.engine.configs import Int8ExportFields
-from worker.engine.errors import EngineError
+from modelpress.spec.configs import Int8ExportFields
+from modelpress.spec.errors import EngineError
 from worker.engine.evaluate import environment, fixed_batch, open_session
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize import calibration_ranges

@@ -2,7 +2,7 @@
 
 import onnx
 
-from worker.engine.configs import WeightOnlyConfig
+from modelpress.spec.configs import WeightOnlyConfig
 from worker.engine.quantize import weights
 from worker.engine.registry import StepContext, StepResult
 

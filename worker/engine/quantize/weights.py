@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from worker.engine.quantize import qmath
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 TARGET_OPSET = 21

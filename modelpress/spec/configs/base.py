@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 CURRENT_VERSION = 2
 

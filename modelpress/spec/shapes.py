@@ -6,7 +6,7 @@ lay the arrays out before running the model.
 
 from dataclasses import dataclass
 
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 
 @dataclass(frozen=True)

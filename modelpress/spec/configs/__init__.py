@@ -5,12 +5,12 @@ and `model_dump()` gives the step with every default filled in (what a recipe re
 per step type, one class per scheme; `base` holds the versioning and the table of step types.
 """
 
-from worker.engine.configs.base import CURRENT_VERSION, STEP_TYPES, StepConfig, parse_step, register_config
-from worker.engine.configs.distill import DistillConfig, FromTeacher
-from worker.engine.configs.preprocess import PreprocessSpec, parse_preprocess
-from worker.engine.configs.prune import (
+from modelpress.spec.configs.base import CURRENT_VERSION, STEP_TYPES, StepConfig, parse_step, register_config
+from modelpress.spec.configs.distill import DistillConfig, FromTeacher
+from modelpress.spec.configs.preprocess import PreprocessSpec, parse_preprocess
+from modelpress.spec.configs.prune import (
     PRUNE_SCHEMES, ChannelPruneConfig, FinetuneSpec, MagnitudePruneConfig, NMPruneConfig, PruneConfig, PruneStepConfig)
-from worker.engine.configs.quantize import (
+from modelpress.spec.configs.quantize import (
     QUANTIZE_SCHEMES, CodebookConfig, DynamicInt8Config, Fp16Config, GuardSpec, Int8ExportFields, QatConfig, QuantizeConfig,
     QuantizeStepConfig, StaticInt8Config, WeightOnlyConfig)
 

@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from worker.engine.configs.base import StepConfig, drop_ignored_v1_fields, register_step_type
+from modelpress.spec.configs.base import StepConfig, drop_ignored_v1_fields, register_step_type
 
 
 class GuardSpec(BaseModel):

@@ -4,7 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from worker.engine.configs.base import StepConfig, register_step_type
+from modelpress.spec.configs.base import StepConfig, register_step_type
 
 
 class FromTeacher(BaseModel):

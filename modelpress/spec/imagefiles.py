@@ -4,7 +4,7 @@ set. Hidden files and __MACOSX entries are ignored."""
 
 from pathlib import PurePosixPath
 
-from worker.engine.errors import EngineError
+from modelpress.spec.errors import EngineError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -4,8 +4,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.engine.configs.base import validation_problems
-from worker.engine.errors import EngineError
+from modelpress.spec.configs.base import validation_problems
+from modelpress.spec.errors import EngineError
 
 
 class PreprocessSpec(BaseModel):
