@@ -1,4 +1,5 @@
 import os
+import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,15 @@ from tests.stack import S3_ENV
 
 PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def _terminated(signum, frame):
+    # SIGTERM (a CI timeout, `kill`) ends the run as Ctrl-C does: pytest runs the fixtures' teardown,
+    # and tests.processes stops what is still running, so no worker outlives the run.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _terminated)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Start and stop the real processes the integration tests talk to."""
 
+import atexit
+import ctypes
 import os
 import signal
 import socket
@@ -12,6 +14,21 @@ from pathlib import Path
 import httpx
 
 VENV_BIN = Path(sys.executable).parent
+PR_SET_PDEATHSIG = 1
+_started: set["Process"] = set()
+
+
+def _die_with_the_test_run() -> None:
+    """In the child before exec: the kernel SIGKILLs it when the test process dies, even by SIGKILL,
+    so a killed run never leaves a worker behind that would take another run's tasks."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@atexit.register
+def stop_all() -> None:
+    """Whatever a test left running (a fixture cut short by SIGTERM or an error) ends with the run."""
+    for process in list(_started):
+        process.stop(timeout=5)
 
 
 def free_port() -> int:
@@ -26,7 +43,8 @@ class Process:
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=cwd, start_new_session=True)
+                                     cwd=cwd, start_new_session=True, preexec_fn=_die_with_the_test_run)
+        _started.add(self)
 
     def output(self) -> str:
         if not self.log.closed:
@@ -48,6 +66,7 @@ class Process:
         # Children that outlived their parent (a pool process) still belong to the group: end them too.
         _signal_group(self.proc.pid, signal.SIGKILL)
         self.log.close()
+        _started.discard(self)
 
     def restarted(self, name: str) -> "Process":
         return Process(name, self.args, self.env, self.log_dir, self.cwd)
@@ -56,6 +75,7 @@ class Process:
         """SIGKILL the whole process group (a Celery worker's children too)."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        _started.discard(self)
 
 
 def _signal_group(pid: int, sig: int) -> None:
