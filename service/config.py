@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     database_url: str = Field("", validation_alias=AliasChoices("DATABASE_URL", "database_url"))
     # Empty means no broker: jobs run on a worker thread inside the API process.
     broker_url: str = Field("", validation_alias=AliasChoices("BROKER_URL", "broker_url"))
+    # Prepended to every broker key (Redis), so deployments (or test stacks) sharing one Redis never
+    # take each other's tasks. The API and its workers must use the same prefix.
+    broker_key_prefix: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$",
+                                   validation_alias=AliasChoices("MODELPRESS_BROKER_PREFIX", "broker_key_prefix"))
     # "s3://bucket[/prefix]" or a folder; empty means data_dir/objects.
     storage_url: str = Field("", validation_alias=AliasChoices("STORAGE_URL", "storage_url"))
     s3_endpoint_url: str = Field("", validation_alias=AliasChoices("S3_ENDPOINT_URL", "s3_endpoint_url"))
@@ -141,6 +145,14 @@ class Settings(BaseSettings):
         if self.keys_required:
             return "api_keys"
         return "off" if self.auth == "off" else "local_without_keys"
+
+    @property
+    def broker_transport_options(self) -> dict:
+        """Shared by the API's sender and the workers (both must agree on the prefix)."""
+        options: dict = {"visibility_timeout": self.job_time_limit_s + 600}
+        if self.broker_key_prefix:
+            options["global_keyprefix"] = self.broker_key_prefix
+        return options
 
     @property
     def effective_rate_limit_storage_url(self) -> str:

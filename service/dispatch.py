@@ -19,11 +19,12 @@ class Dispatcher(Protocol):
 class CeleryDispatcher:
     """Sends by task name, so the API needs none of the worker's code (nor torch)."""
 
-    def __init__(self, broker_url: str):
+    def __init__(self, broker_url: str, transport_options: dict | None = None):
         from celery import Celery
 
         self.app = Celery("modelpress-api", broker=broker_url)
         self.app.conf.update(broker_connection_retry_on_startup=True, broker_connection_timeout=5,
+                             broker_transport_options=transport_options or {},
                              task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
 
     def enqueue(self, job_id: str, *, queue: str) -> None:
@@ -42,7 +43,7 @@ class CeleryDispatcher:
 
 def make_dispatcher(settings: Settings, session_factory, store) -> Dispatcher:
     if settings.broker_url:
-        return CeleryDispatcher(settings.broker_url)
+        return CeleryDispatcher(settings.broker_url, settings.broker_transport_options)
     # Embedded default: the composition root is the one place the API reaches into the worker.
     embedded = importlib.import_module("worker.embedded")
     return embedded.InProcessDispatcher(settings=settings, session_factory=session_factory, store=store)

@@ -2,6 +2,7 @@
 production shape (API under uvicorn + a Celery worker process on PostgreSQL, Redis and S3)."""
 
 import sys
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoi
         "MODELPRESS_PLUGINS": "tests.plugins",
         # These tests are about the jobs' path; keys on a served API are tested in test_api_keys.py.
         "MODELPRESS_AUTH": "off",
+        # Its own broker keys: a worker of another run on the same Redis never takes this stack's tasks.
+        "MODELPRESS_BROKER_PREFIX": f"{bucket}-{uuid.uuid4().hex[:8]}:",
     }
     worker = Process("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
                                 "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", f"cpu-{bucket}@%h"], env, logs)

@@ -184,7 +184,11 @@ def test_auto_activation_types_keep_the_fastest_accurate_candidate(client, refer
     chosen = next(c for c in selection["candidates"] if c["activation_type"] == selection["chosen"])
     best_agreement = max(c["agreement"] for c in selection["candidates"])
     eligible = [c for c in selection["candidates"] if c["agreement"] >= best_agreement - 0.005]
-    assert chosen["p50_ms"] == min(c["p50_ms"] for c in eligible)
+    fastest = min(eligible, key=lambda c: c["p50_ms"])
+    uint8 = next(c for c in eligible if c["activation_type"] == "uint8")
+    # int8 only on a clear win (15 % faster); timings within noise keep uint8, ONNX Runtime's default.
+    expected = fastest if fastest["p50_ms"] < 0.85 * uint8["p50_ms"] else uint8
+    assert chosen is expected
     assert step["activation_type"] == selection["chosen"]
 
 

@@ -154,7 +154,8 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
         assert as_a.request("DELETE", f"/v1/admin/keys/{new_key['id']}").status_code == 204
         actions = [(e["action"], e["key_prefix"]) for e in as_a.get("/v1/admin/audit").json()["items"]]
         prefix = a.keys[ALL].split("_")[1]
-        for action in ("model.created", "dataset.created", "job.created", "model.deleted", "dataset.deleted", "key.created", "key.revoked"):
+        for action in ("model.created", "dataset.created", "job.created", "model.deleted", "dataset.deleted", "key.created", "key.revoked",
+                       "artifact.downloaded"):
             assert (action, prefix) in actions
         # B's attempts on A's things left no trace in A's log, and A's actions none in B's.
         assert all(e["key_prefix"] == prefix for e in as_a.get("/v1/admin/audit").json()["items"])

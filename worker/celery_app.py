@@ -33,8 +33,9 @@ app.conf.update(
     task_default_queue="cpu",
     task_soft_time_limit=settings.job_time_limit_s,
     task_time_limit=settings.job_time_limit_s + 120,
-    # The broker must not hand a job to a second worker while the first is still within its limit.
-    broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 600},
+    # The visibility timeout keeps the broker from handing a job to a second worker while the first
+    # is still within its limit; the key prefix (when set) keeps deployments on one Redis apart.
+    broker_transport_options=settings.broker_transport_options,
     broker_connection_retry_on_startup=True,
     worker_send_task_events=False,
     task_ignore_result=True,

@@ -134,6 +134,10 @@ def download_artifact(job_id: str, name: str, request: Request, context: Context
         first = next(chunks, b"")
     except ObjectMissing as exc:
         raise NotFound(f"artifact {name!r} of job {job_id} is missing from storage", code="artifact_missing") from exc
+    # Who took a copy of what: the artifact's name when it fits the column, else the job alone.
+    downloaded = f"{job_id}/{artifact.name}"
+    audit.record(session=session, caller=caller, action="artifact.downloaded",
+                 resource_id=downloaded if len(downloaded) <= 64 else job_id)
 
     def body():
         yield first
