@@ -42,7 +42,7 @@ example: $(EXAMPLE_STAMP)
 
 run: $(BASE_STAMP)
 	$(PY) -m service.migrate
-	$(PY) -m service
+	$(PY) -m worker.serve
 
 test: $(TEST_STAMP)
 	bash tests/ensure_services.sh

@@ -1,4 +1,5 @@
-"""`python -m service`: serve the API (what `make run` starts). PORT and HOST (settings) set the address.
+"""`python -m service`: serve the API with a broker (production; `make run`'s embedded default is
+`python -m worker.serve`, which adds the in-process worker). PORT and HOST (settings) set the address.
 
 With a broker it starts `MODELPRESS_API_WORKERS` uvicorn processes (default: one per core, at most
 4), each building its own app from the environment; the embedded default runs one."""
@@ -15,6 +16,11 @@ LOOPBACK = {"127.0.0.1", "::1"}
 
 
 def main() -> None:
+    serve(create_app)
+
+
+def serve(app_factory) -> None:
+    """Serve the app `app_factory(settings)` builds (`worker.serve` passes one with the embedded worker)."""
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     if settings.host in LOOPBACK and not settings.allowed_hosts:
@@ -28,7 +34,7 @@ def main() -> None:
     # slow headers and bodies beyond that are the reverse proxy's job in production (README).
     address = {"host": settings.host, "port": settings.port, "log_level": "info", "timeout_keep_alive": 5}
     if workers == 1:
-        uvicorn.run(create_app(settings), **address)
+        uvicorn.run(app_factory(settings), **address)
     else:
         uvicorn.run("service.main:create_app", factory=True, workers=workers, **address)
 

@@ -1,8 +1,8 @@
 """How an accepted job reaches a worker: a Celery message carrying its id, or, in the embedded
 default, a worker thread inside the API process."""
 
-import importlib
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from service.config import Settings
 
@@ -41,9 +41,20 @@ class CeleryDispatcher:
             connection.ensure_connection(max_retries=1, timeout=3)
 
 
-def make_dispatcher(settings: Settings, session_factory, store) -> Dispatcher:
+# Builds the dispatcher of the embedded default (no broker) from the app's settings, database and
+# storage. The composition root (`worker/serve.py`) hands one in: the API itself never imports the worker.
+DispatcherFactory = Callable[[Settings, Any, Any], Dispatcher]
+
+
+class EmbeddedWorkerMissing(RuntimeError):
+    """No broker is configured and no in-process worker was handed in."""
+
+
+def make_dispatcher(settings: Settings, session_factory, store, embedded: DispatcherFactory | None) -> Dispatcher:
     if settings.broker_url:
         return CeleryDispatcher(settings.broker_url, settings.broker_transport_options)
-    # Embedded default: the composition root is the one place the API reaches into the worker.
-    embedded = importlib.import_module("worker.embedded")
-    return embedded.InProcessDispatcher(settings=settings, session_factory=session_factory, store=store)
+    if embedded is None:
+        raise EmbeddedWorkerMissing(
+            "no BROKER_URL and no in-process worker: start the embedded default with `python -m worker.serve` "
+            "(what `make run` does), or set BROKER_URL and run Celery workers")
+    return embedded(settings, session_factory, store)

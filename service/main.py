@@ -12,7 +12,7 @@ from service.config import Settings, get_settings
 from service.datasets.views import router as datasets_router
 from service.db import make_engine, make_session_factory
 from service.deps import AppContext, ContextDep
-from service.dispatch import make_dispatcher
+from service.dispatch import DispatcherFactory, make_dispatcher
 from service.errors import DomainError, install_error_handlers
 from service.guards import RequestGuard
 from service.openapi import PROBLEM_RESPONSES
@@ -46,7 +46,9 @@ def _log_auth_mode(settings: Settings) -> None:
         log.info("API keys required (Authorization: Bearer <key>); create the first with `python -m service.keys create`")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, embedded_worker: DispatcherFactory | None = None) -> FastAPI:
+    """`embedded_worker` builds the in-process dispatcher when no broker is configured; the
+    composition root `worker.serve` passes it (the API never imports the worker)."""
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          max_overflow=settings.db_max_overflow)
     session_factory = make_session_factory(engine)
     store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    dispatcher = make_dispatcher(settings, session_factory, store)
+    dispatcher = make_dispatcher(settings, session_factory, store, embedded_worker)
     limiter = RequestLimiter(settings.effective_rate_limit_storage_url)
     context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher,
                          limiter=limiter)

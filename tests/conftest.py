@@ -76,7 +76,7 @@ def settings(tmp_path):
 def client(settings):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from worker.serve import create_app
 
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client

@@ -1,4 +1,4 @@
-"""Start the service the way it runs for real: the embedded default (`python -m service`), or the
+"""Start the service the way it runs for real: the embedded default (`python -m worker.serve`, what `make run` starts), or the
 production shape (API under uvicorn + a Celery worker process on PostgreSQL, Redis and S3)."""
 
 import sys
@@ -16,7 +16,7 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 @contextmanager
 def embedded_server(data_dir: Path):
     port = free_port()
-    api = Process("api-embedded", [sys.executable, "-m", "service"],
+    api = Process("api-embedded", [sys.executable, "-m", "worker.serve"],
                   {"PORT": str(port), "MODELPRESS_DATA_DIR": str(data_dir)}, data_dir.parent)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", api)

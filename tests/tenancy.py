@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.db import make_engine, make_session_factory
-from service.main import create_app
+from worker.serve import create_app
 from service.migrate import upgrade
 from service.tenants import service as tenants
 

@@ -14,7 +14,7 @@ from modelpress import Client
 from modelpress.errors import ModelpressError
 from service.config import Settings
 from service.db import make_engine, make_session_factory, utcnow
-from service.main import create_app
+from worker.serve import create_app
 from service.tenants import service as tenants
 from tests.processes import Process, free_port, wait_http
 from tests.tenancy import add_tenant, bearer, keyed_client, keyed_settings, problem_code
@@ -136,7 +136,7 @@ def test_first_key_from_the_cli_works_with_the_client(tmp_path, reference):
     key = made.stdout.strip()
     assert key.startswith("mp_") and "\n" not in key and key not in made.stderr
     port = free_port()
-    api = Process("api-keyed", [sys.executable, "-m", "service"],
+    api = Process("api-keyed", [sys.executable, "-m", "worker.serve"],
                   {"PORT": str(port), "MODELPRESS_DATA_DIR": str(data_dir), "MODELPRESS_AUTH": "on"}, tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -4,7 +4,7 @@ the job is marked failed with the same code, and the upload it used is kept."""
 from fastapi.testclient import TestClient
 
 from service.config import Settings
-from service.main import create_app
+from worker.serve import create_app
 from service.migrate import upgrade
 from tests.jobs_flow import upload_dataset, upload_model
 from tests.processes import free_port

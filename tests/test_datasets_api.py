@@ -58,7 +58,7 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path):
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -36,7 +36,7 @@ def hostile_client(request, tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
     from service.migrate import upgrade
 
     database_url = ""
@@ -214,7 +214,7 @@ def test_a_database_outage_is_503_with_retry_after_and_service_returns(tmp_path,
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
     from service.migrate import upgrade
 
     upgrade(postgres_url)
@@ -246,7 +246,7 @@ def test_a_loopback_instance_answers_only_to_its_own_host_names(tmp_path):
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     settings = Settings(data_dir=tmp_path / "data", allowed_hosts="127.0.0.1,localhost,::1")
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:

@@ -115,7 +115,7 @@ def test_bad_image_datasets(tmp_path, reference, content, preprocess, code):
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     with TestClient(create_app(Settings(data_dir=tmp_path, max_image_pixels=2000 * 2000))) as client:
         assert_problem(upload(client, content(reference), preprocess), 422, code)
@@ -125,7 +125,7 @@ def test_zip_bomb_of_images_is_refused(tmp_path, reference):
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

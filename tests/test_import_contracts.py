@@ -1,6 +1,6 @@
 """The layering rules of .importlinter hold (also checked by `make test` before pytest): the API
-imports neither torch, onnxruntime nor the runner; the engine neither FastAPI, SQLAlchemy nor the
-service."""
+imports neither torch, onnxruntime nor the worker; the engine neither FastAPI, SQLAlchemy nor the
+service; the shared job language none of them."""
 
 import subprocess
 import sys
@@ -15,3 +15,25 @@ def test_import_contracts_are_kept():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "0 broken" in run.stdout
+
+
+def test_the_api_alone_has_no_embedded_worker(tmp_path):
+    """Without a broker, the API needs its composition root (`worker.serve`) to hand it the
+    in-process worker; on its own it refuses to start and says what to run instead."""
+    import pytest
+
+    from service.config import Settings
+    from service.dispatch import EmbeddedWorkerMissing
+    from service.main import create_app
+
+    with pytest.raises(EmbeddedWorkerMissing, match="python -m worker.serve"):
+        create_app(Settings(data_dir=tmp_path))
+
+
+def test_loading_the_api_loads_no_worker_module():
+    """The rule as the interpreter sees it, hidden imports (importlib) included."""
+    code = ("import sys, service.main, service.__main__; "
+            "print(sorted(m for m in sys.modules if m == 'worker' or m.startswith(('worker.', 'torch', 'onnxruntime'))))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

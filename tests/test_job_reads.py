@@ -15,7 +15,7 @@ from sqlalchemy import event
 from modelpress import Client
 from service.config import Settings
 from service.jobs.schemas import JobSummary
-from service.main import create_app
+from worker.serve import create_app
 from service.migrate import upgrade
 from tests.jobs_flow import submit, upload_dataset, upload_model, wait_finished
 from tests.stack import embedded_server

@@ -91,7 +91,7 @@ def test_wrong_content_type_is_415(client):
 def test_oversized_upload_is_413_and_leaves_nothing(tmp_path, reference):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from worker.serve import create_app
 
     settings = Settings(data_dir=tmp_path / "data", max_model_bytes=10_000)
     with TestClient(create_app(settings)) as small:

@@ -133,7 +133,7 @@ def test_training_methods_go_to_the_gpu_queue_when_there_is_one(tmp_path, refere
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     with TestClient(create_app(Settings(data_dir=tmp_path, gpu_queue=True))) as client:
         model_id = upload_model(client, reference.onnx)["id"]

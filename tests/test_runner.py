@@ -106,7 +106,7 @@ def test_time_limit_fails_the_job_with_a_clear_code(tmp_path, reference, wait_st
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     with TestClient(create_app(Settings(data_dir=tmp_path / "d", job_time_limit_s=2))) as client:
         model = upload_model(client, reference.onnx)
@@ -122,7 +122,7 @@ def test_embedded_restart_takes_up_interrupted_jobs(tmp_path, reference, wait_st
     from fastapi.testclient import TestClient
 
     from service.config import Settings
-    from service.main import create_app
+    from worker.serve import create_app
 
     settings = Settings(data_dir=tmp_path / "d")
     with TestClient(create_app(settings)) as client:

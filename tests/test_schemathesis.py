@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.config import Settings
-from service.main import create_app
+from worker.serve import create_app
 
 app = create_app(Settings(data_dir=Path(tempfile.mkdtemp(prefix="modelpress-schemathesis-")) / "data"))
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
