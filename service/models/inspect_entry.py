@@ -16,7 +16,7 @@ OUT_OF_MEMORY_EXIT = 3
 def main(argv: list[str]) -> int:
     from google.protobuf.message import EncodeError
 
-    from service.errors import Invalid
+    from modelpress.spec.errors import Invalid
     from service.models.inspect import inspect_model
 
     path, max_unpacked_bytes = Path(argv[0]), int(argv[1])
