@@ -2,7 +2,7 @@
 
 Runs inside service.sandbox (a limited child process): the parsers of service.models.inspect
 (protobuf, onnx.checker, zip, JSON) touch untrusted bytes here, never in the API process.
-Answer: {"info": ModelInfo} or {"invalid": {"code", "message"}}; exit 3 when memory ran out.
+Answer: {"info": ModelInfo} or {"invalid": {"code", "message", "extra"}}; exit 3 when memory ran out.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     try:
         answer = {"info": dataclasses.asdict(inspect_model(path, max_unpacked_bytes=max_unpacked_bytes))}
     except Invalid as exc:
-        answer = {"invalid": {"code": exc.code, "message": exc.message}}
+        answer = {"invalid": {"code": exc.code, "message": exc.message, "extra": exc.extra}}
     except (MemoryError, EncodeError):
         # protobuf reports a failed allocation as "Failed to serialize proto" (onnx.checker re-serialises
         # the model it was given): under our address-space limit that is memory running out.

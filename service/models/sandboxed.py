@@ -19,6 +19,7 @@ def inspect_model_sandboxed(path: Path, *, max_unpacked_bytes: int, limits: sand
         # The parser crashed on these bytes: the upload is what is wrong (the log keeps the details).
         raise Invalid("the model cannot be read: its parser failed on it", code="model_parse_failed") from exc
     if "invalid" in answer:
-        raise Invalid(answer["invalid"]["message"], code=answer["invalid"]["code"])
+        refused = answer["invalid"]
+        raise Invalid(refused["message"], code=refused["code"], **refused.get("extra", {}))
     info = answer["info"]
     return ModelInfo(info["format"], inputs=info["inputs"], outputs=info["outputs"], details=info["details"])
