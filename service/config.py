@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.sandbox import Limits
+
 MiB = 1024 * 1024
 
 
@@ -51,6 +53,16 @@ class Settings(BaseSettings):
     # Each chunk of a request body must arrive within this (a stalled upload frees its connection).
     body_idle_timeout_s: float = Field(
         60.0, gt=0, validation_alias=AliasChoices("MODELPRESS_BODY_IDLE_TIMEOUT_S", "body_idle_timeout_s")
+    )
+    # Uploads are read (protobuf, onnx.checker, zip, JSON) in a limited child process (service/sandbox.py):
+    # past these a model is refused with model_parse_timeout / model_parse_out_of_memory, the API unharmed.
+    # The memory limit is address space: it must hold the interpreter (~0.5 GiB) and about 4x the model.
+    model_parse_timeout_s: float = Field(
+        120.0, gt=0, validation_alias=AliasChoices("MODELPRESS_MODEL_PARSE_TIMEOUT_S", "model_parse_timeout_s")
+    )
+    model_parse_memory_bytes: int = Field(
+        6 * 1024 * MiB, gt=0,
+        validation_alias=AliasChoices("MODELPRESS_MODEL_PARSE_MEMORY_BYTES", "model_parse_memory_bytes"),
     )
     # Host names this instance answers to (comma-separated); empty: any. `python -m service` bound
     # to loopback sets the loopback names, so a 127.0.0.1 instance cannot be reached by DNS rebinding.
@@ -171,6 +183,11 @@ class Settings(BaseSettings):
     def load_plugins(self) -> None:
         for name in self.plugin_modules:
             importlib.import_module(name)
+
+    @property
+    def model_parse_limits(self) -> Limits:
+        return Limits(wall_s=self.model_parse_timeout_s, cpu_s=max(1, int(self.model_parse_timeout_s)),
+                      memory_bytes=self.model_parse_memory_bytes)
 
     @property
     def tmp_dir(self) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.errors import Invalid
+from modelpress.spec.errors import Invalid  # not service.errors: the sandboxed child need not import FastAPI
 from modelpress.spec.quantized import holds_quantized_ops
 
 ONNX = "onnx"

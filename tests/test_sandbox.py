@@ -1,0 +1,100 @@
+"""service.sandbox: third-party parsers run in a limited child; a hostile upload costs a 422, not the API."""
+
+import io
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service import sandbox
+from service.config import Settings
+from tests.test_models_api import assert_problem, upload
+
+GENEROUS = sandbox.Limits(wall_s=120, cpu_s=60, memory_bytes=2 * 1024**3)
+
+
+def test_a_spinning_parser_is_stopped_by_its_cpu_limit():
+    # The wall limit is far away: what stops it is RLIMIT_CPU, which a loaded machine cannot delay.
+    with pytest.raises(sandbox.SandboxTimeout):
+        sandbox.run_json([sys.executable, "-c", "while True: pass"], limits=sandbox.Limits(120, 1, 2 * 1024**3))
+
+
+def test_a_parser_that_outlives_its_wall_clock_is_killed():
+    with pytest.raises(sandbox.SandboxTimeout):
+        sandbox.run_json([sys.executable, "-c", "import time; time.sleep(600)"], limits=sandbox.Limits(1, 60, 2 * 1024**3))
+
+
+def test_a_parser_that_allocates_past_its_limit_is_reported_out_of_memory():
+    with pytest.raises(sandbox.SandboxOutOfMemory):
+        sandbox.run_json([sys.executable, "-c", "b = bytearray(4 * 1024**3)"], limits=GENEROUS)
+
+
+def test_the_child_sees_no_secret_of_ours_and_works_in_an_empty_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELPRESS_SECRET_FOR_TEST", "do-not-leak")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "server-file").write_text("x")
+    script = "import json, os; print(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd(), 'ls': os.listdir('.')}))"
+    answer = sandbox.run_json([sys.executable, "-c", script], limits=GENEROUS)
+    assert "MODELPRESS_SECRET_FOR_TEST" not in answer["env"]
+    assert not any("DATABASE" in k or "BROKER" in k or "REDIS" in k for k in answer["env"])
+    assert answer["cwd"] != str(tmp_path) and answer["ls"] == []
+    assert not os.path.exists(answer["cwd"])  # the empty folder is removed afterwards
+
+
+def test_a_crashing_parser_is_a_failure_not_an_answer():
+    with pytest.raises(sandbox.SandboxFailed):
+        sandbox.run_json([sys.executable, "-c", "import os; os.abort()"], limits=GENEROUS)
+    with pytest.raises(sandbox.SandboxFailed):
+        sandbox.run_json([sys.executable, "-c", "print('[1, 2]')"], limits=GENEROUS)
+
+
+def big_onnx(megabytes: int) -> bytes:
+    """A valid one-node ONNX whose weight alone is `megabytes` MiB: reading it needs several times that."""
+    weight = numpy_helper.from_array(np.zeros(megabytes * 1024**2 // 4, np.float32), "w")
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [weight.dims[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [weight.dims[0]])], [weight])
+    buffer = io.BytesIO()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def tight_client(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    # Room for the interpreter and a small model, not for reading a 300 MiB one several times over.
+    settings = Settings(data_dir=tmp_path / "data", model_parse_memory_bytes=1024 * 1024**2)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def test_a_model_that_needs_too_much_memory_to_read_is_refused_and_the_api_stays_up(tight_client, reference):
+    assert_problem(upload(tight_client, big_onnx(300), "big.onnx"), 422, "model_parse_out_of_memory")
+    assert tight_client.get("/healthz").status_code == 200
+    assert upload(tight_client, reference.onnx.read_bytes(), "small.onnx").status_code == 201
+
+
+def test_a_model_read_past_its_time_limit_is_refused(tmp_path, reference):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    # No interpreter starts and imports onnx in 10 ms: the wall limit always fires first.
+    settings = Settings(data_dir=tmp_path / "data", model_parse_timeout_s=0.01)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert_problem(upload(client, reference.onnx.read_bytes(), "m.onnx"), 422, "model_parse_timeout")
+        assert client.get("/healthz").status_code == 200
+
+
+def test_sandboxed_and_in_process_inspection_agree(reference):
+    from service.models.inspect import inspect_model
+    from service.models.sandboxed import inspect_model_sandboxed
+
+    for path in (reference.onnx, reference.pt2, reference.torchscript):
+        assert inspect_model_sandboxed(path, max_unpacked_bytes=2**30, limits=GENEROUS) == inspect_model(path)
