@@ -66,7 +66,7 @@ def big_onnx(megabytes: int) -> bytes:
 def tight_client(tmp_path):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from worker.serve import create_app
 
     # Room for the interpreter and a small model, not for reading a 300 MiB one several times over.
     settings = Settings(data_dir=tmp_path / "data", model_parse_memory_bytes=1024 * 1024**2)
@@ -83,7 +83,7 @@ def test_a_model_that_needs_too_much_memory_to_read_is_refused_and_the_api_stays
 def test_a_model_read_past_its_time_limit_is_refused(tmp_path, reference):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from worker.serve import create_app
 
     # No interpreter starts and imports onnx in 10 ms: the wall limit always fires first.
     settings = Settings(data_dir=tmp_path / "data", model_parse_timeout_s=0.01)
