@@ -3,11 +3,12 @@
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
 from service.api_docs import install_api_docs
+from service.auth import authenticate
 from service.config import Settings, get_settings
 from service.datasets.views import router as datasets_router
 from service.db import make_engine, make_session_factory
@@ -33,6 +34,21 @@ class NotReady(DomainError):
 def _ping_database(context: AppContext) -> None:
     with context.session_factory() as session:
         session.execute(text("SELECT 1"))
+
+
+def _shows_details(request: Request, context: AppContext) -> bool:
+    """Readiness details (error classes, worker and auth modes) for an admin only: the local user
+    of the embedded default, or a request with a valid admin key. Never an error: a probe without
+    a key (or while the database is down) gets the plain answer."""
+    if not context.settings.keys_required:
+        return True
+    if not request.headers.get("authorization"):
+        return False
+    try:
+        with context.session_factory() as session:
+            return "admin" in authenticate(request, context, session).scopes
+    except Exception:  # an unknown key, a rate limit or a database away: no details, and no error
+        return False
 
 
 def _log_auth_mode(settings: Settings) -> None:
@@ -104,8 +120,10 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"])
-    def readyz(context: ContextDep):
-        checks = {}
+    def readyz(request: Request, context: ContextDep):
+        """200 when database, storage and broker answer, else 503 `not_ready`. Anyone (a load
+        balancer) sees which dependency is down; why, and how the service runs, only an admin."""
+        checks, causes = {}, {}
         for name, probe in (
             ("database", lambda: _ping_database(context)),
             ("storage", context.store.ping),
@@ -117,10 +135,14 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
             except Exception as exc:  # readiness reports every failure instead of raising the first
                 # The class only: a message can hold a path or a host; the log has the whole of it.
                 log.warning("readiness: %s unreachable: %s", name, exc)
-                checks[name] = f"error: {exc.__class__.__name__}"
-        if any(v != "ok" for v in checks.values()):
+                checks[name], causes[name] = "error", exc.__class__.__name__
+        if _shows_details(request, context):
+            checks = {name: f"error: {causes[name]}" if name in causes else state for name, state in checks.items()}
+        if causes:
             raise NotReady("a dependency is unreachable", checks=checks)
-        return {"status": "ready", "checks": checks, "worker": "embedded" if settings.embedded_worker else "celery",
-                "auth": settings.auth_mode}
+        body = {"status": "ready", "checks": checks}
+        if _shows_details(request, context):
+            body |= {"worker": "embedded" if settings.embedded_worker else "celery", "auth": settings.auth_mode}
+        return body
 
     return app

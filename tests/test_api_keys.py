@@ -106,6 +106,16 @@ def test_keys_are_stored_only_as_hashes(keyed):
     assert "key" not in listed[0] and next(k for k in listed if k["id"] == created["id"])["last_used_at"]
 
 
+def test_readiness_details_are_for_an_admin_only(keyed):
+    client, tenant, _ = keyed
+    for headers in ({}, tenant.headers("read"), tenant.headers("write"), {"Authorization": "Bearer mp_forged_x"}):
+        plain = client.get("/readyz", headers=headers)
+        assert plain.status_code == 200, plain.text
+        assert plain.json() == {"status": "ready", "checks": {"database": "ok", "storage": "ok", "broker": "ok"}}
+    detailed = client.get("/readyz", headers=tenant.headers("admin")).json()
+    assert detailed["auth"] == "api_keys" and detailed["worker"] == "embedded"
+
+
 def test_modes():
     assert not Settings(data_dir="d").keys_required
     assert Settings(data_dir="d", host="0.0.0.0").keys_required
