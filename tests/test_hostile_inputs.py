@@ -440,3 +440,38 @@ def test_job_errors_show_no_server_paths(message, shown):
     from service.jobs.service import without_server_paths
 
     assert without_server_paths(message) == shown
+
+
+def with_lying_sizes(archive: bytes, member: str, declared: int) -> bytes:
+    """The zip with `member`'s uncompressed size rewritten to `declared`, in its local header and in
+    the central directory alike (so the bomb check, which trusts the directory, sees the lie)."""
+    data = bytearray(archive)
+    name = member.encode()
+    for signature, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        at = data.find(signature)
+        while at != -1:
+            if data[at + name_at:at + name_at + len(name)] == name:
+                data[at + size_at:at + size_at + 4] = declared.to_bytes(4, "little")
+            at = data.find(signature, at + 4)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("declared", [16, 10**9], ids=["smaller", "larger"])
+def test_a_zip_entry_whose_declared_size_lies_is_refused(hostile_client, declared):
+    """A deflated member that says it is small (to pass the unpacked-size limit) cannot unpack into
+    more than it declared: reading stops there and the CRC fails; one that says it is large is broken."""
+    # Deflated: a stored member is read by its stored length, which the upload's size bounds anyway.
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=np.zeros((4096, 1, 8, 8), np.uint8), labels=np.arange(4096) % 10)
+    honest = buffer.getvalue()
+    with zipfile.ZipFile(io.BytesIO(honest)) as z:
+        info = z.getinfo("images.npy")
+        assert info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 250_000 > 10 * info.compress_size
+    lying = with_lying_sizes(honest, "images.npy", declared)
+    with zipfile.ZipFile(io.BytesIO(lying)) as z:
+        assert z.getinfo("images.npy").file_size == declared  # the directory now tells the lie
+    before = stored_objects(hostile_client)
+    response = hostile_client.post("/v1/datasets", files={"file": ("d.npz", lying)})
+    assert_problem(response, 422, "invalid_dataset")
+    assert stored_objects(hostile_client) == before
+    assert_healthy(hostile_client)

@@ -84,8 +84,9 @@ def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype) -> Non
     with archive.open(member) as f:
         version = np.lib.format.read_magic(f)
         (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
-        leftover = b""
+        leftover, unpacked = b"", f.tell()
         while chunk := f.read(1 << 20):
+            unpacked += len(chunk)
             if dtype.kind != "f":
                 continue
             data = leftover + chunk
@@ -93,6 +94,11 @@ def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype) -> Non
             values, leftover = np.frombuffer(data[:usable], dtype=dtype), data[usable:]
             if not np.isfinite(values).all():
                 raise Invalid(f"'{member[:-4]}' holds NaN or infinite values", code="non_finite_images")
+    # Reading stops at the declared size (the CRC then fails), but a member may also end before it:
+    # an archive whose directory lies about a size is refused, not trusted in part.
+    if unpacked != archive.getinfo(member).file_size:
+        raise Invalid(f"'{member}' unpacks to {unpacked} bytes but the archive declares "
+                      f"{archive.getinfo(member).file_size}", code="invalid_dataset")
 
 
 def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:
