@@ -178,6 +178,110 @@ def _serialize(state: dict) -> bytes:
     return buffer.getvalue()
 
 
+def _check_labels(student: OnnxModule, images: torch.Tensor, labels: torch.Tensor, device: str) -> None:
+    student.eval()  # a probe: BatchNorm statistics (torch students) must not learn from it
+    with torch.no_grad():
+        out = student(images[:2].to(device))
+    student.train()
+    classes = (out[0] if isinstance(out, tuple) else out).shape[-1]
+    if int(labels.max()) >= classes:
+        raise EngineError("invalid_labels", f"the training labels go up to {int(labels.max())}; the model has {classes} outputs")
+
+
+def _feature_adapters(student: OnnxModule, teacher, images: torch.Tensor, spec: TrainSpec, device: str) -> nn.ModuleDict:
+    """One 1x1 convolution per feature pair, from the student's channels to the teacher's."""
+    adapters = nn.ModuleDict()
+    if not spec.feature_pairs:
+        return adapters
+    probe = images[:2].to(device)
+    student(probe)
+    _, teacher_features = teacher(torch.arange(2), probe)
+    for t_name, s_name in spec.feature_pairs:
+        s_feat, t_feat = student.captured.get(s_name), teacher_features.get(t_name)
+        if s_feat is None or t_feat is None or s_feat.dim() != 4 or t_feat.dim() != 4 or s_feat.shape[2:] != t_feat.shape[2:]:
+            raise EngineError("invalid_feature_pairs", f"feature pair ({t_name!r}, {s_name!r}): both must be 4-D tensors of the "
+                              "same spatial size in the teacher and the student")
+        adapters[str(len(adapters))] = nn.Conv2d(s_feat.shape[1], t_feat.shape[1], 1).to(device)
+    return adapters
+
+
+def _optimizer(parameters: list, spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True)
+    return torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+class _Run:
+    """What one fit changes as it goes, and what a checkpoint holds to resume it."""
+
+    def __init__(self, student, adapters, optimizer, scheduler):
+        self.student, self.adapters, self.optimizer, self.scheduler = student, adapters, optimizer, scheduler
+        self.history: list[dict] = []
+        self.start_epoch, self.step, self.resumed_from = 0, 0, None
+        self.best_score, self.best_state, self.stale = -1.0, None, 0
+
+    def restore(self, saved: bytes, device: str) -> None:
+        state = torch.load(io.BytesIO(saved), weights_only=True, map_location=device)
+        self.student.load_state_dict(state["student"])
+        self.adapters.load_state_dict(state["adapters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history, self.step, self.start_epoch = state["history"], state["step"], state["epoch"] + 1
+        self.best_score, self.best_state, self.stale = state["best_score"], state["best_state"], state["stale"]
+        self.resumed_from = self.start_epoch
+
+    def state(self, epoch: int) -> bytes:
+        return _serialize({
+            "student": self.student.state_dict(), "adapters": self.adapters.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "history": self.history, "step": self.step, "epoch": epoch,
+            "best_score": self.best_score, "best_state": self.best_state, "stale": self.stale})
+
+    def end_epoch(self, epoch: int, score: float | None, loss: float) -> None:
+        self.history.append({"epoch": epoch + 1, "loss": loss, "eval_score": score,
+                             "lr": round(self.scheduler.get_last_lr()[0], 8)})
+        if score is not None and score > self.best_score:
+            self.best_score, self.stale = score, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        else:
+            self.stale += 1
+
+
+def _train_epoch(run: _Run, epoch: int, images, labels, teacher, spec: TrainSpec, total_steps: int, *,
+                 device: str, progress, after_step) -> float:
+    """One pass over the training images in this epoch's order; the mean batch loss."""
+    student = run.student
+    generator = torch.Generator().manual_seed(spec.seed * 1000 + epoch)  # the same order after a resume
+    order = torch.randperm(len(images), generator=generator)
+    total, batches = 0.0, 0
+    for start in range(0, len(images), spec.batch_size):
+        if run.step >= total_steps:
+            break
+        index = order[start : start + spec.batch_size]
+        batch = images[index].to(device)
+        if spec.augment:
+            batch = augment(batch, spec.augment, generator)
+        out = student(batch)
+        logits = out[0] if isinstance(out, tuple) else out
+        teacher_logits, teacher_features = teacher(index, batch) if teacher is not None else (None, {})
+        loss = distillation_loss(logits, teacher_logits, None if labels is None else labels[index].to(device),
+                                 spec.alpha if teacher is not None else 1.0, spec.temperature)
+        for number, (t_name, s_name) in enumerate(spec.feature_pairs):
+            hint = run.adapters[str(number)](student.captured[s_name])
+            loss = loss + spec.feature_weight * F.mse_loss(hint, teacher_features[t_name])
+        run.optimizer.zero_grad()
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        if after_step is not None:
+            after_step(student)
+        run.step += 1
+        total += loss.item()
+        batches += 1
+        progress(f"epoch {epoch + 1}/{spec.epochs}", run.step / total_steps)
+    return round(total / max(batches, 1), 5)
+
+
 def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Callable[[str, float], None], device: str,
         teacher_path: Path | None = None, eval_data: ImageSet | None = None,
         after_step: Callable[[OnnxModule], None] | None = None, checkpoints: Checkpoints | None = None) -> dict:
@@ -188,13 +292,7 @@ def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Call
     images = torch.from_numpy(train.images)
     labels = None if train.labels is None else torch.from_numpy(train.labels)
     if labels is not None and spec.alpha > 0:
-        student.eval()  # a probe: BatchNorm statistics (torch students) must not learn from it
-        with torch.no_grad():
-            out = student(images[:2].to(device))
-        student.train()
-        classes = (out[0] if isinstance(out, tuple) else out).shape[-1]
-        if int(labels.max()) >= classes:
-            raise EngineError("invalid_labels", f"the training labels go up to {int(labels.max())}; the model has {classes} outputs")
+        _check_labels(student, images, labels, device)
     teacher = Teacher(teacher_path, train.images, spec, device) if teacher_path is not None and spec.alpha < 1 else None
     eval_data = eval_data.head(MAX_EVAL_SAMPLES) if eval_data is not None else None
     eval_reference = None
@@ -202,94 +300,34 @@ def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Call
         eval_reference = run_outputs(open_session(teacher_path, threads=1), eval_data.images)[0]
 
     student.capture = {s for _, s in spec.feature_pairs}
-    adapters = nn.ModuleDict()
-    if spec.feature_pairs:
-        probe = images[:2].to(device)
-        student(probe)
-        _, teacher_features = teacher(torch.arange(2), probe)
-        for t_name, s_name in spec.feature_pairs:
-            s_feat, t_feat = student.captured.get(s_name), teacher_features.get(t_name)
-            if s_feat is None or t_feat is None or s_feat.dim() != 4 or t_feat.dim() != 4 or s_feat.shape[2:] != t_feat.shape[2:]:
-                raise EngineError("invalid_feature_pairs", f"feature pair ({t_name!r}, {s_name!r}): both must be 4-D tensors of the "
-                                  "same spatial size in the teacher and the student")
-            adapters[str(len(adapters))] = nn.Conv2d(s_feat.shape[1], t_feat.shape[1], 1).to(device)
-    parameters = [*student.parameters(), *adapters.parameters()]
-    if spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+    adapters = _feature_adapters(student, teacher, images, spec, device)
+    optimizer = _optimizer([*student.parameters(), *adapters.parameters()], spec)
     steps_per_epoch = max(1, math.ceil(len(images) / spec.batch_size))
     total_steps = spec.epochs * steps_per_epoch if spec.max_steps is None else min(spec.max_steps, spec.epochs * steps_per_epoch)
-    scheduler = _scheduler(optimizer, spec, steps_per_epoch, total_steps)
-
-    history: list[dict] = []
-    start_epoch, step, resumed_from = 0, 0, None
-    best_score, best_state, stale = -1.0, None, 0
+    run = _Run(student, adapters, optimizer, _scheduler(optimizer, spec, steps_per_epoch, total_steps))
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:
-        state = torch.load(io.BytesIO(saved), weights_only=True, map_location=device)
-        student.load_state_dict(state["student"])
-        adapters.load_state_dict(state["adapters"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, step, start_epoch = state["history"], state["step"], state["epoch"] + 1
-        best_score, best_state, stale = state["best_score"], state["best_state"], state["stale"]
-        resumed_from = start_epoch
+        run.restore(saved, device)
 
     stopped_early = False
-    for epoch in range(start_epoch, spec.epochs):
-        if step >= total_steps:
+    for epoch in range(run.start_epoch, spec.epochs):
+        if run.step >= total_steps:
             break
-        generator = torch.Generator().manual_seed(spec.seed * 1000 + epoch)  # the same order after a resume
-        order = torch.randperm(len(images), generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, len(images), spec.batch_size):
-            if step >= total_steps:
-                break
-            index = order[start : start + spec.batch_size]
-            batch = images[index].to(device)
-            if spec.augment:
-                batch = augment(batch, spec.augment, generator)
-            out = student(batch)
-            logits = out[0] if isinstance(out, tuple) else out
-            teacher_logits, teacher_features = teacher(index, batch) if teacher is not None else (None, {})
-            loss = distillation_loss(logits, teacher_logits, None if labels is None else labels[index].to(device),
-                                     spec.alpha if teacher is not None else 1.0, spec.temperature)
-            for number, (t_name, s_name) in enumerate(spec.feature_pairs):
-                hint = adapters[str(number)](student.captured[s_name])
-                loss = loss + spec.feature_weight * F.mse_loss(hint, teacher_features[t_name])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step(student)
-            step += 1
-            total += loss.item()
-            batches += 1
-            progress(f"epoch {epoch + 1}/{spec.epochs}", step / total_steps)
+        loss = _train_epoch(run, epoch, images, labels, teacher, spec, total_steps,
+                            device=device, progress=progress, after_step=after_step)
         score = _score(student, eval_data, eval_reference, device)
-        history.append({"epoch": epoch + 1, "loss": round(total / max(batches, 1), 5), "eval_score": score,
-                        "lr": round(scheduler.get_last_lr()[0], 8)})
-        if score is not None and score > best_score:
-            best_score, stale = score, 0
-            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        else:
-            stale += 1
-        stopped_early = spec.patience is not None and stale > spec.patience
+        run.end_epoch(epoch, score, loss)
+        stopped_early = spec.patience is not None and run.stale > spec.patience
         if checkpoints is not None:
-            checkpoints.save(_serialize({
-                "student": student.state_dict(), "adapters": adapters.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": history, "step": step, "epoch": epoch,
-                "best_score": best_score, "best_state": best_state, "stale": stale}))
+            checkpoints.save(run.state(epoch))
         shown = f", eval {score:.4f}" if score is not None else ""
-        progress(f"epoch {epoch + 1}/{spec.epochs} done: loss {history[-1]['loss']:.4f}{shown}", step / total_steps)
+        progress(f"epoch {epoch + 1}/{spec.epochs} done: loss {loss:.4f}{shown}", run.step / total_steps)
         if stopped_early:
             break
-    if spec.patience is not None and best_state is not None:
-        student.load_state_dict(best_state)  # early stopping keeps the best epoch on the eval split
+    if spec.patience is not None and run.best_state is not None:
+        student.load_state_dict(run.best_state)  # early stopping keeps the best epoch on the eval split
     student.eval()
     student.capture = set()
-    return {"history": history, "steps": step, "epochs_run": len(history), "resumed_from_epoch": resumed_from,
-            "stopped_early": stopped_early, "best_eval_score": best_score if best_score >= 0 else None,
+    return {"history": run.history, "steps": run.step, "epochs_run": len(run.history), "resumed_from_epoch": run.resumed_from,
+            "stopped_early": stopped_early, "best_eval_score": run.best_score if run.best_score >= 0 else None,
             "train_samples": len(images), "device": device, "seed": spec.seed}

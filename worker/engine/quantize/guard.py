@@ -51,99 +51,120 @@ def _calibration_change(calibration: str | None) -> dict:
     return {} if calibration is None else {"calibration": calibration}
 
 
-def guarded(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[QuantizeStepConfig, StepContext], StepResult]) -> StepResult:
-    guard = config.guard
-    data = ctx.data.get("eval")
+def _check_data(guard, data: ImageSet | None) -> ImageSet:
     if data is None:
         raise EngineError("eval_data_required", "an accuracy guard needs evaluation data (data.eval or data.split)")
     if guard.needs_labels and data.labels is None:
         raise EngineError("eval_labels_required", "this guard needs labels in the evaluation data; use min_top1_agreement")
     if len(data) < 10:
         raise EngineError("dataset_too_small", "an accuracy guard needs at least 10 evaluation images")
-    tune, holdout = split(data, eval_fraction=guard.holdout_fraction, seed=0)
-    float_tune = run_outputs(open_session(ctx.model_path, threads=1), tune.images)[0]
-    float_holdout = run_outputs(open_session(ctx.model_path, threads=1), holdout.images)[0]
-    original_tune, original_holdout = _score(ctx.model_path, tune, float_tune), _score(ctx.model_path, holdout, float_holdout)
+    return data
 
-    attempts: list[dict] = []
 
-    def attempt(label: str, **changes) -> tuple[StepResult | None, dict | None]:
+class _Search:
+    """The candidates tried so far, scored on the tuning data; `best` and `passing` are tuples
+    (result, score, calibration, sensitive layers)."""
+
+    def __init__(self, config: QuantizeStepConfig, ctx: StepContext, run, tune: ImageSet):
+        self.config, self.ctx, self.run, self.tune = config, ctx, run, tune
+        self.guard = config.guard
+        self.float_tune = run_outputs(open_session(ctx.model_path, threads=1), tune.images)[0]
+        self.original_tune = _score(ctx.model_path, tune, self.float_tune)
+        self.attempts: list[dict] = []
+        self.best, self.passing = None, None
+
+    def attempt(self, label: str, **changes) -> tuple[StepResult | None, dict | None]:
         """One candidate, scored on the tuning data; a candidate that fails to build is recorded
         and the search goes on."""
+        ctx, attempts = self.ctx, self.attempts
         workdir = ctx.workdir / f"attempt-{len(attempts)}"
         workdir.mkdir()
         fraction = min(0.9, 0.1 + 0.1 * len(attempts))
         ctx.progress(f"guard: {label}", fraction)
         try:  # the attempt's own progress reports still check cancel, deadline and worker stop
-            result = run(config.model_copy(update={"guard": None, **changes}),
-                         StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data,
-                                     lambda stage, _: ctx.progress(f"guard: {label}: {stage}", fraction)))
+            result = self.run(self.config.model_copy(update={"guard": None, **changes}),
+                              StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data,
+                                          lambda stage, _: ctx.progress(f"guard: {label}: {stage}", fraction)))
         except EngineError as exc:
             attempts.append({"attempt": label, "error": {"code": exc.code, "message": exc.message[:300]}})
             return None, None
-        if not quantized_layers(result.model_path) and config.method not in ("fp16", "dynamic_int8"):
+        if not quantized_layers(result.model_path) and self.config.method not in ("fp16", "dynamic_int8"):
             attempts.append({"attempt": label, "error": {"code": "nothing_quantized", "message": "every layer stayed float"}})
             return None, None
-        score = _score(result.model_path, tune, float_tune)
-        attempts.append({"attempt": label, "tune": score, "meets_on_tune": _meets(score, original_tune, guard)})
+        score = _score(result.model_path, self.tune, self.float_tune)
+        attempts.append({"attempt": label, "tune": score, "meets_on_tune": _meets(score, self.original_tune, self.guard)})
         return result, score
 
-    # Only the calibrated schemes have a calibration to search; the others run one candidate.
-    given = getattr(config, "calibration", None)
-    calibrations = [given] + [c for c in CALIBRATIONS if c != given] if config.method == "static_int8" else [given]
-    passing, best = None, None
-    for calibration in calibrations:
-        result, score = attempt(f"calibration {calibration}" if calibration else "as asked", **_calibration_change(calibration))
-        if result is None:
-            continue
-        if best is None or _value(score, guard) > _value(best[1], guard):
-            best = (result, score, calibration, [])
-        if _meets(score, original_tune, guard):
-            passing = best if best[0] is result else (result, score, calibration, [])
-            break
+    def consider(self, candidate: tuple) -> bool:
+        """Keep the candidate if it is the best so far; True when it meets the guard on tune."""
+        if self.best is None or _value(candidate[1], self.guard) > _value(self.best[1], self.guard):
+            self.best = candidate
+        if _meets(candidate[1], self.original_tune, self.guard):
+            self.passing = candidate
+            return True
+        return False
 
-    if best is None:
-        raise EngineError("quantization_failed", f"no quantized candidate could be built: {attempts}")
-    if passing is None:
-        base_result, _, calibration, _ = best
+    def calibrations(self) -> None:
+        # Only the calibrated schemes have a calibration to search; the others run one candidate.
+        config = self.config
+        given = getattr(config, "calibration", None)
+        calibrations = [given] + [c for c in CALIBRATIONS if c != given] if config.method == "static_int8" else [given]
+        for calibration in calibrations:
+            result, score = self.attempt(f"calibration {calibration}" if calibration else "as asked",
+                                         **_calibration_change(calibration))
+            if result is not None and self.consider((result, score, calibration, [])):
+                return
+
+    def sensitive_layers_float(self) -> None:
+        base_result, _, calibration, _ = self.best
         # Only layers that really are quantized in the base candidate can be handed back to float,
         # and at least one must stay quantized.
         quantized = quantized_layers(base_result.model_path)
-        ranked = sorted((layer for layer in layer_sqnr(ctx.model_path, base_result.model_path,
-                                                       tune.images[:SENSITIVITY_SAMPLES], ctx.workdir)
+        ranked = sorted((layer for layer in layer_sqnr(self.ctx.model_path, base_result.model_path,
+                                                       self.tune.images[:SENSITIVITY_SAMPLES], self.ctx.workdir)
                          if layer["sqnr_db"] is not None and layer["tensor"] in quantized), key=lambda layer: layer["sqnr_db"])
         count = 1
         while count < len(ranked):
             sensitive = ranked[:count]
-            result, score = attempt(f"{count} most sensitive layers float", **_calibration_change(calibration),
-                                    exclude=[*config.exclude, *(layer["layer"] for layer in sensitive)])
-            if result is None:
-                count *= 2
-                continue
-            candidate = (result, score, calibration, sensitive)
-            if _value(score, guard) > _value(best[1], guard):
-                best = candidate
-            if _meets(score, original_tune, guard):
-                passing = candidate
-                break
+            result, score = self.attempt(f"{count} most sensitive layers float", **_calibration_change(calibration),
+                                         exclude=[*self.config.exclude, *(layer["layer"] for layer in sensitive)])
+            if result is not None and self.consider((result, score, calibration, sensitive)):
+                return
             count *= 2
 
-    chosen = passing or best
-    result, _, calibration, sensitive = chosen
+
+def guarded(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[QuantizeStepConfig, StepContext], StepResult]) -> StepResult:
+    guard = config.guard
+    data = _check_data(guard, ctx.data.get("eval"))
+    tune, holdout = split(data, eval_fraction=guard.holdout_fraction, seed=0)
+    search = _Search(config, ctx, run, tune)
+    search.calibrations()
+    if search.best is None:
+        raise EngineError("quantization_failed", f"no quantized candidate could be built: {search.attempts}")
+    if search.passing is None:
+        search.sensitive_layers_float()
+    return _check_holdout(search, holdout)
+
+
+def _check_holdout(search: _Search, holdout: ImageSet) -> StepResult:
+    """The chosen candidate on the held-out data, which the search never saw."""
+    guard, model_path = search.guard, search.ctx.model_path
+    float_holdout = run_outputs(open_session(model_path, threads=1), holdout.images)[0]
+    original_holdout = _score(model_path, holdout, float_holdout)
+    result, _, calibration, sensitive = search.passing or search.best
     kept_float = [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
                   for layer in sensitive]
     holdout_score = _score(result.model_path, holdout, float_holdout)
-    met = passing is not None and _meets(holdout_score, original_holdout, guard)
-    report = {
+    met = search.passing is not None and _meets(holdout_score, original_holdout, guard)
+    result.metrics.update({
         "guard": {
             "criterion": guard.model_dump(exclude_none=True), "met": met, "calibration": calibration,
-            "kept_float": kept_float, "tune_samples": len(tune), "holdout_samples": len(holdout),
-            "original_holdout": original_holdout, "candidate_holdout": holdout_score, "attempts": attempts,
+            "kept_float": kept_float, "tune_samples": len(search.tune), "holdout_samples": len(holdout),
+            "original_holdout": original_holdout, "candidate_holdout": holdout_score, "attempts": search.attempts,
         }
-    }
-    result.metrics.update(report)
+    })
     if not met:
-        why = "no setting met it on the tuning data" if passing is None else "it held on the tuning data but not on the held-out data"
+        why = "no setting met it on the tuning data" if search.passing is None else "it held on the tuning data but not on the held-out data"
         raise GuardNotMet(f"the accuracy guard {guard.model_dump(exclude_none=True, exclude={'holdout_fraction'})} "
                           f"was not met: {why}; the best candidate is stored", result)
     return result
