@@ -41,14 +41,25 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+# A slice whose RMS is under this fraction of the tensor's largest magnitude is float32 noise
+# (~1e-7 next to ones). Relative to the magnitude, not the strongest slice: a detector's 0..1 score
+# rows next to pixel box rows are signal and must stay in.
+NEGLIGIBLE_RMS = 1e-5
+
+
 def worst_slice(reference: np.ndarray, candidate: np.ndarray) -> dict | None:
     """The slice (one index along one non-batch axis, across the whole batch) whose values the
-    candidate reproduces worst, by cosine similarity."""
+    candidate reproduces worst, by cosine similarity. Slices whose reference energy is negligible
+    against the tensor's magnitude (values ~1e-7 next to ones) are noise, not signal, and are skipped."""
     worst = None
     for axis in range(1, reference.ndim):
         ref = np.moveaxis(reference, axis, 0).reshape(reference.shape[axis], -1)
         cand = np.moveaxis(candidate, axis, 0).reshape(candidate.shape[axis], -1)
         cosine = _cosine_rows(ref, cand)
+        rms = np.sqrt(np.mean(np.square(ref), axis=1))
+        cosine = np.where(rms > NEGLIGIBLE_RMS * np.max(np.abs(reference)), cosine, np.inf)
+        if not np.isfinite(cosine).any():
+            continue
         index = int(np.argmin(cosine))
         scale = float(np.max(np.abs(ref[index]))) or 1.0
         entry = {"axis": axis, "index": index, "cosine": float(cosine[index]),

@@ -105,6 +105,7 @@ tr.warn td, tr.warn th {{ color: #c62828; font-weight: 700; }}
 <h2>Fidelity against the original</h2>
 <table id="fidelity"><thead><tr><th>output</th><th>top-1 agreement</th><th>cosine (mean)</th><th>max abs error</th><th>KL(softmax)</th><th>worst slice</th></tr></thead>
 <tbody>{fidelity_rows}</tbody></table>
+{_task(comparison.get('task'))}
 {f'<h2>Per-layer error (SQNR, dB; lowest first)</h2><table id="layers"><thead><tr><th>layer</th><th>op</th><th>SQNR dB</th></tr></thead><tbody>{layer_rows}</tbody></table>' if layers else ''}
 <h2>Steps</h2><ol>{steps}</ol>
 {''.join(_step_details(index, step) for index, step in enumerate(metrics.get("steps", [])))}
@@ -127,6 +128,23 @@ def _quality(entry: dict | None) -> str:
     if entry.get("top1_agreement") is not None:
         parts.append(f"agreement {_fmt(entry['top1_agreement'], 4)}")
     return escape(", ".join(parts))
+
+
+def _task(task: dict | None) -> str:
+    """The task the model was judged as (and why), its label-free task figures, and missed floors."""
+    if not task:
+        return ""
+    how = "inferred: " + task["reason"] if task.get("inferred") else "given with the job"
+    figures = task.get("fidelity") or {}
+    rows = "".join(f"<tr><th>{escape(name)}</th><td>{_fmt(value, 4)}</td></tr>"
+                   for name, value in figures.items() if not isinstance(value, dict))
+    groups = "".join(f"<tr><th>{escape(name)} rows</th><td>cosine {_fmt(g['cosine'], 4)}, max abs error {_fmt(g['max_abs_error'], 4)}</td></tr>"
+                     for name, g in (figures.get("groups") or {}).items())
+    missed = "".join(f"<li>{escape(m['metric'])} is {_fmt(m['value'], 4)}, the floor is {_fmt(m['bound'], 4)}</li>"
+                     for m in task.get("floor_shortfalls") or [])
+    return (f'<h2>Task: {escape(task["task"]["type"])}</h2><p id="task-reason">{escape(how)}</p>'
+            f'<table id="task-fidelity"><tbody>{rows}{groups}</tbody></table>'
+            + (f'<div class="warnings" role="alert"><strong>Below the task floor</strong><ul>{missed}</ul></div>' if missed else ""))
 
 
 def _warnings(warnings: list[dict]) -> str:

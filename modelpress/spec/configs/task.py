@@ -1,0 +1,133 @@
+"""What a model is for: the task its outputs answer, given at upload or on a job (`"task": {...}`).
+
+A discriminated union on `type`. A body that names no task gets one inferred from the output
+shapes (`infer_task`), with the reason stated, so the report can say why it judged the model as
+it did and the user can override it. Torch-free: the API validates with it, the worker measures.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+# Bounds: no task names more classes, anchors or outputs than this.
+MAX_CLASSES = 100_000
+MAX_OUTPUTS = 64
+
+
+class _Task(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # Which model output(s) this task reads; None means the first output (or the head as a whole).
+    outputs: list[Annotated[int, Field(ge=0, lt=MAX_OUTPUTS)]] | None = Field(default=None, max_length=MAX_OUTPUTS)
+
+
+class ClassificationTask(_Task):
+    type: Literal["classification"] = "classification"
+
+
+class YoloDecoder(BaseModel):
+    """One output (N, 4+C[+1], A) or (N, A, 4+C[+1]): box rows in pixels, then (objectness,) scores."""
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["yolo"] = "yolo"
+    layout: Literal["channels_first", "anchors_first"] = "channels_first"
+    box_format: Literal["xywh", "xyxy"] = "xywh"
+    objectness: bool = False
+    # "none": scores are already probabilities (Ultralytics exports apply the sigmoid).
+    score_activation: Literal["none", "sigmoid"] = "none"
+
+
+class BoxesScoresDecoder(BaseModel):
+    """Separate outputs, SSD-style: boxes (N, A, 4) and scores (N, A, C)."""
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["boxes_scores"] = "boxes_scores"
+    boxes_output: int = Field(default=0, ge=0, lt=MAX_OUTPUTS)
+    scores_output: int = Field(default=1, ge=0, lt=MAX_OUTPUTS)
+    box_format: Literal["xywh", "xyxy"] = "xyxy"
+    score_activation: Literal["none", "sigmoid", "softmax"] = "none"
+
+
+class DetectionTask(_Task):
+    type: Literal["detection"] = "detection"
+    decoder: Annotated[YoloDecoder | BoxesScoresDecoder, Field(discriminator="kind")] = Field(default_factory=YoloDecoder)
+    # A detection counts as high-confidence (its loss fails the floor) at or above this score.
+    confidence: float = Field(default=0.5, gt=0.0, lt=1.0)
+    iou: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class SegmentationTask(_Task):
+    type: Literal["segmentation"] = "segmentation"
+    layout: Literal["logits", "labels"] = "logits"  # (N, C, H, W) logits or (N, H, W) class ids
+
+
+class CtcTask(_Task):
+    type: Literal["ctc"] = "ctc"
+    layout: Literal["NTC", "TNC"] = "NTC"
+    blank: int = Field(default=0, ge=0, lt=MAX_CLASSES)
+    alphabet: str | None = Field(default=None, max_length=MAX_CLASSES)
+
+
+class EmbeddingTask(_Task):
+    type: Literal["embedding"] = "embedding"
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class KeypointsTask(_Task):
+    type: Literal["keypoints"] = "keypoints"
+
+
+class GenericTask(_Task):
+    type: Literal["generic"] = "generic"
+
+
+TaskSpec = Annotated[ClassificationTask | DetectionTask | SegmentationTask | CtcTask | EmbeddingTask
+                     | KeypointsTask | GenericTask, Field(discriminator="type")]
+TASK_ADAPTER: TypeAdapter = TypeAdapter(TaskSpec)
+
+
+def parse_task(body: dict) -> BaseModel:
+    """A task body as its config; raises pydantic's ValidationError (the API's 422) when it does not fit."""
+    return TASK_ADAPTER.validate_python(body)
+
+
+class InferredTask(BaseModel):
+    task: TaskSpec
+    reason: str
+    inferred: bool = True
+
+
+def _ranked(shape: tuple) -> list:
+    return [d if isinstance(d, int) and d > 0 else None for d in shape]
+
+
+def infer_task(output_shapes: list[tuple]) -> InferredTask:
+    """The task the output shapes suggest, and why. Dynamic dimensions are None (or a name)."""
+    if not output_shapes:
+        return InferredTask(task=GenericTask(), reason="the model declares no outputs")
+    shape = _ranked(output_shapes[0])
+    rank = len(shape)
+    if len(output_shapes) == 2 and [len(s) for s in output_shapes] == [3, 3] and _ranked(output_shapes[0])[2] == 4:
+        return InferredTask(task=DetectionTask(decoder=BoxesScoresDecoder()),
+                            reason="two outputs (N, A, 4) and (N, A, C): boxes and scores, SSD-style")
+    if rank == 2:
+        return InferredTask(task=ClassificationTask(), reason="one (N, C) output: class scores")
+    if rank == 3 and shape[1] is not None and shape[2] is not None:
+        rows, cols = shape[1], shape[2]
+        if 5 <= rows <= 4 + 1000 and cols is not None and cols > 4 * rows:
+            return InferredTask(task=DetectionTask(), reason=(
+                f"a (N, {rows}, {cols}) output: few rows over many anchors, read as YOLO-style "
+                "4 box rows then class-score rows"))
+        return InferredTask(task=CtcTask(), reason=f"a (N, {rows}, {cols}) output: per-time-step class scores, read as CTC")
+    if rank == 3:
+        return InferredTask(task=CtcTask(), reason="a (N, T, C) output with a dynamic dimension, read as CTC")
+    if rank == 4:
+        return InferredTask(task=SegmentationTask(), reason="one (N, C, H, W) output: per-pixel class logits")
+    return InferredTask(task=GenericTask(), reason=f"a rank-{rank} output matches no task")
+
+
+def resolve_task(given: dict | None, output_shapes: list[tuple]) -> InferredTask:
+    """The job's or upload's task when one is given (it overrides inference), else the inferred one."""
+    if given is not None:
+        return InferredTask(task=parse_task(given), reason="given", inferred=False)
+    return infer_task(output_shapes)

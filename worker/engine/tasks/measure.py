@@ -1,0 +1,63 @@
+"""The task fidelity of one job: the task (given or inferred from the outputs, with the reason),
+its label-free measures against the original, and the floors it misses (reported, not yet enforced)."""
+
+import numpy as np
+
+from modelpress.spec.configs.task import resolve_task
+from worker.engine.tasks import ctc, detection, embedding, floor, groups, segmentation
+
+
+def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
+    flat_ref, flat_cand = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
+    return {"top1_agreement": float(np.mean(flat_ref.argmax(axis=1) == flat_cand.argmax(axis=1)))}
+
+
+def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
+    decoder = task.decoder
+    if decoder.kind != "yolo" or ref.ndim != 3:
+        return None  # boxes_scores reads two outputs: not measured yet
+    channels_first = decoder.layout == "channels_first"
+    rows = ref.shape[1] if channels_first else ref.shape[2]
+    if rows < (6 if decoder.objectness else 5):
+        return None
+    options = {"channels_first": channels_first, "box_format": decoder.box_format,
+               "objectness": decoder.objectness, "confidence": task.confidence}
+    agreement = detection.detection_agreement(detection.decode_yolo(ref, **options),
+                                              detection.decode_yolo(cand, **options), iou=task.iou)
+    per_group = groups.group_fidelity(ref, cand, groups.yolo_groups(rows, decoder.objectness), axis=1 if channels_first else 2)
+    return {**agreement, "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
+
+
+def _segmentation(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
+    if ref.ndim != (4 if task.layout == "logits" else 3):
+        return None
+    return segmentation.mask_agreement(segmentation.masks(ref, task.layout), segmentation.masks(cand, task.layout))
+
+
+def _ctc(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
+    if ref.ndim != 3:
+        return None
+    return ctc.string_agreement(ctc.greedy_decode(ref, blank=task.blank, layout=task.layout),
+                                ctc.greedy_decode(cand, blank=task.blank, layout=task.layout))
+
+
+def _embedding(task, ref: np.ndarray, cand: np.ndarray) -> dict:
+    return embedding.embedding_agreement(ref, cand, task.top_k)
+
+
+MEASURES = {"classification": _classification, "detection": _detection, "segmentation": _segmentation,
+            "ctc": _ctc, "embedding": _embedding}
+
+
+def task_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], given: dict | None = None) -> dict:
+    resolved = resolve_task(given, [tuple(r.shape) for r in reference])
+    task = resolved.task
+    index = (task.outputs or [0])[0]
+    result = {"task": task.model_dump(), "inferred": resolved.inferred, "reason": resolved.reason}
+    measure = MEASURES.get(task.type)
+    if measure is None or index >= len(reference):
+        return {**result, "fidelity": None}
+    figures = measure(task, reference[index].astype(np.float64), candidate[index].astype(np.float64))
+    if figures is None:
+        return {**result, "fidelity": None, "note": "the output's shape does not fit the task's decoder"}
+    return {**result, "fidelity": figures, "floor_shortfalls": floor.shortfalls(task.type, figures)}
