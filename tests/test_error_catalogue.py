@@ -32,7 +32,7 @@ def documented_codes() -> set[str]:
     return codes
 
 
-def tests_source() -> str:
+def source_of_tests() -> str:
     here = Path(__file__).name
     return "".join(p.read_text() for p in sorted((ROOT / "tests").glob("*.py")) if p.name != here)
 
@@ -49,13 +49,13 @@ def test_the_catalogue_is_parsed():
 
 
 def test_every_documented_code_is_produced_by_a_test():
-    text = tests_source()
+    text = source_of_tests()
     untested = sorted(c for c in documented_codes() - NOT_YET_TESTED if not is_tested(c, text))
     assert untested == [], f"documented in docs/ERRORS.md but produced by no test: {untested}"
 
 
 def test_the_untested_list_is_not_stale():
-    text = tests_source()
+    text = source_of_tests()
     assert NOT_YET_TESTED <= documented_codes(), NOT_YET_TESTED - documented_codes()
     now_tested = sorted(c for c in NOT_YET_TESTED if is_tested(c, text))
     assert now_tested == [], f"tested now: remove from NOT_YET_TESTED: {now_tested}"
@@ -66,6 +66,6 @@ def test_every_cli_exit_code_is_run():
     sentence = re.search(r"Exit codes are stable for pipelines:(.*?)\.\s", readme, re.S).group(1)
     exit_codes = {int(n) for n in re.findall(r"(\d) [a-z]", sentence)}
     assert exit_codes == {0, 1, 2, 3, 4}
-    text = tests_source()
+    text = source_of_tests()
     unrun = sorted(n for n in exit_codes if not re.search(rf"returncode == {n}\b", text))
     assert unrun == [], f"CLI exit codes no test asserts: {unrun}"
