@@ -28,8 +28,9 @@ def _count(session: Session, table, tenant_id: str, *where) -> int:
 
 
 def stored_bytes(*, session: Session, tenant_id: str) -> int:
+    # int(): PostgreSQL's SUM of a BIGINT is a NUMERIC (a Decimal here), which JSON would show as a string.
     return sum(
-        session.scalar(select(func.coalesce(func.sum(table.size_bytes), 0)).where(table.tenant_id == tenant_id)) or 0
+        int(session.scalar(select(func.coalesce(func.sum(table.size_bytes), 0)).where(table.tenant_id == tenant_id)) or 0)
         for table in (ModelRow, DatasetRow, ArtifactRow)
     )
 
