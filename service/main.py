@@ -136,12 +136,13 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
                 # The class only: a message can hold a path or a host; the log has the whole of it.
                 log.warning("readiness: %s unreachable: %s", name, exc)
                 checks[name], causes[name] = "error", exc.__class__.__name__
-        if _shows_details(request, context):
+        details = _shows_details(request, context)
+        if details:
             checks = {name: f"error: {causes[name]}" if name in causes else state for name, state in checks.items()}
         if causes:
             raise NotReady("a dependency is unreachable", checks=checks)
         body = {"status": "ready", "checks": checks}
-        if _shows_details(request, context):
+        if details:
             body |= {"worker": "embedded" if settings.embedded_worker else "celery", "auth": settings.auth_mode}
         return body
 

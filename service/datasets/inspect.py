@@ -96,9 +96,9 @@ def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype) -> Non
                 raise Invalid(f"'{member[:-4]}' holds NaN or infinite values", code="non_finite_images")
     # Reading stops at the declared size (the CRC then fails), but a member may also end before it:
     # an archive whose directory lies about a size is refused, not trusted in part.
-    if unpacked != archive.getinfo(member).file_size:
-        raise Invalid(f"'{member}' unpacks to {unpacked} bytes but the archive declares "
-                      f"{archive.getinfo(member).file_size}", code="invalid_dataset")
+    declared = archive.getinfo(member).file_size
+    if unpacked != declared:
+        raise Invalid(f"'{member}' unpacks to {unpacked} bytes but the archive declares {declared}", code="invalid_dataset")
 
 
 def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:

@@ -4,12 +4,12 @@ its label-free measures against the original, and the floors it misses (reported
 import numpy as np
 
 from modelpress.spec.configs.task import resolve_task
+from worker.engine.fidelity import top1_agreement
 from worker.engine.tasks import ctc, detection, embedding, floor, groups, segmentation
 
 
 def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
-    flat_ref, flat_cand = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
-    return {"top1_agreement": float(np.mean(flat_ref.argmax(axis=1) == flat_cand.argmax(axis=1)))}
+    return {"top1_agreement": top1_agreement(ref.reshape(len(ref), -1), cand.reshape(len(cand), -1))}
 
 
 def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
