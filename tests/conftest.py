@@ -102,11 +102,10 @@ def postgres_url():
 def redis_url():
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
-    client.ping()
-    client.flushdb()
+    # No FLUSHDB: another suite (a second checkout, a CI run) may share this database. Every stack
+    # sends under its own MODELPRESS_BROKER_PREFIX, so runs never see each other's keys.
+    redis.Redis.from_url(REDIS_URL).ping()
     yield REDIS_URL
-    client.flushdb()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ worker consumes; jobs that must finish run on the embedded default."""
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,8 @@ CLI = str(Path(sys.executable).parent / "modelpress")
 @pytest.fixture
 def queued_client(tmp_path, redis_url):
     """An API whose jobs stay queued: the broker is real, but no worker listens."""
-    settings = Settings(data_dir=tmp_path, broker_url=redis_url, auth="off")  # keys are tested in test_api_keys.py
+    settings = Settings(data_dir=tmp_path, broker_url=redis_url, auth="off",
+                        broker_key_prefix=f"reads-{uuid.uuid4().hex[:8]}:")  # keys are tested in test_api_keys.py
     upgrade(settings.effective_database_url)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
