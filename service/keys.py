@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 tenants.revoke_key(session=session, tenant_id=args.tenant, key_id=args.key_id)
                 print(f"revoked {args.key_id}", file=sys.stderr)
     except DomainError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

@@ -11,15 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_YET_TESTED = {
     # A bug by definition: the handler is exercised only if a route raises, and no route should.
     "internal_error",
-    # Upload-time refusals that need a crafted input (a zip declaring > 4x the limit, a database
-    # CHECK the schema lets through, a parser child that dies, tenant admin edge cases).
-    "archive_too_large", "invalid_value", "model_parse_failed",
-    "invalid_scopes", "invalid_tenant_id", "tenant_exists",
-    "artifact_missing", "unsupported_model_input",
-    # Job-time failures of the engine (docs/ERRORS.md, "failed job" table) that need a model built
-    # to break one library call: torch load, ONNX version conversion, export, ORT session, quantizer.
-    "model_load_failed", "opset_conversion_failed", "conversion_failed", "input_shape_unknown",
-    "model_not_runnable", "quantization_failed", "prune_failed", "macs_unknown", "invalid_feature_pairs",
+    # Job-time failures inside one library call that no valid input we could build triggers: ORT's
+    # quantizer and the float16 converter accept every model that loads, and a pruned model that
+    # does not run or changes its output shape would be a bug of the pruner (its own tests cover
+    # the graph cases that are refused before pruning instead).
+    "quantization_failed", "prune_failed",
 }
 
 

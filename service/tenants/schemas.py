@@ -4,6 +4,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Scope = Literal["read", "write", "admin"]
+INTEGER_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1
 
 
 class TenantQuotas(BaseModel):
@@ -12,11 +14,13 @@ class TenantQuotas(BaseModel):
     # Strict: `false` or "10" is not a quota (lax mode would read them as 0 and 10).
     model_config = ConfigDict(strict=True)
 
-    max_stored_bytes: int | None = Field(None, ge=0)
-    max_models: int | None = Field(None, ge=0)
-    max_datasets: int | None = Field(None, ge=0)
-    max_active_jobs: int | None = Field(None, ge=0, description="queued and running jobs together")
-    max_requests_per_minute: int | None = Field(None, gt=0)
+    # Bounded by the columns (BIGINT, INTEGER): a larger number is a 422 here on every database,
+    # not an overflow inside SQLite's driver or PostgreSQL's.
+    max_stored_bytes: int | None = Field(None, ge=0, le=BIGINT_MAX)
+    max_models: int | None = Field(None, ge=0, le=INTEGER_MAX)
+    max_datasets: int | None = Field(None, ge=0, le=INTEGER_MAX)
+    max_active_jobs: int | None = Field(None, ge=0, le=INTEGER_MAX, description="queued and running jobs together")
+    max_requests_per_minute: int | None = Field(None, gt=0, le=INTEGER_MAX)
 
 
 class TenantCreate(TenantQuotas):

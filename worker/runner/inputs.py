@@ -9,6 +9,7 @@ from service.errors import NotFound
 from service.models import service as models
 from worker.engine.data import ImageSet, load_dataset, split
 from modelpress.spec.errors import EngineError
+from worker.engine import evaluate
 from worker.engine.formats import to_onnx
 
 LOAD_SHARE = 0.05  # of the job's progress bar
@@ -21,6 +22,13 @@ class JobInputs:
     data: dict[str, ImageSet]  # by role: calibration, train, eval
     eval_data: ImageSet | None
     load_model: Callable[[str], Path]  # another model of the tenant, by id, as ONNX
+
+
+def runnable(path: Path) -> Path:
+    """The model, once ONNX Runtime has loaded it: a model it cannot run (a custom-domain op, a
+    kernel it lacks) fails the job here as `model_not_runnable`, before a technique trips on it."""
+    evaluate.open_session(path, 1)
+    return path
 
 
 def load_inputs(job, deps, progress, work: Path) -> JobInputs:
@@ -57,7 +65,7 @@ def load_inputs(job, deps, progress, work: Path) -> JobInputs:
         data.setdefault("train", rest)
     eval_data = data.get("eval") or data.get("calibration") or data.get("train")
     example = eval_data.images if eval_data is not None else None
-    original = to_onnx(original_file, model.format, work, example, packed=(model.details or {}).get("packaging") == "zip")
+    original = runnable(to_onnx(original_file, model.format, work, example, packed=(model.details or {}).get("packaging") == "zip"))
     progress("load", LOAD_SHARE)
 
     def load_model(model_id: str) -> Path:
@@ -69,6 +77,6 @@ def load_inputs(job, deps, progress, work: Path) -> JobInputs:
         folder = work / f"model-{model_id}"
         folder.mkdir(exist_ok=True)
         local = store.get_file(row.storage_key, folder / Path(row.storage_key).name)
-        return to_onnx(local, row.format, folder, example, packed=(row.details or {}).get("packaging") == "zip")
+        return runnable(to_onnx(local, row.format, folder, example, packed=(row.details or {}).get("packaging") == "zip"))
 
     return JobInputs(model, original, data, eval_data, load_model)
