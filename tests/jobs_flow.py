@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -32,7 +33,9 @@ def submit(http, model_id, calibration, eval_id, params=None):
     return response.json()
 
 
-def wait_finished(http, job_id, timeout=180.0):
+def wait_finished(http, job_id, timeout=600.0):
+    # A hang detector, not a speed check: a job takes seconds on an idle machine and may take
+    # minutes on a loaded one (CI shares its 2 cores). Waits that must be short say why where they are.
     deadline = time.monotonic() + timeout
     seen = []
     while time.monotonic() < deadline:
@@ -49,6 +52,15 @@ def download(http, url, to):
     assert response.status_code == 200, response.text
     to.write_bytes(response.content)
     return response
+
+
+def _weight_bytes(graph) -> dict[int, int]:
+    """Bytes of multi-element initializers by element type (scalars are scales and zero points)."""
+    sizes: dict[int, int] = {}
+    for tensor in graph.initializer:
+        if int(np.prod(tensor.dims)) > 1:
+            sizes[tensor.data_type] = sizes.get(tensor.data_type, 0) + len(onnx.numpy_helper.to_array(tensor).tobytes())
+    return sizes
 
 
 def _softmax(x):
@@ -83,7 +95,15 @@ def check_quantized_job(http, reference, tmp_path, model_path):
     graph = onnx.load(str(quantized)).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    weight_bytes = _weight_bytes(graph)
+    # Every multi-element weight is stored in 8 bits: int8 bytes are a quarter of the float32
+    # original's (conv/gemm weights; biases stay int32, scales float). Measured 0.25; fp16 would
+    # give 0.5 and "quantize nothing" 1.0, so 0.3 fails both. The file's size_ratio below is weaker
+    # on this tiny model, whose tensor names and scales are half the file.
+    # (The .pt2 and TorchScript uploads are the same module as reference.onnx.)
+    original_weight_bytes = _weight_bytes(onnx.load(str(reference.onnx)).graph)[onnx.TensorProto.FLOAT]
+    assert weight_bytes[onnx.TensorProto.INT8] <= 0.3 * original_weight_bytes, weight_bytes
+    assert weight_bytes.get(onnx.TensorProto.FLOAT16, 0) == 0
     # Same threads and batches as the service's measurement: int8 kernels are not bit-exact across
     # batch sizes, so a different batching could flip a borderline prediction.
     options = ort.SessionOptions()
@@ -100,11 +120,16 @@ def check_quantized_job(http, reference, tmp_path, model_path):
     # The test model is tiny (25k parameters): tensor names and scales are half its file, so it stays
     # well under the ~3.8x of real models (see bench/).
     assert metrics["comparison"]["size_ratio"] > 1.7, metrics["comparison"]
+    if model_path.suffix == ".onnx":
+        assert abs(metrics["comparison"]["size_ratio"] - model_path.stat().st_size / quantized.stat().st_size) < 0.01
     assert abs(metrics["compressed"]["accuracy"]["top1"] - independent_accuracy) < 1e-9, (metrics["steps"], independent_accuracy, metrics["compressed"]["accuracy"])
-    assert metrics["original"]["accuracy"]["top1"] > 0.85
-    assert metrics["comparison"]["accuracy_drop"] < 0.05
+    # Measured on the digits CNN (AMD EPYC, VNNI; the same on AVX2 by design of the report): original
+    # 0.992, int8 0.992 (no drop), agreement 1.0, cosine 0.9999. A one-point drop is 3-4 of the 360
+    # images; a broken calibration (ranges of zeros, or of a single image) costs far more.
+    assert metrics["original"]["accuracy"]["top1"] > 0.95
+    assert metrics["original"]["accuracy"]["top1"] - independent_accuracy <= 0.01
     fidelity = metrics["comparison"]["fidelity"][0]
-    assert fidelity["top1_agreement"] > 0.95 and fidelity["cosine_mean"] > 0.98
+    assert fidelity["top1_agreement"] >= 0.98 and fidelity["cosine_mean"] >= 0.999
     for which in ("original", "compressed"):
         for batch in ("batch_1", "batch_32"):
             latency = metrics[which]["latency"][batch]

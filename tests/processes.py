@@ -85,7 +85,7 @@ def _signal_group(pid: int, sig: int) -> None:
         pass  # nothing of the group is left
 
 
-def wait_http(url: str, process: Process, timeout: float = 60.0, expect: int = 200) -> None:
+def wait_http(url: str, process: Process, timeout: float = 300.0, expect: int = 200) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.alive():

@@ -21,7 +21,7 @@ def test_artifact_of_an_unfinished_job_is_409_naming_its_status(client, referenc
         assert client.head(f"/v1/jobs/{job['id']}/artifacts/model.onnx").status_code == 409
     finally:
         client.post(f"/v1/jobs/{job['id']}/cancel")
-        cancelled, _ = wait_finished(client, job["id"], timeout=60)
+        cancelled, _ = wait_finished(client, job["id"], timeout=180)
     assert cancelled["status"] == "cancelled"
     # Finished without that artifact: a plain 404.
     assert_problem(client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx"), 404, "artifact_not_found")
@@ -33,7 +33,7 @@ def test_head_answers_where_get_does(client, reference):
     data = upload_dataset(client, reference.calib_npz)["id"]
     job = client.post("/v1/jobs", json={"model_id": model, "steps": [{"type": "quantize", "params": {"method": "dynamic_int8"}}],
                                         "data": {"eval": data}}).json()
-    job, _ = wait_finished(client, job["id"], timeout=180)
+    job, _ = wait_finished(client, job["id"])
     assert job["status"] == "succeeded", job["error"]
     artifact = next(a for a in job["artifacts"] if a["name"] == "model.onnx")
     head = client.head(artifact["url"])

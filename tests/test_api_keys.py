@@ -141,7 +141,7 @@ def test_first_key_from_the_cli_works_with_the_client(tmp_path, reference):
     data_dir = tmp_path / "data"
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(data_dir)}
     made = subprocess.run([sys.executable, "-m", "service.keys", "create", "--tenant", "acme", "--scopes", "read,write"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert key.startswith("mp_") and "\n" not in key and key not in made.stderr
@@ -158,7 +158,7 @@ def test_first_key_from_the_cli_works_with_the_client(tmp_path, reference):
             list(anonymous.models())
         assert (refused.value.status, refused.value.code) == (401, "api_key_required")
         listed = subprocess.run([sys.executable, "-m", "service.keys", "list", "--tenant", "acme"], env=env,
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=600)
         assert key.split("_")[1] in listed.stdout and key not in listed.stdout
         assert "API keys required" in api.output() and key not in api.output()
     finally:

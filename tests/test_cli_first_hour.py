@@ -41,7 +41,7 @@ def test_download_to_a_missing_folder_creates_it(server_url, reference, tmp_path
     with Client(server_url) as client:
         job = client.submit(client.model_for_file(reference.onnx), [{"type": "quantize", "params": {"method": "dynamic_int8"}}],
                             data={"eval": client.upload_dataset(reference.eval_npz)})
-        job.wait(timeout=180, progress=False)
+        job.wait(timeout=600, progress=False)
         path = job.download("model.onnx", to=str(tmp_path / "out") + "/")
     assert path == tmp_path / "out" / "model.onnx" and path.is_file()
 

@@ -33,7 +33,7 @@ def server_url(request, tmp_path_factory):
             yield url
 
 
-def run_cli(*args, url: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args, url: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "MODELPRESS_URL": url}
     return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -47,7 +47,7 @@ def test_client_end_to_end(server_url, reference, tmp_path):
         updates = []
         job = client.submit(model, [{"type": "quantize", "params": {"method": "static_int8"}}],
                             data={"calibration": calibration, "eval": evaluation.id})
-        job.wait(timeout=180, on_update=lambda j: updates.append((j.status, j.progress)))
+        job.wait(timeout=600, on_update=lambda j: updates.append((j.status, j.progress)))
         assert job.status == "succeeded" and updates[-1] == ("succeeded", 1.0)
         assert job.metrics["comparison"]["size_ratio"] > 1.5
         path = job.download("model.onnx", to=tmp_path)
@@ -65,11 +65,11 @@ def test_client_raises_coded_errors(server_url, reference):
         assert (missing.value.code, missing.value.status) == ("job_not_found", 404)
         already = client.submit(client.upload_model(reference.onnx), [{"type": "quantize"}],
                                 data={"calibration": client.upload_dataset(reference.calib_npz)})
-        already.wait(timeout=180, progress=False)
+        already.wait(timeout=600, progress=False)
         quantized = client.upload_model(already.download("model.onnx", to=reference.onnx.parent / "q.onnx"))
         failing = client.submit(quantized, [{"type": "quantize"}], data={"calibration": already.raw["data"]["calibration"]})
         with pytest.raises(JobFailed) as failed:
-            failing.wait(timeout=180, progress=False)
+            failing.wait(timeout=600, progress=False)
         assert failed.value.code == "already_quantized" and not isinstance(failed.value, GuardNotMet)
         assert failed.value.job.status == "failed"
 
@@ -145,7 +145,7 @@ def test_interrupted_download_is_retried(reference, tmp_path):
     with embedded_server(tmp_path / "data") as (url, _), Client(url) as direct:
         job = direct.submit(direct.upload_model(reference.onnx), [{"type": "quantize"}],
                             data={"calibration": direct.upload_dataset(reference.calib_npz)})
-        job.wait(timeout=120, progress=False)
+        job.wait(timeout=600, progress=False)
         proxy = FlakyProxy(int(url.rsplit(":", 1)[1]))
         try:
             with Client(f"http://127.0.0.1:{proxy.port}", backoff=0.01) as flaky:

@@ -35,7 +35,7 @@ def _failed_job(client, model_bytes: bytes, filename: str, body: dict) -> dict:
     assert model.status_code == 201, model.text  # accepted at upload: the failure is the job's
     created = client.post("/v1/jobs", json={"model_id": model.json()["id"], **body})
     assert created.status_code == 202, created.text
-    job, _ = wait_finished(client, created.json()["id"], timeout=240)
+    job, _ = wait_finished(client, created.json()["id"])
     assert job["status"] == "failed", job
     assert job["artifacts"] == [] or all(a["name"] != "model.onnx" for a in job["artifacts"])
     return job["error"]
@@ -125,7 +125,7 @@ def test_feature_pairs_on_a_flat_tensor_fail_invalid_feature_pairs(client, refer
         "model_id": model["id"], "data": {"train": data},
         "steps": [{"type": "distill", "params": {"epochs": 1, "max_steps": 1, "feature_pairs": [[output, output]]}}]})
     assert created.status_code == 202, created.text
-    job, _ = wait_finished(client, created.json()["id"], timeout=240)
+    job, _ = wait_finished(client, created.json()["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_feature_pairs", job
     assert output in job["error"]["message"]
 
@@ -195,7 +195,7 @@ def test_an_artifact_gone_from_storage_is_artifact_missing(client, settings, ref
     model = upload_model(client, reference.onnx)["id"]
     data = upload_dataset(client, reference.eval_npz)["id"]
     created = client.post("/v1/jobs", json={"model_id": model, **_dynamic_quantize(data)})
-    job, _ = wait_finished(client, created.json()["id"], timeout=240)
+    job, _ = wait_finished(client, created.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     stored = [p for p in (settings.data_dir / "objects").rglob("*") if p.is_file() and job["id"] in str(p)]
     report = next(p for p in stored if p.name == "report.html")
@@ -221,7 +221,7 @@ def _keys_cli(tmp_path, *args):
     import sys
 
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(tmp_path / "data")}
-    return subprocess.run([sys.executable, "-m", "service.keys", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "service.keys", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_the_key_tool_names_the_code_of_a_bad_tenant_id_and_bad_scopes(tmp_path):

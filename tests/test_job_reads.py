@@ -155,7 +155,7 @@ def test_the_client_lists_summaries_and_polls_with_etags(tmp_path, reference):
         model = client.upload_model(reference.onnx)
         calibration, evaluation = client.upload_dataset(reference.calib_npz), client.upload_dataset(reference.eval_npz)
         job = client.submit(model, [{"type": "quantize"}], data={"calibration": calibration, "eval": evaluation})
-        job.wait(timeout=180, progress=False)
+        job.wait(timeout=600, progress=False)
         transport.seen.clear()
         job.refresh()
         assert transport.seen == [(f"/v1/jobs/{job.id}", transport.seen[0][1], 304)] and transport.seen[0][1]

@@ -143,7 +143,7 @@ def test_training_methods_go_to_the_gpu_queue_when_there_is_one(tmp_path, refere
         static = client.post("/v1/jobs", json={**body, "steps": [{"type": "quantize"}]}).json()
         assert (qat["queue"], static["queue"]) == ("gpu", "cpu")
         for job in (qat, static):
-            wait_finished(client, job["id"], timeout=240)
+            wait_finished(client, job["id"])
 
 
 def test_low_bit_defaults_keep_the_first_and_last_layers_float(client, reference, ids, tmp_path):

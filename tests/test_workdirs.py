@@ -13,7 +13,7 @@ def test_dead_run_folders_go_and_the_live_one_stays(client, reference, wait_step
     tmp_dir = context.settings.tmp_dir
     model = upload_model(client, reference.onnx)
     data = upload_dataset(client, reference.calib_npz)
-    job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 30}}],
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 600}}],
                                          "data": {"eval": data["id"]}}).json()
     deadline = time.monotonic() + 30
     while not wait_step and time.monotonic() < deadline:
@@ -35,6 +35,6 @@ def test_dead_run_folders_go_and_the_live_one_stays(client, reference, wait_step
     assert (live[0] / "work.bin").exists() and unrelated.exists()
 
     client.post(f"/v1/jobs/{job['id']}/cancel")
-    finished, _ = wait_finished(client, job["id"], timeout=30)
+    finished, _ = wait_finished(client, job["id"], timeout=180)
     assert finished["status"] == "cancelled"
     assert not live[0].exists()  # a run cleans its own folder when it ends
