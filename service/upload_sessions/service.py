@@ -143,7 +143,7 @@ def store_part(*, session: Session, store: ObjectStore, tenant_id: str, upload_i
     row = get(session=session, store=store, tenant_id=tenant_id, upload_id=upload_id)
     _require_open(row)  # again: it may have been completed or aborted while the body arrived
     # Sending a part again replaces it (a retry whose answer was lost); it was checked the same way.
-    store.put_file(part_key(row, number), part.path)
+    store.adopt_file(part_key(row, number), part.path)
     session.merge(UploadPartRow(session_id=row.id, number=number, tenant_id=tenant_id, size_bytes=part.size_bytes,
                                 sha256=part.sha256, received_at=utcnow()))
     session.execute(update(UploadSessionRow).where(UploadSessionRow.id == row.id).values(updated_at=utcnow()))
