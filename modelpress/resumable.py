@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,14 +48,22 @@ class ResumableUpload:
         self.resumes = 0  # how many times a cut connection or a refused part sent the client back to the list
 
     def run(self) -> dict:
-        body = {"kind": self.kind, "filename": self.file.name, "size_bytes": self.size, "sha256": file_sha256(self.file)}
+        # The whole file's sha256, computed on another thread while the parts go up (hashlib lets
+        # go of the GIL), is sent with complete: the server refuses a file that is not this one.
+        digest: dict[str, str] = {}
+        hasher = threading.Thread(target=lambda: digest.update(sha256=file_sha256(self.file)), daemon=True)
+        hasher.start()
+        body = {"kind": self.kind, "filename": self.file.name, "size_bytes": self.size}
         if self.name:
             body["name"] = self.name
         if self.part_bytes:
             body["part_bytes"] = self.part_bytes
         self.upload = self.client._json("POST", "/v1/uploads", json=body)
         self._send_parts()
-        return self._complete()
+        hasher.join()
+        if "sha256" not in digest:
+            raise ModelpressError("file_unreadable", f"{self.file} could not be read to the end")
+        return self._complete(digest["sha256"])
 
     # --- parts ------------------------------------------------------------------------------------
 
@@ -110,7 +119,7 @@ class ResumableUpload:
 
     # --- complete ---------------------------------------------------------------------------------
 
-    def _complete(self) -> dict:
+    def _complete(self, sha256: str) -> dict:
         path = f"/v1/uploads/{self.upload['id']}/complete"
         # Completing parses the whole file (in a sandbox, up to the server's parse timeout): longer
         # than an ordinary request may take.
@@ -120,8 +129,9 @@ class ResumableUpload:
         while True:
             try:
                 # Safe to repeat: once completed, the server answers with the same model or dataset.
-                return self.client._parse(self.client._send(lambda: self.client.http.post(path, timeout=timeout),
-                                                            idempotent=True))
+                response = self.client._send(
+                    lambda: self.client.http.post(path, json={"sha256": sha256}, timeout=timeout), idempotent=True)
+                return self.client._parse(response)
             except ModelpressError as exc:
                 if exc.code == "upload_incomplete" and resend_rounds < self.client.retries:
                     resend_rounds += 1

@@ -16,6 +16,13 @@ class UploadCreate(BaseModel):
     preprocess: str | None = Field(None, max_length=16 * 1024, description="datasets: JSON, as the `preprocess` form field")
 
 
+class UploadComplete(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
+                               description="of the whole file, when not given at the start (a client hashing while it sends)")
+
+
 class UploadPartRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -177,7 +177,7 @@ def _set_status(session: Session, upload_id: str, status: str, **values) -> None
     session.commit()
 
 
-def _assemble(*, store: ObjectStore, settings: Settings, row: UploadSessionRow) -> ReceivedUpload:
+def _assemble(*, store: ObjectStore, settings: Settings, row: UploadSessionRow, sha256: str | None) -> ReceivedUpload:
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=settings.tmp_dir, prefix="assembled-")
     path = Path(name)
@@ -197,10 +197,11 @@ def _assemble(*, store: ObjectStore, settings: Settings, row: UploadSessionRow) 
     if size != row.size_bytes:
         upload.discard()
         raise Invalid(f"the parts hold {size} bytes, the upload declared {row.size_bytes}", code="upload_checksum_mismatch")
-    if row.sha256 and upload.sha256 != row.sha256:
-        upload.discard()
-        raise Invalid(f"the assembled file's sha256 is {upload.sha256}, the upload declared {row.sha256}",
-                      code="upload_checksum_mismatch", sha256=upload.sha256)
+    for declared in {row.sha256, sha256} - {None}:
+        if upload.sha256 != declared:
+            upload.discard()
+            raise Invalid(f"the assembled file's sha256 is {upload.sha256}, the upload declared {declared}",
+                          code="upload_checksum_mismatch", sha256=upload.sha256)
     return upload
 
 
@@ -225,7 +226,7 @@ def _resource(session: Session, row: UploadSessionRow) -> ModelRow | DatasetRow:
 
 
 def complete(*, session: Session, store: ObjectStore, settings: Settings, tenant_id: str,
-             upload_id: str) -> tuple[ModelRow | DatasetRow, bool]:
+             upload_id: str, sha256: str | None = None) -> tuple[ModelRow | DatasetRow, bool]:
     """The model or dataset the upload makes, and whether this call made it (a repeated complete,
     say after a lost answer, returns the first one's result)."""
     row = get(session=session, store=store, tenant_id=tenant_id, upload_id=upload_id)
@@ -243,7 +244,7 @@ def complete(*, session: Session, store: ObjectStore, settings: Settings, tenant
         _require_open(row)
     upload = None
     try:
-        upload = _assemble(store=store, settings=settings, row=row)
+        upload = _assemble(store=store, settings=settings, row=row, sha256=sha256)
         resource = _create_resource(session=session, store=store, settings=settings, row=row, upload=upload)
     except QuotaExceeded:
         _set_status(session, row.id, OPEN)  # the tenant may free space and complete again

@@ -10,7 +10,7 @@ from service.deps import ContextDep, SessionDep
 from service.models.schemas import ModelRead
 from service.upload_sessions import service
 from service.upload_sessions.receive import expected_checksum, receive_part
-from service.upload_sessions.schemas import UploadCreate, UploadPartRead, UploadRead
+from service.upload_sessions.schemas import UploadComplete, UploadCreate, UploadPartRead, UploadRead
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
@@ -56,11 +56,12 @@ async def put_part(
 
 @router.post("/{upload_id}/complete", status_code=201, response_model=ModelRead | DatasetRead)
 async def complete_upload(upload_id: str, response: Response, context: ContextDep, session: SessionDep,
-                          caller: WriteCaller):
+                          caller: WriteCaller, spec: UploadComplete | None = None):
     """Join the parts and create the model or dataset, with the checks of a single-request upload
     (201). Repeated after it succeeded, the same model or dataset (200)."""
     resource, created = await run_in_threadpool(service.complete, session=session, store=context.store,
-                                                settings=context.settings, tenant_id=caller.tenant_id, upload_id=upload_id)
+                                                settings=context.settings, tenant_id=caller.tenant_id, upload_id=upload_id,
+                                                sha256=spec.sha256 if spec else None)
     if created:
         kind = "model" if isinstance(resource, service.ModelRow) else "dataset"
         await run_in_threadpool(audit.record, session=session, caller=caller, action=f"{kind}.created",
