@@ -42,9 +42,9 @@ async def put_part(
 ):
     """The part's bytes as the body, with `Content-MD5` (base64) or `x-checksum-sha256` (hex or
     base64). Every part but the last is `part_bytes` long. Sending a part again replaces it."""
-    checksum = expected_checksum(content_md5=content_md5, checksum_sha256=checksum_sha256)
     _, expected = await run_in_threadpool(service.open_for_part, session=session, store=context.store,
                                           tenant_id=caller.tenant_id, upload_id=upload_id, number=number)
+    checksum = expected_checksum(content_md5=content_md5, checksum_sha256=checksum_sha256)
     part = await receive_part(request, tmp_dir=context.settings.tmp_dir, number=number, expected_bytes=expected,
                               checksum=checksum)
     try:
