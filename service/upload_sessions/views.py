@@ -7,12 +7,16 @@ from service.audit import service as audit
 from service.auth import ReadCaller, WriteCaller
 from service.datasets.schemas import DatasetRead
 from service.deps import ContextDep, SessionDep
+from service.errors import PROBLEM_JSON
 from service.models.schemas import ModelRead
+from service.openapi import Problem
 from service.upload_sessions import service
 from service.upload_sessions.receive import expected_checksum, receive_part
 from service.upload_sessions.schemas import UploadComplete, UploadCreate, UploadPartRead, UploadRead
 
-router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"], responses={
+    410: {"description": "The upload session expired (`upload_expired`); its parts are deleted", "model": Problem,
+          "content": {PROBLEM_JSON: {}}}})
 
 PART_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
