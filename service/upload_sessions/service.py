@@ -242,6 +242,10 @@ def complete(*, session: Session, store: ObjectStore, settings: Settings, tenant
         if row.status == COMPLETED:
             return _resource(session, row), False
         _require_open(row)
+        # Open again already: another request's completion just gave up. Say "completing" so a
+        # client waits and tries once more rather than giving up.
+        raise Conflict(f"upload {row.id} is being completed by another request", code="upload_not_open",
+                       upload_id=row.id, upload_status=COMPLETING)
     upload = None
     try:
         upload = _assemble(store=store, settings=settings, row=row, sha256=sha256)
