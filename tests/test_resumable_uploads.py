@@ -456,3 +456,35 @@ def test_a_2gb_upload_keeps_the_servers_memory_flat(server, tmp_path):
     print(f"2 GiB upload in {elapsed:.1f} s ({GIB2 / MiB / elapsed:.0f} MiB/s); server RSS {baseline / 1024:.0f} MiB "
           f"at start, growth {growth_kib / 1024:.1f} MiB (VmHWM {hwm_before / 1024:.0f} -> {hwm_after / 1024:.0f} MiB)")
     assert growth_kib < 64 * 1024
+
+
+def test_two_completes_at_once_make_one_model(server, tmp_path):
+    import httpx
+
+    url, _, _ = server
+    data = onnx_model(tmp_path / "m.onnx", features=128).read_bytes()
+    with httpx.Client(base_url=url, timeout=300) as client:
+        upload = start(client, {}, data=data, kind="model")
+        put_all(client, {}, upload, data)
+        answers: list[httpx.Response] = []
+
+        def complete():
+            with httpx.Client(base_url=url, timeout=300) as own:
+                answers.append(own.post(f"/v1/uploads/{upload['id']}/complete"))
+
+        threads = [threading.Thread(target=complete) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        statuses = sorted(a.status_code for a in answers)
+        # One made the model; the other either saw it finished (200, the same model) or in progress (409).
+        assert statuses in ([200, 201], [201, 409]), [a.text for a in answers]
+        made = next(a.json() for a in answers if a.status_code == 201)
+        other = next(a for a in answers if a.status_code != 201)
+        if other.status_code == 409:
+            assert problem_code(other) == "upload_not_open" and other.json()["upload_status"] == "completing"
+        else:
+            assert other.json()["id"] == made["id"]
+        same_bytes = client.get("/v1/models", params={"sha256": hashlib.sha256(data).hexdigest()}).json()["items"]
+        assert [m["id"] for m in same_bytes] == [made["id"]]
