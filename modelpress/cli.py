@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from modelpress.client import Client, Job
+from modelpress.resumable import UploadProgressBar
 from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_GUARD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
@@ -316,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url or os.environ.get("MODELPRESS_URL")
     if url and not url.startswith(("http://", "https://")):
         return _report_error(args, UsageError(f"--url {url} needs a scheme: http://{url} or https://{url}"))
-    client = Client(base_url=args.url, api_key=args.api_key)
+    # Upload progress on stderr for a person; --json keeps stderr for errors only.
+    client = Client(base_url=args.url, api_key=args.api_key,
+                    upload_progress=None if args.json else UploadProgressBar(sys.stderr))
     try:
         return args.handler(args, client)
     except (UsageError, ModelpressError) as exc:

@@ -9,6 +9,7 @@
 
 Transient failures (connection errors, 429, 5xx) are retried a bounded number of times with
 backoff; waiting polls with backoff; downloads are streamed and verified against the sha256.
+Files above `upload_session_threshold` go up in resumable, checksummed parts (`modelpress.resumable`).
 """
 
 import hashlib
@@ -25,10 +26,13 @@ from typing import Any
 import httpx
 
 from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
+from modelpress.resumable import ResumableUpload, UploadProgress
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 FINISHED = {"succeeded", "failed", "cancelled"}
+# Files above this go up in resumable parts (modelpress/resumable.py); smaller ones in one request.
+UPLOAD_SESSION_THRESHOLD = 32 * 1024 * 1024
 
 
 class _RetryableStatus(Exception):
@@ -189,13 +193,17 @@ class ProgressBar:
 
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
-                 retries: int = 4, backoff: float = 0.5, transport: httpx.BaseTransport | None = None):
+                 retries: int = 4, backoff: float = 0.5, transport: httpx.BaseTransport | None = None,
+                 upload_session_threshold: int | None = None, upload_progress: UploadProgress | None = None):
         self.base_url = (base_url or os.environ.get("MODELPRESS_URL") or DEFAULT_URL).rstrip("/")
         api_key = api_key or os.environ.get("MODELPRESS_API_KEY")
         headers = {"User-Agent": "modelpress-client/0.1"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.retries, self.backoff = retries, backoff
+        if upload_session_threshold is None:
+            upload_session_threshold = int(os.environ.get("MODELPRESS_UPLOAD_SESSION_THRESHOLD") or UPLOAD_SESSION_THRESHOLD)
+        self.upload_session_threshold, self.upload_progress = upload_session_threshold, upload_progress
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -276,6 +284,9 @@ class Client:
     def _upload(self, path: str, file: Path, name: str | None) -> dict:
         if not file.is_file():
             raise ModelpressError("file_not_found", f"{file} is not a file")
+        if file.stat().st_size > self.upload_session_threshold:
+            kind = "model" if path == "/v1/models" else "dataset"
+            return ResumableUpload(self, kind=kind, file=file, name=name, progress=self.upload_progress).run()
 
         def send():
             with open(file, "rb") as handle:  # reopened per try: a retry resends from the start

@@ -40,6 +40,25 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         2048 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_DATASET_BYTES", "max_dataset_bytes")
     )
+    # Upload sessions (service/upload_sessions): parts up to the size below, resumable, then one
+    # file through the same checks as a single-request upload. Far above the single-request limits:
+    # a cut connection costs one part, not the whole file.
+    upload_session_max_bytes: int = Field(
+        4096 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_UPLOAD_SESSION_MAX_BYTES", "upload_session_max_bytes"))
+    upload_part_bytes: int = Field(
+        16 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_UPLOAD_PART_BYTES", "upload_part_bytes"))
+    # The part sizes a client may ask for (a smaller part resumes sooner, a larger one costs fewer requests).
+    upload_min_part_bytes: int = Field(
+        1 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_UPLOAD_MIN_PART_BYTES", "upload_min_part_bytes"))
+    upload_max_part_bytes: int = Field(
+        128 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_UPLOAD_MAX_PART_BYTES", "upload_max_part_bytes"))
+    upload_max_parts: int = Field(
+        10_000, gt=0, validation_alias=AliasChoices("MODELPRESS_UPLOAD_MAX_PARTS", "upload_max_parts"))
+    # An open session not completed within this is expired and its parts deleted.
+    upload_session_ttl_s: int = Field(
+        24 * 3600, gt=0, validation_alias=AliasChoices("MODELPRESS_UPLOAD_SESSION_TTL_S", "upload_session_ttl_s"))
+    max_open_upload_sessions: int = Field(
+        20, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_OPEN_UPLOAD_SESSIONS", "max_open_upload_sessions"))
     max_dataset_samples: int = Field(
         200_000, gt=0, validation_alias=AliasChoices("MODELPRESS_MAX_DATASET_SAMPLES", "max_dataset_samples")
     )

@@ -5,7 +5,7 @@ log line:
 - control characters in the path or query (PostgreSQL refuses NUL in text, and a NUL in an id used
   to surface as a 500);
 - JSON bodies larger than any valid request (uploads are multipart and bounded by their own limits
-  in `service.uploads`);
+  in `service.uploads`; upload-session parts by the part size in `service.upload_sessions.receive`);
 - a body that stops arriving: each chunk must come within `body_idle_timeout_s` (a slow-body client
   otherwise holds a connection forever; slow *headers* are the reverse proxy's job, see README);
 - a Host the instance does not serve (DNS rebinding of a 127.0.0.1 instance), and writes from a
@@ -13,11 +13,14 @@ log line:
 """
 
 import asyncio
+import re
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from service.errors import problem
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# An upload session's part: raw bytes, bounded by the part size in service.upload_sessions.receive.
+UPLOAD_PART_PATH = re.compile(r"^/v1/uploads/[^/]+/parts/[^/]+$")
 
 
 def has_control_characters(text: str) -> bool:
@@ -49,7 +52,8 @@ class RequestGuard:
                 return {"type": "http.disconnect"}  # the route sees a client that went away
 
         headers = dict(scope.get("headers") or [])
-        if headers.get(b"content-type", b"").decode("latin-1").lower().startswith("multipart/"):
+        if headers.get(b"content-type", b"").decode("latin-1").lower().startswith("multipart/") or (
+                scope["method"] == "PUT" and UPLOAD_PART_PATH.match(scope["path"])):
             return await self.app(scope, timed_receive, send)
         return await self._bounded(scope, timed_receive, send)
 

@@ -21,6 +21,7 @@ class ObjectMissing(Exception):
 
 class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path) -> None: ...
+    def adopt_file(self, key: str, path: Path) -> None: ...
     def get_file(self, key: str, dest: Path) -> Path: ...
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
@@ -64,6 +65,20 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def adopt_file(self, key: str, path: Path) -> None:
+        """put_file for a temporary file the caller is done with: renamed into place when it lies on
+        the same file system (an upload part is then written once, not twice), else copied; `path`
+        is gone afterwards either way."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(path, target)
+        except OSError:  # another file system (EXDEV): the ordinary copy
+            self.put_file(key, path)
+            Path(path).unlink(missing_ok=True)
 
     def get_file(self, key: str, dest: Path) -> Path:
         source = self._path(key)
@@ -126,6 +141,10 @@ class S3Store:
 
     def put_file(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key))
+
+    def adopt_file(self, key: str, path: Path) -> None:
+        self.put_file(key, path)
+        Path(path).unlink(missing_ok=True)
 
     def get_file(self, key: str, dest: Path) -> Path:
         from botocore.exceptions import ClientError

@@ -28,6 +28,14 @@ def test_put_get_roundtrip_keeps_bytes(store, tmp_path):
     assert hashlib.sha256(streamed).digest() == hashlib.sha256(payload).digest()
 
 
+def test_adopt_file_stores_the_bytes_and_takes_the_file(store, tmp_path):
+    source = tmp_path / "part"
+    source.write_bytes(b"one upload part " * 1000)
+    store.adopt_file("uploads/u/parts/00001", source)
+    assert not source.exists()
+    assert b"".join(store.iter_chunks("uploads/u/parts/00001")) == b"one upload part " * 1000
+
+
 def test_overwrite_replaces_whole_object(store, tmp_path):
     (tmp_path / "a").write_bytes(b"first version, longer")
     (tmp_path / "b").write_bytes(b"second")

@@ -60,12 +60,16 @@ ID_ROUTES = {
     ("GET", "/v1/admin/tenants/{tenant_id}"): "tenant_id",
     ("PATCH", "/v1/admin/tenants/{tenant_id}"): "tenant_id",
     ("DELETE", "/v1/admin/keys/{key_id}"): "key_id",
+    ("GET", "/v1/uploads/{upload_id}"): "upload_id",
+    ("DELETE", "/v1/uploads/{upload_id}"): "upload_id",
+    ("PUT", "/v1/uploads/{upload_id}/parts/{number}"): "upload_id",
+    ("POST", "/v1/uploads/{upload_id}/complete"): "upload_id",
 }
 COLLECTION_ROUTES = {
     ("GET", "/v1/models"), ("POST", "/v1/models"), ("GET", "/v1/datasets"), ("POST", "/v1/datasets"),
     ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/presets"),
     ("GET", "/v1/admin/tenants"), ("POST", "/v1/admin/tenants"), ("GET", "/v1/admin/keys"), ("POST", "/v1/admin/keys"),
-    ("GET", "/v1/admin/audit"),
+    ("GET", "/v1/admin/audit"), ("POST", "/v1/uploads"),
 }
 BODIES = {("PATCH", "/v1/admin/tenants/{tenant_id}"): {"max_models": 1000}}
 
@@ -89,11 +93,12 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
         a_objects = settings.data_dir / "objects" / "tenants" / a.id
         for kind, thing in (("models", model), ("datasets", dataset), ("jobs", job)):
             assert (a_objects / kind / thing["id"]).is_dir(), kind
+        upload = as_a.post("/v1/uploads", json={"kind": "model", "filename": "m.onnx", "size_bytes": 10}).json()
         mine = {"model_id": model["id"], "dataset_id": dataset["id"], "job_id": job["id"], "name": "report.html",
-                "tenant_id": a.id, "key_id": key_id}
+                "tenant_id": a.id, "key_id": key_id, "upload_id": upload["id"], "number": "1"}
         unknown = {"model_id": f"mdl_{uuid.uuid4().hex}", "dataset_id": f"ds_{uuid.uuid4().hex}",
                    "job_id": f"job_{uuid.uuid4().hex}", "name": "report.html", "tenant_id": f"nobody-{uuid.uuid4().hex[:8]}",
-                   "key_id": f"key_{uuid.uuid4().hex}"}
+                   "key_id": f"key_{uuid.uuid4().hex}", "upload_id": f"upl_{uuid.uuid4().hex}", "number": "1"}
         b_model, b_dataset = upload_model(as_b, reference.onnx), upload_dataset(as_b, reference.calib_npz)
 
         # Foreign: B's key (every scope) on A's ids answers exactly what an unknown id answers.
@@ -122,7 +127,7 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
         assert problem_code(as_b.post("/v1/admin/tenants", json={"id": f"evil-{uuid.uuid4().hex[:6]}"})) == "operator_required"
 
         # Collections show B only its own.
-        a_ids = set(mine.values()) - {"report.html"}
+        a_ids = set(mine.values()) - {"report.html", "1"}
         for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/admin/keys", "/v1/admin/tenants", "/v1/admin/audit"):
             listed = as_b.get(path)
             assert listed.status_code == 200, listed.text
