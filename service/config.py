@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         6 * 1024 * MiB, gt=0,
         validation_alias=AliasChoices("MODELPRESS_MODEL_PARSE_MEMORY_BYTES", "model_parse_memory_bytes"),
     )
+    # Children started in advance (onnx imported) that each read one upload and exit; 0: every upload
+    # starts its own. Each idle one holds ~60 MiB; concurrent uploads beyond them start cold children.
+    model_parse_warm_children: int = Field(
+        1, ge=0, le=8,
+        validation_alias=AliasChoices("MODELPRESS_MODEL_PARSE_WARM_CHILDREN", "model_parse_warm_children"),
+    )
     # Host names this instance answers to (comma-separated); empty: any. `python -m service` bound
     # to loopback sets the loopback names, so a 127.0.0.1 instance cannot be reached by DNS rebinding.
     allowed_hosts: str = Field("", validation_alias=AliasChoices("MODELPRESS_ALLOWED_HOSTS", "allowed_hosts"))

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.dispatch import Dispatcher
+from service.models.sandboxed import SandboxedModelReader
 from service.ratelimit import RequestLimiter
 from service.storage import ObjectStore
 
@@ -21,6 +22,7 @@ class AppContext:
     store: ObjectStore
     dispatcher: Dispatcher
     limiter: RequestLimiter
+    model_reader: SandboxedModelReader
 
 
 async def get_context(request: Request) -> AppContext:

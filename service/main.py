@@ -19,6 +19,7 @@ from service.guards import RequestGuard
 from service.openapi import PROBLEM_RESPONSES
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
+from service.models.sandboxed import SandboxedModelReader
 from service.models.views import router as models_router
 from service.ratelimit import RequestLimiter
 from service.storage import open_store
@@ -79,14 +80,17 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     dispatcher = make_dispatcher(settings, session_factory, store, embedded_worker)
     limiter = RequestLimiter(settings.effective_rate_limit_storage_url)
+    model_reader = SandboxedModelReader(limits=settings.model_parse_limits, spares=settings.model_parse_warm_children)
     context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher,
-                         limiter=limiter)
+                         limiter=limiter, model_reader=model_reader)
     _log_auth_mode(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         dispatcher.start()
+        model_reader.start()
         yield
+        model_reader.close()
         dispatcher.stop()
         engine.dispose()
 

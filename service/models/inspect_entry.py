@@ -13,6 +13,15 @@ from pathlib import Path
 OUT_OF_MEMORY_EXIT = 3
 
 
+def preload() -> None:
+    """The imports main needs, done by a warm child (service.sandbox_child) before any upload arrives."""
+    import onnx  # noqa: F401  (onnx and its checker: the bulk of a cold start)
+    import onnx.checker  # noqa: F401
+    from google.protobuf.message import EncodeError  # noqa: F401
+
+    import service.models.inspect  # noqa: F401
+
+
 def main(argv: list[str]) -> int:
     from google.protobuf.message import EncodeError
 
