@@ -11,6 +11,7 @@ before a request (the API closed us or died) ends the child at once.
 import importlib
 import json
 import math
+import os
 import resource
 import sys
 
@@ -44,4 +45,7 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     code = main(sys.argv[1:])
     sys.stdout.flush()
-    sys.exit(code)
+    sys.stderr.flush()
+    # Without the interpreter's tear-down (~0.2 s with onnx and protobuf loaded, measured): nothing
+    # is left to clean, and the parent's wait for this exit is the upload's.
+    os._exit(code)
