@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.dispatch import Dispatcher
+from service.datasets.sandboxed import SandboxedDatasetReader
 from service.models.sandboxed import SandboxedModelReader
 from service.ratelimit import RequestLimiter
 from service.storage import ObjectStore
@@ -23,6 +24,7 @@ class AppContext:
     dispatcher: Dispatcher
     limiter: RequestLimiter
     model_reader: SandboxedModelReader
+    dataset_reader: SandboxedDatasetReader
 
 
 async def get_context(request: Request) -> AppContext:

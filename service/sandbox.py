@@ -27,6 +27,7 @@ from dataclasses import dataclass
 _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
              "OPENBLAS_NUM_THREADS": "1"}
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+OUT_OF_MEMORY_EXIT = 3  # an entry's exit status when Python ran out of memory
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _read_answer(returncode: int, out: bytes, err: bytes, limits: Limits) -> dic
 
 
 def _looks_out_of_memory(returncode: int, err: bytes) -> bool:
-    if returncode == 3:
+    if returncode == OUT_OF_MEMORY_EXIT:
         return True
     return b"bad_alloc" in err or b"MemoryError" in err or b"out of memory" in err.lower()
 
@@ -214,3 +215,45 @@ class _Child:
         if self.process.poll() is None:
             _kill_group(self.process)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def answer_or_refuse(run, *, subject: str, code_prefix: str) -> dict:
+    """The `info` of an entry's answer, or the upload refused: `{code_prefix}_parse_timeout`,
+    `_out_of_memory`, `_failed` for a child that ran out of its limits or crashed, or the entry's
+    own refusal (`{"invalid": {"code", "message", "extra"}}`)."""
+    from modelpress.spec.errors import Invalid  # not service.errors: this module stays free of FastAPI
+
+    try:
+        answer = run()
+    except SandboxTimeout as exc:
+        raise Invalid(f"reading the {subject} took too long: {exc}", code=f"{code_prefix}_parse_timeout") from exc
+    except SandboxOutOfMemory as exc:
+        raise Invalid(f"reading the {subject} needs too much memory: {exc}", code=f"{code_prefix}_parse_out_of_memory") from exc
+    except SandboxFailed as exc:
+        # The parser crashed on these bytes: the upload is what is wrong (the log keeps the details).
+        raise Invalid(f"the {subject} cannot be read: its parser failed on it", code=f"{code_prefix}_parse_failed") from exc
+    if "invalid" in answer:
+        refused = answer["invalid"]
+        raise Invalid(refused["message"], code=refused["code"], **refused.get("extra", {}))
+    return answer["info"]
+
+
+def entry_main(inspect, argv: list[str]) -> int:
+    """The body of an entry module's main: print {"info": ...} or {"invalid": ...}; exit 3 when
+    memory ran out (protobuf reports a failed allocation as an EncodeError)."""
+    import dataclasses
+
+    from modelpress.spec.errors import Invalid
+
+    try:
+        from google.protobuf.message import EncodeError
+    except ImportError:  # pragma: no cover (protobuf comes with onnx)
+        EncodeError = MemoryError  # noqa: N806
+    try:
+        answer = {"info": dataclasses.asdict(inspect(argv))}
+    except Invalid as exc:
+        answer = {"invalid": {"code": exc.code, "message": exc.message, "extra": exc.extra}}
+    except (MemoryError, EncodeError):
+        return OUT_OF_MEMORY_EXIT
+    sys.stdout.write(json.dumps(answer))
+    return 0

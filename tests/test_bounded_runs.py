@@ -20,8 +20,8 @@ SIDE = 512
 TRIPS = 100_000
 
 
-def slow_model(path):
-    """x [N,1,8,8] -> scores [N,10]; every run multiplies a SIDE x SIDE matrix TRIPS times."""
+def slow_model(path, trips=TRIPS):
+    """x [N,1,8,8] -> scores [N,10]; every run multiplies a SIDE x SIDE matrix `trips` times."""
     weight = numpy_helper.from_array((np.random.default_rng(0).standard_normal((SIDE, SIDE)) / SIDE).astype(np.float32), "w")
     body = helper.make_graph(
         [helper.make_node("MatMul", ["a_in", "w"], ["a_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])], "body",
@@ -38,7 +38,7 @@ def slow_model(path):
         helper.make_node("MatMul", ["flat", "head"], ["scores"]),
         helper.make_node("Add", ["scores", "bias"], ["y"]),
     ]
-    initializers = [weight, numpy_helper.from_array(np.array(TRIPS, np.int64), "trips"),
+    initializers = [weight, numpy_helper.from_array(np.array(trips, np.int64), "trips"),
                     numpy_helper.from_array(np.array(True), "go"),
                     numpy_helper.from_array(np.random.default_rng(1).standard_normal((64, 10)).astype(np.float32), "head")]
     graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
@@ -52,6 +52,15 @@ def slow_model(path):
 @pytest.fixture
 def plugins():
     import tests.plugins  # noqa: F401  (registers the test-only `wait` step: no step runs the model)
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """32 labelled 8x8 grey images: what the model takes."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "digits.npz"
+    np.savez(path, images=rng.integers(0, 256, (32, 1, 8, 8), dtype=np.uint8), labels=rng.integers(0, 10, 32))
+    return path
 
 
 def submit_evaluation(http, model_id, data_id):
@@ -72,9 +81,9 @@ def wait_for_stage(http, job_id, stage, timeout=300.0):
     raise AssertionError(f"job {job_id} never reached stage {stage}")
 
 
-def test_cancel_stops_a_long_evaluation_run_and_the_worker_takes_the_next_job(client, reference, tmp_path, plugins):
+def test_cancel_stops_a_long_evaluation_run_and_the_worker_takes_the_next_job(client, digits, tmp_path, plugins):
     slow = upload_model(client, slow_model(tmp_path / "slow.onnx"))["id"]
-    data = upload_dataset(client, reference.eval_npz)["id"]
+    data = upload_dataset(client, digits)["id"]
     job = submit_evaluation(client, slow, data)
     wait_for_stage(client, job["id"], "evaluate:original")  # inside the first run: batch-1 warm-up
     time.sleep(1)
@@ -83,23 +92,23 @@ def test_cancel_stops_a_long_evaluation_run_and_the_worker_takes_the_next_job(cl
     assert cancelled["status"] == "cancelled"
     # The one worker thread is free again: an ordinary job runs to the end (the slow run alone
     # would hold it for many minutes, its 13 timed runs for hours).
-    follower = submit_evaluation(client, upload_model(client, reference.onnx)["id"], data)
-    finished, _ = wait_finished(client, follower["id"], timeout=400)
+    follower = submit_evaluation(client, upload_model(client, slow_model(tmp_path / "quick.onnx", trips=1))["id"], data)
+    finished, _ = wait_finished(client, follower["id"], timeout=250)
     assert finished["status"] == "succeeded", finished["error"]
 
 
-def test_a_deadline_stops_a_long_run_and_the_next_job_is_taken(tmp_path, reference, plugins):
+def test_a_deadline_stops_a_long_run_and_the_next_job_is_taken(tmp_path, digits, plugins):
     from fastapi.testclient import TestClient
 
     from worker.serve import create_app
 
     with TestClient(create_app(Settings(data_dir=tmp_path / "data", job_time_limit_s=15))) as client:
         slow = upload_model(client, slow_model(tmp_path / "slow.onnx"))["id"]
-        data = upload_dataset(client, reference.eval_npz)["id"]
+        data = upload_dataset(client, digits)["id"]
         first, second = (submit_evaluation(client, slow, data) for _ in range(2))
         for job in (first, second):
             # The second is claimed only once the first's run has stopped, and is stopped in turn.
-            finished, _ = wait_finished(client, job["id"], timeout=300)
+            finished, _ = wait_finished(client, job["id"], timeout=120)
             assert finished["status"] == "failed"
             assert finished["error"]["code"] == "time_limit_exceeded"
             assert finished["started_at"] is not None

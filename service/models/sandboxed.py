@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from service import sandbox
-from service.errors import Invalid
 from service.models.inspect import ModelInfo
 
 ENTRY = "service.models.inspect_entry"
@@ -40,17 +39,5 @@ def _args(path: Path, max_unpacked_bytes: int) -> list[str]:
 
 
 def _answer(run) -> ModelInfo:
-    try:
-        answer = run()
-    except sandbox.SandboxTimeout as exc:
-        raise Invalid(f"reading the model took too long: {exc}", code="model_parse_timeout") from exc
-    except sandbox.SandboxOutOfMemory as exc:
-        raise Invalid(f"reading the model needs too much memory: {exc}", code="model_parse_out_of_memory") from exc
-    except sandbox.SandboxFailed as exc:
-        # The parser crashed on these bytes: the upload is what is wrong (the log keeps the details).
-        raise Invalid("the model cannot be read: its parser failed on it", code="model_parse_failed") from exc
-    if "invalid" in answer:
-        refused = answer["invalid"]
-        raise Invalid(refused["message"], code=refused["code"], **refused.get("extra", {}))
-    info = answer["info"]
+    info = sandbox.answer_or_refuse(run, subject="model", code_prefix="model")
     return ModelInfo(info["format"], inputs=info["inputs"], outputs=info["outputs"], details=info["details"])
