@@ -93,3 +93,19 @@ def test_sandboxed_and_in_process_dataset_inspection_agree(reference, tmp_path):
                 max_image_pixels=bounds.max_image_pixels)
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize(("route", "content", "code"), [
+    ("/v1/models", lambda r: r.onnx.read_bytes(), "model_parse_failed"),
+    ("/v1/datasets", lambda r: r.eval_npz.read_bytes(), "dataset_parse_failed"),
+])
+def test_a_parser_child_that_crashes_is_parse_failed(tmp_path, reference, monkeypatch, route, content, code):
+    import sys
+
+    # Every child (the warm ones too, so the app is built after this) dies of SIGABRT, as a native
+    # parser crashing on hostile bytes would.
+    monkeypatch.setattr("service.sandbox.python_module", lambda *args: [sys.executable, "-c", "import os; os.abort()"])
+    with app_client(tmp_path) as client:
+        body = assert_problem(client.post(route, files={"file": ("upload.bin", content(reference))}), 422, code)
+        assert "Traceback" not in body["detail"]
+        assert client.get(route).json()["items"] == []

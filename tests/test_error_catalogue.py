@@ -13,7 +13,7 @@ NOT_YET_TESTED = {
     "internal_error",
     # Upload-time refusals that need a crafted input (a zip declaring > 4x the limit, a database
     # CHECK the schema lets through, a parser child that dies, tenant admin edge cases).
-    "archive_too_large", "invalid_value", "model_parse_failed", "dataset_parse_failed",
+    "archive_too_large", "invalid_value",
     "invalid_scopes", "invalid_tenant_id", "tenant_exists",
     "artifact_missing", "unsupported_model_input",
     # Job-time failures of the engine (docs/ERRORS.md, "failed job" table) that need a model built

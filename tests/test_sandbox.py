@@ -180,3 +180,21 @@ def test_warm_and_cold_children_read_models_alike(reference, tmp_path):
         assert warm_error.value.code == cold_error.value.code
     finally:
         reader.close()
+
+
+def test_a_warm_child_that_died_while_waiting_is_never_handed_an_upload(tmp_path, reference):
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    from worker.serve import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data")), raise_server_exceptions=False) as client:
+        reader = client.app.state.context.model_reader
+        waiting = wait_for_idle_child(reader)
+        os.kill(waiting, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while open(f"/proc/{waiting}/stat").read().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)  # dead, not yet reaped: what the next upload finds
+        assert upload(client, reference.onnx.read_bytes(), "a.onnx").status_code == 201
+        assert not is_running(waiting)
