@@ -21,9 +21,14 @@ def preload() -> None:
 
 
 def inspect(argv: list[str]):
+    from PIL import Image
+
     from service.datasets.inspect import inspect_dataset
 
     path, max_bytes, max_samples, max_image_pixels, layout = argv
+    # Pillow's own guard (it refuses twice this many pixels while opening) agrees with ours; set
+    # here, in the child of one upload, not in a process whose other users it would change.
+    Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
     return inspect_dataset(Path(path), max_bytes=int(max_bytes), max_samples=int(max_samples),
                            max_image_pixels=int(max_image_pixels), layout=layout or None)
 
