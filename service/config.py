@@ -83,6 +83,22 @@ class Settings(BaseSettings):
         6 * 1024 * MiB, gt=0,
         validation_alias=AliasChoices("MODELPRESS_MODEL_PARSE_MEMORY_BYTES", "model_parse_memory_bytes"),
     )
+    # Dataset uploads likewise (zip, .npy headers, Pillow decoding every image): the time covers
+    # decoding up to MODELPRESS_MAX_DATASET_SAMPLES images.
+    dataset_parse_timeout_s: float = Field(
+        600.0, gt=0, le=3600,
+        validation_alias=AliasChoices("MODELPRESS_DATASET_PARSE_TIMEOUT_S", "dataset_parse_timeout_s"),
+    )
+    dataset_parse_memory_bytes: int = Field(
+        4 * 1024 * MiB, gt=0,
+        validation_alias=AliasChoices("MODELPRESS_DATASET_PARSE_MEMORY_BYTES", "dataset_parse_memory_bytes"),
+    )
+    # Children started in advance (parsers imported) that each read one upload and exit, per kind of
+    # upload (models, datasets); 0: every upload starts its own. Each idle one holds ~60 MiB;
+    # concurrent uploads beyond them start cold children.
+    parse_warm_children: int = Field(
+        1, ge=0, le=8, validation_alias=AliasChoices("MODELPRESS_PARSE_WARM_CHILDREN", "parse_warm_children"),
+    )
     # Host names this instance answers to (comma-separated); empty: any. `python -m service` bound
     # to loopback sets the loopback names, so a 127.0.0.1 instance cannot be reached by DNS rebinding.
     allowed_hosts: str = Field("", validation_alias=AliasChoices("MODELPRESS_ALLOWED_HOSTS", "allowed_hosts"))
@@ -207,6 +223,11 @@ class Settings(BaseSettings):
     def model_parse_limits(self) -> Limits:
         return Limits(wall_s=self.model_parse_timeout_s, cpu_s=max(1, int(self.model_parse_timeout_s)),
                       memory_bytes=self.model_parse_memory_bytes)
+
+    @property
+    def dataset_parse_limits(self) -> Limits:
+        return Limits(wall_s=self.dataset_parse_timeout_s, cpu_s=max(1, int(self.dataset_parse_timeout_s)),
+                      memory_bytes=self.dataset_parse_memory_bytes)
 
     @property
     def tmp_dir(self) -> Path:

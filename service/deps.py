@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.dispatch import Dispatcher
+from service.datasets.sandboxed import SandboxedDatasetReader
+from service.models.sandboxed import SandboxedModelReader
 from service.ratelimit import RequestLimiter
 from service.storage import ObjectStore
 
@@ -21,6 +23,8 @@ class AppContext:
     store: ObjectStore
     dispatcher: Dispatcher
     limiter: RequestLimiter
+    model_reader: SandboxedModelReader
+    dataset_reader: SandboxedDatasetReader
 
 
 async def get_context(request: Request) -> AppContext:

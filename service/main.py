@@ -10,6 +10,7 @@ from sqlalchemy import text
 from service.api_docs import install_api_docs
 from service.auth import authenticate
 from service.config import Settings, get_settings
+from service.datasets.sandboxed import SandboxedDatasetReader
 from service.datasets.views import router as datasets_router
 from service.db import make_engine, make_session_factory
 from service.deps import AppContext, ContextDep
@@ -19,6 +20,7 @@ from service.guards import RequestGuard
 from service.openapi import PROBLEM_RESPONSES
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
+from service.models.sandboxed import SandboxedModelReader
 from service.models.views import router as models_router
 from service.ratelimit import RequestLimiter
 from service.storage import open_store
@@ -80,14 +82,20 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     dispatcher = make_dispatcher(settings, session_factory, store, embedded_worker)
     limiter = RequestLimiter(settings.effective_rate_limit_storage_url)
+    model_reader = SandboxedModelReader(limits=settings.model_parse_limits, spares=settings.parse_warm_children)
+    dataset_reader = SandboxedDatasetReader(limits=settings.dataset_parse_limits, spares=settings.parse_warm_children)
     context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher,
-                         limiter=limiter)
+                         limiter=limiter, model_reader=model_reader, dataset_reader=dataset_reader)
     _log_auth_mode(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         dispatcher.start()
+        model_reader.start()
+        dataset_reader.start()
         yield
+        model_reader.close()
+        dataset_reader.close()
         dispatcher.stop()
         engine.dispose()
 

@@ -14,16 +14,20 @@ worker: the entry modules are torch-free, like the rest of the service.
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 
 # The only variables a child sees: enough for Python and the C libraries to start, nothing secret.
 _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
              "OPENBLAS_NUM_THREADS": "1"}
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+OUT_OF_MEMORY_EXIT = 3  # an entry's exit status when Python ran out of memory
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,11 @@ class SandboxFailed(Exception):
     """The child died or answered something that is not one JSON object."""
 
 
-def _limit_child(limits: Limits):
+def _limit_child(limits: Limits, *, cpu_hard_s: int | None = None):
     def apply() -> None:  # runs in the child between fork and exec
         os.setsid()  # its own process group: a timeout kills the child and anything it started
         resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, cpu_hard_s or limits.cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     return apply
 
@@ -95,7 +99,7 @@ def _read_answer(returncode: int, out: bytes, err: bytes, limits: Limits) -> dic
 
 
 def _looks_out_of_memory(returncode: int, err: bytes) -> bool:
-    if returncode == 3:
+    if returncode == OUT_OF_MEMORY_EXIT:
         return True
     return b"bad_alloc" in err or b"MemoryError" in err or b"out of memory" in err.lower()
 
@@ -103,3 +107,153 @@ def _looks_out_of_memory(returncode: int, err: bytes) -> bool:
 def python_module(module: str, *args: str) -> list[str]:
     """argv for `python -m module args` with this interpreter, isolated from the user's site and env."""
     return [sys.executable, "-I", "-m", module, *args]
+
+
+class WarmSandbox:
+    """run_json for one entry module, served by a child started (and its imports done) in advance.
+
+    Each child serves ONE request and exits, so nothing an upload did to a parser's state survives
+    into the next upload; its replacement is started on a background thread once it has answered. A child
+    runs `python -I -m service.sandbox_child ENTRY CPU_S` under the same RLIMIT_AS, clean
+    environment and empty folder as run_json; its CPU limit is re-armed when the request arrives
+    (service/sandbox_child.py), so the request gets `limits.cpu_s` of CPU of its own, the imports
+    before it at most as much again. The wall-clock limit counts from the request. With `spares=0`,
+    or when every spare is taken (concurrent uploads), a child is started for the request: the
+    cold start run_json always pays.
+    """
+
+    def __init__(self, entry: str, *, limits: Limits, spares: int = 1):
+        self.entry, self.limits, self.spares = entry, limits, spares
+        self._lock = threading.Lock()
+        self._idle: list[_Child] = []
+        self._closed = False
+        # A sandbox dropped without close() (an app whose lifespan never ran) still ends its children.
+        self._finalizer = weakref.finalize(self, _end_children, self._idle)
+
+    def start(self) -> None:
+        """Start the spares now (the app's start-up), not on the first request."""
+        for _ in range(self.spares):
+            self._refill()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._finalizer()
+
+    def run_json(self, args: list[str]) -> dict:
+        try:
+            return self._take().serve(args, self.limits)
+        finally:
+            # After the answer, not before: the replacement's imports (~0.7 s of CPU) would compete
+            # with this request's parse on a small machine (measured: 220 ms instead of 50 ms).
+            threading.Thread(target=self._refill, name="sandbox-refill", daemon=True).start()
+
+    def idle_pids(self) -> list[int]:
+        """The pids of the children waiting for a request (tests and the bench look at them)."""
+        with self._lock:
+            return [child.process.pid for child in self._idle]
+
+    def _take(self) -> "_Child":
+        with self._lock:
+            while self._idle:
+                child = self._idle.pop(0)
+                if child.process.poll() is None:
+                    return child
+                child.discard()  # died while idle (killed from outside): never hand it a request
+        return _Child.start(self.entry, self.limits)
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._closed or len(self._idle) >= self.spares:
+                return
+        child = _Child.start(self.entry, self.limits)  # outside the lock: a fork is not free
+        with self._lock:
+            if not self._closed and len(self._idle) < self.spares:
+                self._idle.append(child)
+                return
+        child.discard()
+
+
+def _end_children(children: list["_Child"]) -> None:
+    while True:
+        try:
+            child = children.pop()
+        except IndexError:  # empty (or emptied by a request taking the last one meanwhile)
+            return
+        child.discard()
+
+
+@dataclass
+class _Child:
+    process: subprocess.Popen
+    folder: str
+
+    @classmethod
+    def start(cls, entry: str, limits: Limits) -> "_Child":
+        folder = tempfile.mkdtemp(prefix="modelpress-sandbox-")
+        process = subprocess.Popen(
+            python_module("service.sandbox_child", entry, str(limits.cpu_s)), cwd=folder, env=dict(_SAFE_ENV),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # Hard CPU limit: the imports (at most cpu_s, the soft limit until the request) plus the request's.
+            preexec_fn=_limit_child(limits, cpu_hard_s=2 * limits.cpu_s + 1), close_fds=True,
+        )
+        return cls(process, folder)
+
+    def serve(self, args: list[str], limits: Limits) -> dict:
+        request = json.dumps({"args": args}).encode() + b"\n"
+        try:
+            try:
+                out, err = self.process.communicate(request, timeout=limits.wall_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(self.process)
+                raise SandboxTimeout(f"the parser ran longer than {limits.wall_s:g} s") from None
+            return _read_answer(self.process.returncode, out, err, limits)
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        if self.process.poll() is None:
+            _kill_group(self.process)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def answer_or_refuse(run, *, subject: str, code_prefix: str) -> dict:
+    """The `info` of an entry's answer, or the upload refused: `{code_prefix}_parse_timeout`,
+    `_out_of_memory`, `_failed` for a child that ran out of its limits or crashed, or the entry's
+    own refusal (`{"invalid": {"code", "message", "extra"}}`)."""
+    from modelpress.spec.errors import Invalid  # not service.errors: this module stays free of FastAPI
+
+    try:
+        answer = run()
+    except SandboxTimeout as exc:
+        raise Invalid(f"reading the {subject} took too long: {exc}", code=f"{code_prefix}_parse_timeout") from exc
+    except SandboxOutOfMemory as exc:
+        raise Invalid(f"reading the {subject} needs too much memory: {exc}", code=f"{code_prefix}_parse_out_of_memory") from exc
+    except SandboxFailed as exc:
+        # The parser crashed on these bytes: the upload is what is wrong (the log keeps the details).
+        raise Invalid(f"the {subject} cannot be read: its parser failed on it", code=f"{code_prefix}_parse_failed") from exc
+    if "invalid" in answer:
+        refused = answer["invalid"]
+        raise Invalid(refused["message"], code=refused["code"], **refused.get("extra", {}))
+    return answer["info"]
+
+
+def entry_main(inspect, argv: list[str]) -> int:
+    """The body of an entry module's main: print {"info": ...} or {"invalid": ...}; exit 3 when
+    memory ran out (protobuf reports a failed allocation as an EncodeError)."""
+    import dataclasses
+
+    from modelpress.spec.errors import Invalid
+
+    try:
+        from google.protobuf.message import EncodeError
+    except ImportError:  # pragma: no cover (protobuf comes with onnx)
+        EncodeError = MemoryError  # noqa: N806
+    try:
+        answer = {"info": dataclasses.asdict(inspect(argv))}
+    except Invalid as exc:
+        answer = {"invalid": {"code": exc.code, "message": exc.message, "extra": exc.extra}}
+    except (MemoryError, EncodeError):
+        return OUT_OF_MEMORY_EXIT
+    sys.stdout.write(json.dumps(answer))
+    return 0

@@ -103,7 +103,7 @@ def test_preprocess_spec_is_stored_and_applied(client, reference, tmp_path):
     (lambda r: image_zip({"../evil.png": png(r.eval_images[0, 0])}), None, "unsafe_archive"),
     (lambda r: image_zip({"a.png": png(r.eval_images[0, 0]), "notes.txt": b"hello"}), None, "invalid_dataset"),
     (lambda r: image_zip({"a.png": b"\x89PNG\r\n\x1a\n broken"}), None, "invalid_dataset"),
-    (lambda r: image_zip({"a.png": png(np.zeros((2100, 2100), np.uint8))}), None, "invalid_dataset"),
+    (lambda r: image_zip({"a.png": png(np.zeros((2100, 2100), np.uint8))}), None, "image_decompression_bomb"),
     (lambda r: image_zip({"a/b/c.png": png(r.eval_images[0, 0]), "d.png": png(r.eval_images[0, 0])}), None, "invalid_dataset"),
     (lambda r: image_zip({"a.png": png(r.eval_images[0, 0])}), "{not json", "invalid_preprocess"),
     (lambda r: image_zip({"a.png": png(r.eval_images[0, 0])}), {"resize": 0}, "invalid_preprocess"),

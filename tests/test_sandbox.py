@@ -3,6 +3,7 @@
 import io
 import os
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -85,10 +86,11 @@ def test_a_model_read_past_its_time_limit_is_refused(tmp_path, reference):
 
     from worker.serve import create_app
 
-    # No interpreter starts and imports onnx in 10 ms: the wall limit always fires first.
+    # Even a warm child (onnx imported) does not read and check a 20 MiB model in 10 ms (about 0.3 s
+    # in-process): the wall limit always fires first.
     settings = Settings(data_dir=tmp_path / "data", model_parse_timeout_s=0.01)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert_problem(upload(client, reference.onnx.read_bytes(), "m.onnx"), 422, "model_parse_timeout")
+        assert_problem(upload(client, big_onnx(20), "m.onnx"), 422, "model_parse_timeout")
         assert client.get("/healthz").status_code == 200
 
 
@@ -98,3 +100,101 @@ def test_sandboxed_and_in_process_inspection_agree(reference):
 
     for path in (reference.onnx, reference.pt2, reference.torchscript):
         assert inspect_model_sandboxed(path, max_unpacked_bytes=2**30, limits=GENEROUS) == inspect_model(path)
+
+
+def wait_for_idle_child(reader, not_pid: int | None = None) -> int:
+    """The pid of the reader's waiting child (a new one, not `not_pid`), polled: it starts in the background."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pids = [pid for pid in reader.idle_pids() if pid != not_pid]
+        if pids:
+            return pids[0]
+        time.sleep(0.05)
+    raise AssertionError("no warm child was started")
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_each_upload_is_read_by_a_warm_child_used_once(tmp_path, reference):
+    from fastapi.testclient import TestClient
+
+    from worker.serve import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data")), raise_server_exceptions=False) as client:
+        reader = client.app.state.context.model_reader
+        first = wait_for_idle_child(reader)  # started with the app, before any upload
+        assert upload(client, reference.onnx.read_bytes(), "a.onnx").status_code == 201
+        assert not is_running(first) and first not in reader.idle_pids()  # it served the upload and exited
+        second = wait_for_idle_child(reader, not_pid=first)
+        assert second != first
+        assert upload(client, reference.onnx.read_bytes(), "b.onnx").status_code == 201
+        assert not is_running(second)
+        third = wait_for_idle_child(reader, not_pid=second)
+    assert not is_running(third)  # the app's shutdown ends its waiting child
+
+
+def test_a_warm_child_waits_under_the_limits_with_no_secret_in_an_empty_folder(monkeypatch):
+    from service.models.sandboxed import SandboxedModelReader
+
+    monkeypatch.setenv("MODELPRESS_SECRET_FOR_TEST", "do-not-leak")
+    limits = sandbox.Limits(wall_s=30, cpu_s=7, memory_bytes=1536 * 1024**2)
+    reader = SandboxedModelReader(limits=limits)
+    reader.start()
+    try:
+        pid = wait_for_idle_child(reader)
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert not any(b"MODELPRESS" in entry or b"DATABASE" in entry or b"BROKER" in entry for entry in environ)
+        folder = os.readlink(f"/proc/{pid}/cwd")
+        assert "modelpress-sandbox-" in folder and os.listdir(folder) == []
+        limit_lines = {line[:26].strip(): line[26:].split() for line in open(f"/proc/{pid}/limits")}
+        assert limit_lines["Max address space"][:2] == [str(limits.memory_bytes)] * 2
+        # Soft: the imports' share; hard: room for the request's own cpu_s after them.
+        assert limit_lines["Max cpu time"][:2] == ["7", "15"]
+        assert limit_lines["Max core file size"][:2] == ["0", "0"]
+    finally:
+        reader.close()
+    assert not is_running(pid) and not os.path.exists(folder)
+
+
+def test_warm_and_cold_children_read_models_alike(reference, tmp_path):
+    from service.models.sandboxed import SandboxedModelReader, inspect_model_sandboxed
+
+    reader = SandboxedModelReader(limits=GENEROUS)
+    reader.start()
+    try:
+        for path in (reference.onnx, reference.pt2, reference.torchscript):
+            assert reader.inspect(path, max_unpacked_bytes=2**30) == inspect_model_sandboxed(
+                path, max_unpacked_bytes=2**30, limits=GENEROUS)
+        bad = tmp_path / "not-a-model.onnx"
+        bad.write_bytes(b"\x00" * 64)
+        with pytest.raises(Exception) as warm_error:
+            reader.inspect(bad, max_unpacked_bytes=2**30)
+        with pytest.raises(Exception) as cold_error:
+            inspect_model_sandboxed(bad, max_unpacked_bytes=2**30, limits=GENEROUS)
+        assert warm_error.value.code == cold_error.value.code
+    finally:
+        reader.close()
+
+
+def test_a_warm_child_that_died_while_waiting_is_never_handed_an_upload(tmp_path, reference):
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    from worker.serve import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data")), raise_server_exceptions=False) as client:
+        reader = client.app.state.context.model_reader
+        waiting = wait_for_idle_child(reader)
+        os.kill(waiting, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while open(f"/proc/{waiting}/stat").read().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)  # dead, not yet reaped: what the next upload finds
+        assert upload(client, reference.onnx.read_bytes(), "a.onnx").status_code == 201
+        assert not is_running(waiting)

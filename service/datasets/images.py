@@ -1,13 +1,16 @@
 """Validate a .zip of image files: ImageFolder layout (one folder per class) or a flat, unlabelled
 set. Every entry is checked before anything is decoded: names (no path traversal), count, the
-declared decompressed size (zip bombs), then each image's header (pixel count) and integrity."""
+declared decompressed size (zip bombs), then each image's header (pixel count: an image declaring
+more pixels than the limit is a decompression bomb), its integrity, and then it is decoded whole,
+as a job will decode it. The API runs this in the sandboxed child (service/datasets/sandboxed.py),
+so the decoders only ever see untrusted bytes under its memory and time limits."""
 
 import zipfile
 
 from PIL import Image, UnidentifiedImageError
 
 from service.datasets.inspect import DatasetInfo
-from service.errors import Invalid
+from modelpress.spec.errors import Invalid  # not service.errors: this runs in the sandboxed child
 from service.models.inspect import check_archive_names
 from modelpress.spec.errors import EngineError
 from modelpress.spec.imagefiles import image_entries
@@ -35,7 +38,7 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
             with archive.open(name) as handle, Image.open(handle) as image:
                 width, height = image.size
                 if width * height > max_image_pixels:
-                    raise Invalid(f"{name} has {width}x{height} pixels, over the limit of {max_image_pixels}", code="invalid_dataset")
+                    raise _bomb(name, f"its header declares {width}x{height} pixels", max_image_pixels)
                 image.verify()
                 sizes.add((height, width))
                 channels.add(CHANNELS.get(image.mode, 3))
@@ -43,7 +46,12 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
                 decoded_bytes += width * height * CHANNELS.get(image.mode, 3)
                 if decoded_bytes > max_bytes:
                     raise Invalid(f"the images decode to more than {max_bytes} bytes", code="dataset_too_large")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # verify() checks structure and checksums only (nothing at all for JPEG): decode the pixels.
+            with archive.open(name) as handle, Image.open(handle) as image:
+                image.load()
+        except Image.DecompressionBombError as exc:
+            raise _bomb(name, "its header declares over twice that many pixels", max_image_pixels) from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise Invalid(f"{name} is not a decodable image: {exc}", code="invalid_dataset") from exc
     height, width = sizes.pop() if len(sizes) == 1 else (None, None)
     return DatasetInfo(
@@ -51,3 +59,9 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
         dtype="uint8", layout="files", has_labels=classes is not None,
         num_classes=len(classes) if classes else None, format="image_zip", classes=classes,
     )
+
+
+def _bomb(name: str, size: str, max_image_pixels: int) -> Invalid:
+    return Invalid(f"{name} would decompress past the limit of {max_image_pixels} pixels per image "
+                   f"(MODELPRESS_MAX_IMAGE_PIXELS): {size}; refused as a decompression bomb",
+                   code="image_decompression_bomb", entry=name[:200], max_image_pixels=max_image_pixels)

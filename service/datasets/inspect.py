@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import Invalid
+from modelpress.spec.errors import Invalid  # not service.errors: this runs in the sandboxed child too
 
 IMAGE_DTYPES = {"uint8", "float32", "float16", "float64"}
 LABEL_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}

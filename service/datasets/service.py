@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.datasets.inspect import inspect_dataset
+from service.datasets.sandboxed import DatasetBounds, SandboxedDatasetReader
 from service.datasets.tables import DatasetRow
 from service.errors import Conflict, Invalid, NotFound
 from service.ids import clean_name, new_id
@@ -32,12 +33,16 @@ def _preprocess(raw: str | None) -> PreprocessSpec:
 
 
 def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_id: str, upload: ReceivedUpload,
-           name: str | None, preprocess: str | None = None) -> DatasetRow:
+           name: str | None, preprocess: str | None = None, reader: SandboxedDatasetReader | None = None) -> DatasetRow:
+    # reader: read the upload in a limited child process (the API does); None: in this process.
     spec = _preprocess(preprocess)
-    info = inspect_dataset(
-        upload.path, max_bytes=settings.max_dataset_bytes, max_samples=settings.max_dataset_samples,
-        max_image_pixels=settings.max_image_pixels, layout=spec.layout,
-    )
+    bounds = DatasetBounds(max_bytes=settings.max_dataset_bytes, max_samples=settings.max_dataset_samples,
+                           max_image_pixels=settings.max_image_pixels)
+    if reader is None:
+        info = inspect_dataset(upload.path, max_bytes=bounds.max_bytes, max_samples=bounds.max_samples,
+                               max_image_pixels=bounds.max_image_pixels, layout=spec.layout)
+    else:
+        info = reader.inspect(upload.path, bounds=bounds, layout=spec.layout)
     if info.format == "npz" and (spec.resize or spec.center_crop):
         raise Invalid("resize and center_crop apply to image files; an .npz must already hold the model's size",
                       code="invalid_preprocess")

@@ -26,6 +26,7 @@ async def upload_dataset(request: Request, context: ContextDep, session: Session
         row = await run_in_threadpool(
             service.create, session=session, store=context.store, settings=settings, tenant_id=caller.tenant_id,
             upload=upload, name=upload.fields.get("name"), preprocess=upload.fields.get("preprocess"),
+            reader=context.dataset_reader,
         )
     finally:
         upload.discard()

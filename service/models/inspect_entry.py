@@ -5,31 +5,29 @@ Runs inside service.sandbox (a limited child process): the parsers of service.mo
 Answer: {"info": ModelInfo} or {"invalid": {"code", "message", "extra"}}; exit 3 when memory ran out.
 """
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
-OUT_OF_MEMORY_EXIT = 3
+
+def preload() -> None:
+    """The imports main needs, done by a warm child (service.sandbox_child) before any upload arrives."""
+    import onnx  # noqa: F401  (onnx and its checker: the bulk of a cold start)
+    import onnx.checker  # noqa: F401
+    from google.protobuf.message import EncodeError  # noqa: F401
+
+    import service.models.inspect  # noqa: F401
+
+
+def inspect(argv: list[str]):
+    from service.models.inspect import inspect_model
+
+    return inspect_model(Path(argv[0]), max_unpacked_bytes=int(argv[1]))
 
 
 def main(argv: list[str]) -> int:
-    from google.protobuf.message import EncodeError
+    from service.sandbox import entry_main
 
-    from modelpress.spec.errors import Invalid
-    from service.models.inspect import inspect_model
-
-    path, max_unpacked_bytes = Path(argv[0]), int(argv[1])
-    try:
-        answer = {"info": dataclasses.asdict(inspect_model(path, max_unpacked_bytes=max_unpacked_bytes))}
-    except Invalid as exc:
-        answer = {"invalid": {"code": exc.code, "message": exc.message, "extra": exc.extra}}
-    except (MemoryError, EncodeError):
-        # protobuf reports a failed allocation as "Failed to serialize proto" (onnx.checker re-serialises
-        # the model it was given): under our address-space limit that is memory running out.
-        return OUT_OF_MEMORY_EXIT
-    sys.stdout.write(json.dumps(answer))
-    return 0
+    return entry_main(inspect, argv)
 
 
 if __name__ == "__main__":

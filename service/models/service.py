@@ -8,8 +8,7 @@ from sqlalchemy.orm import Session
 from service.errors import Conflict, NotFound
 from service.ids import clean_name, new_id
 from service.models.inspect import inspect_model
-from service.models.sandboxed import inspect_model_sandboxed
-from service.sandbox import Limits
+from service.models.sandboxed import SandboxedModelReader
 from service.models.tables import ModelRow
 from service.pagination import newest_first
 from service.storage import ObjectStore, tenant_prefix
@@ -20,12 +19,12 @@ FILE_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": 
 
 
 def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: ReceivedUpload, name: str | None,
-           max_unpacked_bytes: int, parse_limits: Limits | None = None) -> ModelRow:
-    # parse_limits: read the upload in a limited child process (the API does); None: in this process.
-    if parse_limits is None:
+           max_unpacked_bytes: int, reader: SandboxedModelReader | None = None) -> ModelRow:
+    # reader: read the upload in a limited child process (the API does); None: in this process.
+    if reader is None:
         info = inspect_model(upload.path, max_unpacked_bytes=max_unpacked_bytes)
     else:
-        info = inspect_model_sandboxed(upload.path, max_unpacked_bytes=max_unpacked_bytes, limits=parse_limits)
+        info = reader.inspect(upload.path, max_unpacked_bytes=max_unpacked_bytes)
     model_id = new_id("mdl")
     file_name = "model.zip" if info.details.get("packaging") == "zip" else FILE_NAMES[info.format]
     key = f"{tenant_prefix(tenant_id)}models/{model_id}/{file_name}"

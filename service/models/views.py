@@ -23,7 +23,7 @@ async def upload_model(request: Request, context: ContextDep, session: SessionDe
         row = await run_in_threadpool(
             service.create, session=session, store=context.store, tenant_id=caller.tenant_id,
             upload=upload, name=upload.fields.get("name"), max_unpacked_bytes=4 * context.settings.max_model_bytes,
-            parse_limits=context.settings.model_parse_limits,
+            reader=context.model_reader,
         )
     finally:
         upload.discard()

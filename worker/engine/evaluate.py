@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.engine.data import ImageSet
+from worker.engine import stoppable
 from worker.engine.device import gpu_name, pick_device
 from worker.engine.fidelity import accuracy, fidelity
 from worker.engine.graph_stats import graph_stats
@@ -58,7 +59,7 @@ def run_outputs(session: ort.InferenceSession, images: np.ndarray, batch: int = 
     batch = fixed or batch
     # A fixed-batch model cannot take a short last batch; those few samples are left out.
     usable = len(images) - len(images) % batch if fixed else len(images)
-    chunks = [session.run(None, {name: images[start : start + batch]}) for start in range(0, usable, batch)]
+    chunks = [stoppable.run(session, {name: images[start : start + batch]}) for start in range(0, usable, batch)]
     if not chunks:
         raise EngineError("dataset_too_small", f"the model needs batches of {batch} images; the data has {len(images)}")
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
@@ -71,14 +72,14 @@ def latency(session: ort.InferenceSession, sample: np.ndarray, batch: int, setti
     name = session.get_inputs()[0].name
     inputs = np.ascontiguousarray(np.repeat(sample[:1], batch, axis=0))
     for _ in range(settings.warmup_runs):
-        session.run(None, {name: inputs})
+        stoppable.run(session, {name: inputs})
     timings = []
     started = time.perf_counter()
     while len(timings) < settings.max_timed_runs and (
         len(timings) < settings.min_timed_runs or time.perf_counter() - started < settings.time_budget_s
     ):
         t0 = time.perf_counter()
-        session.run(None, {name: inputs})
+        stoppable.run(session, {name: inputs})
         timings.append(time.perf_counter() - t0)
     ms = np.array(timings) * 1000.0
     p50 = float(np.percentile(ms, 50))

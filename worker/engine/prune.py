@@ -23,7 +23,7 @@ import torch
 from onnx import numpy_helper
 from torch.nn import functional as F
 
-from worker.engine import channel_graph, train_norm
+from worker.engine import channel_graph, stoppable, train_norm
 from modelpress.spec.configs import PRUNE_SCHEMES, ChannelPruneConfig, PruneStepConfig
 from worker.engine.device import pick_device
 from modelpress.spec.errors import EngineError
@@ -312,7 +312,7 @@ def _check_runs(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         inp = session.get_inputs()[0]
         shape = [d if isinstance(d, int) and d > 0 else 2 for d in inp.shape]
-        return [o.shape for o in session.run(None, {inp.name: np.zeros(shape, np.float32)})]
+        return [o.shape for o in stoppable.run(session, {inp.name: np.zeros(shape, np.float32)})]
 
     try:
         onnx.checker.check_model(pruned)

@@ -18,6 +18,7 @@ from service.jobs.states import JobStatus
 from service.storage import ObjectStore
 from modelpress.spec.errors import EngineError
 from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
+from worker.engine.stoppable import RunStopper, stopping_with
 from worker.runner.artifacts import METRICS_SCHEMA_VERSION, finite, write_and_store
 from worker.runner.evaluation import evaluate_job
 from worker.runner.inputs import LOAD_SHARE, load_inputs
@@ -78,6 +79,8 @@ class Progress:
         # Several beats within the stale limit: a busy step (a long epoch) is never taken for a dead one.
         self.beat_s = min(HEARTBEAT_S, deps.settings.stale_job_after_s / 3)
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        # Ends the job's ONNX Runtime runs in progress when the heartbeat settles a cancel or deadline.
+        self.runs = RunStopper()
 
     def __enter__(self) -> "Progress":
         self.thread.start()
@@ -100,9 +103,13 @@ class Progress:
                 # settled from here, and whatever the step does later is ignored (it lost the claim).
                 if self.verdict is Verdict.CANCEL:
                     self._settle(JobStatus.CANCELLED)
+                    self.runs.stop(JobCancelled)
                 elif time.monotonic() > self.deadline:
                     self._settle(JobStatus.FAILED, error_code="time_limit_exceeded",
-                                 error_message=f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s")
+                                 error_message=self._time_limit_message())
+                    self.runs.stop(lambda: EngineError("time_limit_exceeded", self._time_limit_message()))
+                elif self.verdict is Verdict.LOST:  # another delivery owns the job: this one's runs are waste
+                    self.runs.stop(JobSuperseded)
             except Exception:  # a missed heartbeat is retried at the next beat
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
@@ -119,7 +126,10 @@ class Progress:
         if self.deps.stopping.is_set():
             raise WorkerStopping()
         if time.monotonic() > self.deadline:
-            raise EngineError("time_limit_exceeded", f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s")
+            raise EngineError("time_limit_exceeded", self._time_limit_message())
+
+    def _time_limit_message(self) -> str:
+        return f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s"
 
     def __call__(self, stage: str, fraction: float, force: bool = False) -> None:
         changed = stage != self.stage
@@ -152,7 +162,8 @@ def run_job(job_id: str, deps: RunnerDeps) -> Outcome:
             log.warning("job %s: checkpoints not deleted", job_id, exc_info=True)
 
     try:
-        with Progress(deps, job_id, token) as progress, make_workdir(settings.tmp_dir, job_id, token) as tmp:
+        with (Progress(deps, job_id, token) as progress, stopping_with(progress.runs),
+              make_workdir(settings.tmp_dir, job_id, token) as tmp):
             metrics, failure = _execute(job, token, deps, progress, Path(tmp))
             if failure is not None:
                 # The job failed its promise, but what it made is measured and stored.

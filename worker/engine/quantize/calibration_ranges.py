@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from worker.engine import stoppable
 from worker.engine.quantize import qmath
 from worker.engine.evaluate import open_session
 from worker.engine.quantize.layers import expose_outputs
@@ -58,7 +59,7 @@ def mse_ranges(model_path: Path, images: np.ndarray, batch: int, workdir: Path) 
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     sample = images[: max(batch, SAMPLES - SAMPLES % batch)]
     for start in range(0, len(sample) - len(sample) % batch or len(sample), batch):
-        for name, value in zip(names, session.run(None, {feed: sample[start : start + batch]})):
+        for name, value in zip(names, stoppable.run(session, {feed: sample[start : start + batch]})):
             if np.issubdtype(value.dtype, np.floating):
                 collected[name].append(value.reshape(-1))
     rng = np.random.default_rng(0)

@@ -11,6 +11,7 @@ import onnx
 
 from modelpress.spec.configs import Int8ExportFields
 from modelpress.spec.errors import EngineError
+from worker.engine import stoppable
 from worker.engine.evaluate import environment, fixed_batch, open_session
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize import calibration_ranges
@@ -32,6 +33,7 @@ class _CalibrationReader:
         self.position = 0
 
     def get_next(self):
+        stoppable.check()  # ORT's calibrator runs the model itself, without our RunOptions: stop between batches
         if self.position >= len(self.batches):
             return None
         self.position += 1
