@@ -4,6 +4,7 @@ Status changes go through `states.transition`. The broker only ever carries a jo
 the job's row is committed.
 """
 
+import logging
 import re
 import uuid
 from datetime import timedelta
@@ -27,6 +28,8 @@ from modelpress.spec.configs import parse_step
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
 from modelpress.spec.shapes import check_dataset_fits
+
+log = logging.getLogger(__name__)
 
 
 class DispatchFailed(Exception):
@@ -112,6 +115,7 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
     )
     session.add(job)
     session.commit()
+    log.info("job %s: accepted for queue %s", job.id, job.queue)
     enqueue(session=session, dispatcher=dispatcher, job=job)
     return job
 

@@ -11,8 +11,8 @@ router = APIRouter(tags=["operations"])
 
 
 def _check_access(request: Request, context: ContextDep, session: SessionDep) -> None:
-    """Where keys are required: the scraper's MODELPRESS_METRICS_TOKEN, or an admin key (the
-    figures span every tenant). Without keys (the embedded default on loopback) anyone local."""
+    """Where keys are required: the scraper's MODELPRESS_METRICS_TOKEN, or an operator tenant's
+    admin key (the figures span every tenant). Without keys (the embedded default on loopback) anyone local."""
     settings = context.settings
     if not settings.keys_required:
         return
@@ -21,8 +21,8 @@ def _check_access(request: Request, context: ContextDep, session: SessionDep) ->
             secret.strip().encode(), settings.metrics_token.encode()):
         return
     caller = authenticate(request, context, session)
-    if "admin" not in caller.scopes:
-        raise Forbidden("/metrics needs an admin key or the metrics token", required_scope="admin")
+    if not caller.operator:
+        raise Forbidden("/metrics needs an operator's admin key or the metrics token", required_scope="admin")
 
 
 @router.get("/metrics", include_in_schema=False)
