@@ -186,6 +186,8 @@ def test_one_request_id_in_the_api_and_worker_logs_and_metrics_on_the_stack(tmp_
 
     posted = {"method": "POST", "route": "/v1/jobs", "status": "202"}
     assert value(after, "modelpress_http_requests_total", **posted) >= value(before, "modelpress_http_requests_total", **posted) + 1
+    # The API processes shared their counters through prometheus_client's multiprocess files.
+    assert list((logs / "data" / "prometheus").glob("counter_*.db"))
     assert value(after, "modelpress_jobs", status="succeeded", queue="cpu") >= value(before, "modelpress_jobs", status="succeeded", queue="cpu") + 1
     step = {"step_type": "wait", "method": "default"}
     assert value(after, "modelpress_step_duration_seconds_count", **step) >= value(before, "modelpress_step_duration_seconds_count", **step) + 1

@@ -30,12 +30,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request_id, job_id, exception."""
 
     def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
         entry = {
             "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", None) if getattr(record, "request_id", "-") != "-" else None,
+            "request_id": None if request_id in (None, "-") else request_id,
         }
         if getattr(record, "job_id", None):
             entry["job_id"] = record.job_id
