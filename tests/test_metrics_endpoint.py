@@ -205,3 +205,22 @@ def test_one_request_id_in_the_api_and_worker_logs_and_metrics_on_the_stack(tmp_
     assert any(entry["request_id"] == request_id and entry.get("job_id") == job["id"] and "claimed" in entry["message"]
                for entry in worker_lines), worker_lines
     assert any(entry["request_id"] == request_id and "succeeded" in entry["message"] for entry in worker_lines), worker_lines
+
+
+def test_tracing_is_off_unless_configured_and_installed(caplog):
+    from fastapi import FastAPI
+
+    from service.ops.tracing import install_tracing
+
+    app = FastAPI()
+    assert install_tracing(app, endpoint="") is False and not caplog.records
+    try:
+        import opentelemetry.sdk  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    if installed:
+        pytest.skip("the OpenTelemetry SDK is installed here: the off path is what this test checks")
+    assert install_tracing(app, endpoint="http://127.0.0.1:4318/v1/traces") is False
+    assert "OpenTelemetry is not installed" in caplog.text
+    assert app.user_middleware == []  # nothing was added
