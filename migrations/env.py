@@ -7,6 +7,7 @@ import service.models.tables  # noqa: F401
 import service.tenants.tables  # noqa: F401
 import service.audit.tables  # noqa: F401
 import service.upload_sessions.tables  # noqa: F401
+import service.ops.tables  # noqa: F401
 from service.db import Base
 
 config = context.config

@@ -1,8 +1,9 @@
 """`modelpress`: compress a model from a shell, a CI job or a pipeline step.
 
 Exit codes (stable): 0 succeeded, 1 job failed, 2 usage error (including a request the server
-refused as invalid, and a --url without http:// or https://), 3 accuracy guard not met or
---max-accuracy-drop exceeded, 4 server unreachable (or the URL answers but is not modelpress).
+refused as invalid, a --url without http:// or https://, and a --gate that does not parse),
+3 accuracy guard not met, --max-accuracy-drop exceeded or a --gate failed, 4 server unreachable
+(or the URL answers but is not modelpress).
 """
 
 import argparse
@@ -12,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from modelpress import gate as ci_gate
 from modelpress.client import Client, Job
 from modelpress.resumable import UploadProgressBar
 from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
@@ -124,9 +126,16 @@ def _finish(args, client: Client, job: Job) -> int:
         except ModelpressError as exc:  # the job's own outcome still decides the exit code
             download_error = exc
     max_drop = getattr(args, "max_accuracy_drop", None)
+    gates = getattr(args, "gates", None) or []
+    gate_results = ci_gate.evaluate(gates, job.metrics) if gates else []
     text = _summary(job, max_drop) + "".join(f"\n  saved     {path}" for path in downloaded.values())
-    _emit(args, {"job": job.raw, "downloaded": downloaded,
-                 "download_error": download_error and {"code": download_error.code, "message": download_error.message}}, text)
+    text += "".join(f"\n  gate      {r.message}" if r.passed else "\n" + _loud(f"  GATE      {r.message}") for r in gate_results)
+    payload = {"job": job.raw, "downloaded": downloaded,
+               "download_error": download_error and {"code": download_error.code, "message": download_error.message}}
+    if gates:
+        payload["gates"] = [{"gate": str(r.gate), "value": r.value, "passed": r.passed} for r in gate_results]
+    _emit(args, payload, text)
+    _report_gates(args, job, gate_results)
     if download_error is not None:
         print(f"modelpress: download failed: {download_error.code}: {download_error.message}", file=sys.stderr)
         return EXIT_UNREACHABLE if isinstance(download_error, ServerUnreachable) else EXIT_JOB_FAILED
@@ -135,10 +144,31 @@ def _finish(args, client: Client, job: Job) -> int:
     if failure:
         return EXIT_JOB_FAILED
     drop = _accuracy_drop_points(job)
-    return EXIT_GUARD if max_drop is not None and drop is not None and drop > max_drop else EXIT_OK
+    if max_drop is not None and drop is not None and drop > max_drop:
+        return EXIT_GUARD
+    return EXIT_GUARD if any(not r.passed for r in gate_results) else EXIT_OK
+
+
+def _report_gates(args, job: Job, results: list) -> None:
+    """--junit FILE and, in GitHub Actions, the step summary; the failed gates on stderr."""
+    for result in results:
+        if not result.passed:
+            print(f"modelpress: gate failed: {result.message}", file=sys.stderr)
+    if getattr(args, "junit", None):
+        ci_gate.write_junit(args.junit, job_id=job.id, job_status=job.status, job_error=job.error, results=results)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and (results or getattr(args, "junit", None)):
+        with open(summary, "a", encoding="utf-8") as out:
+            out.write(ci_gate.markdown_summary(job_id=job.id, job_status=job.status, results=results))
 
 
 def cmd_compress(args, client: Client) -> int:
+    try:  # before anything is uploaded: a typo in a gate costs no job
+        args.gates = ci_gate.parse(args.gate) if args.gate is not None else []
+    except ci_gate.GateSyntaxError as exc:
+        raise UsageError(str(exc)) from exc
+    if (args.gates or args.junit) and not args.wait:
+        raise UsageError("--gate and --junit need the job's result: drop --no-wait")
     body = {}
     if args.recipe:
         try:
@@ -257,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--eval-fraction", type=float, default=0.2, help="--split: the share held out for evaluation (default 0.2)")
     compress.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                           help="exit 3 when top-1 falls more than this many points (a drop over 5 is always flagged)")
+    compress.add_argument("--gate", metavar="CONDITIONS",
+                          help='exit 3 unless every condition holds, e.g. "top1_drop<=0.5,speedup_b32>=1.5,size_ratio>=3" '
+                               f"(metrics: {', '.join(ci_gate.METRICS)}; top1_drop in points)")
+    compress.add_argument("--junit", metavar="FILE", help="write a JUnit XML report: the job and one testcase per gate")
     compress.add_argument("--output", required=True, help="folder for the downloaded artifacts")
     compress.set_defaults(handler=cmd_compress)
 

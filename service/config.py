@@ -146,6 +146,26 @@ class Settings(BaseSettings):
         "", validation_alias=AliasChoices("MODELPRESS_RATE_LIMIT_STORAGE_URL", "rate_limit_storage_url"))
     # Comma-separated origins allowed by CORS; empty keeps CORS off (no browser origin may call the API).
     cors_origins: str = Field("", validation_alias=AliasChoices("MODELPRESS_CORS_ORIGINS", "cors_origins"))
+    # Operations (service/ops/): "json" writes one JSON object per log line, "text" a readable line;
+    # both carry the request id (and the job id in the worker).
+    log_format: Literal["json", "text"] = Field("text", validation_alias=AliasChoices("MODELPRESS_LOG_FORMAT", "log_format"))
+    # A bearer token that may read /metrics (a Prometheus scraper) besides admin keys; empty: admin keys
+    # only, or anyone where keys are not required (the embedded default on loopback).
+    metrics_token: str = Field("", max_length=256, validation_alias=AliasChoices("MODELPRESS_METRICS_TOKEN", "metrics_token"))
+    # Series per label set that /metrics reads from the database (error codes, workers): bounded, so a
+    # flood of odd codes or dead workers cannot make a scrape unbounded.
+    metrics_max_series: int = Field(200, gt=0, le=10_000,
+                                    validation_alias=AliasChoices("MODELPRESS_METRICS_MAX_SERIES", "metrics_max_series"))
+    # prometheus_client's own variable: where several API processes keep their HTTP counters so one
+    # scrape sums them. `python -m service` sets it (data_dir/prometheus) when it starts several.
+    prometheus_multiproc_dir: str = Field("", validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"))
+    # An X-Request-ID longer than this (or with other characters than letters, digits and ._:-) is
+    # replaced by a fresh one.
+    request_id_max_chars: int = Field(128, gt=0, le=1024,
+                                      validation_alias=AliasChoices("MODELPRESS_REQUEST_ID_MAX_CHARS", "request_id_max_chars"))
+    # OpenTelemetry traces go to this OTLP/HTTP endpoint when it is set and the opentelemetry packages
+    # are installed; otherwise nothing is traced and nothing is imported.
+    otel_endpoint: str = Field("", validation_alias=AliasChoices("MODELPRESS_OTEL_ENDPOINT", "otel_endpoint"))
     # Embedded mode only: run migrations at start-up.
     migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
 

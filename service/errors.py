@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.ops.context import SCOPE_KEY
+
 from modelpress.spec.errors import (  # noqa: F401  (re-exported: the services raise them from here)
     Conflict, DomainError, EngineError, Invalid, NotFound, QuotaExceeded, TooLarge, UnsupportedMediaType)
 
@@ -108,4 +110,5 @@ def install_error_handlers(app: FastAPI) -> None:
         response = problem(500, "internal_error", "Internal error", "unexpected server error", request.url.path)
         # The connection may be in any state after an unexpected error: tell the client not to reuse it.
         response.headers["Connection"] = "close"
+        response.headers["X-Request-ID"] = request.scope.get(SCOPE_KEY, "")
         return response

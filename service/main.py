@@ -18,6 +18,9 @@ from service.dispatch import DispatcherFactory, make_dispatcher
 from service.errors import DomainError, install_error_handlers
 from service.guards import RequestGuard
 from service.openapi import PROBLEM_RESPONSES
+from service.ops.http import ObservedRequests
+from service.ops.tracing import install_tracing
+from service.ops.views import router as ops_router
 from service.jobs.views import presets_router
 from service.jobs.views import router as jobs_router
 from service.models.sandboxed import SandboxedModelReader
@@ -116,6 +119,9 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
 
     app.add_middleware(RequestGuard, max_json_body_bytes=settings.max_json_body_bytes,
                        body_idle_timeout_s=settings.body_idle_timeout_s, allowed_hosts=settings.allowed_host_names)
+    # Outermost: a guard's refusal also gets a request id and is counted.
+    app.add_middleware(ObservedRequests, request_id_max_chars=settings.request_id_max_chars)
+    install_tracing(app, endpoint=settings.otel_endpoint)
     install_api_docs(app)
     app.include_router(admin_router, responses=PROBLEM_RESPONSES)
     app.include_router(models_router, responses=PROBLEM_RESPONSES)
@@ -123,6 +129,7 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
     app.include_router(presets_router, responses=PROBLEM_RESPONSES)
     app.include_router(uploads_router, responses=PROBLEM_RESPONSES)
+    app.include_router(ops_router)
 
     @app.get("/healthz", tags=["health"])
     @app.head("/healthz", include_in_schema=False)

@@ -26,7 +26,8 @@ def embedded_server(data_dir: Path):
 
 
 @contextmanager
-def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoint: str, bucket: str):
+def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoint: str, bucket: str,
+                     extra_env: dict | None = None):
     from service.migrate import upgrade
 
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
@@ -42,6 +43,7 @@ def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoi
         "MODELPRESS_AUTH": "off",
         # Its own broker keys: a worker of another run on the same Redis never takes this stack's tasks.
         "MODELPRESS_BROKER_PREFIX": f"{bucket}-{uuid.uuid4().hex[:8]}:",
+        **(extra_env or {}),
     }
     worker = Process("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
                                 "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", f"cpu-{bucket}@%h"], env, logs)

@@ -9,7 +9,7 @@ import logging
 import threading
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
 from service.config import get_settings
@@ -17,6 +17,7 @@ from service.db import make_engine, make_session_factory
 from service.dispatch import RUN_JOB_TASK
 from service.jobs import service as jobs
 from service.jobs.tables import JobRow
+from service.ops import logs
 from service.storage import open_store
 from worker.runner import Outcome, RunnerDeps, run_job
 from worker.workdirs import remove_dead_workdirs
@@ -40,6 +41,14 @@ app.conf.update(
     worker_send_task_events=False,
     task_ignore_result=True,
 )
+
+
+
+@setup_logging.connect
+def _configure_logging(loglevel=None, **_):
+    # Ours instead of Celery's: the API's format (MODELPRESS_LOG_FORMAT), with the job's request id.
+    logs.configure(settings.log_format, logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO"))
+
 
 _deps: RunnerDeps | None = None
 

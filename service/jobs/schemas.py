@@ -118,6 +118,9 @@ class JobSummary(BaseModel):
     finished_at: datetime | None
     error: JobErrorRead | None
     headline: JobHeadline | None
+    # The X-Request-ID of the request that created the job (sent or made up by the API), also in
+    # the worker's log lines for the job.
+    request_id: str | None = None
 
 
 class JobRead(JobSummary):

@@ -4,6 +4,7 @@ Status changes go through `states.transition`. The broker only ever carries a jo
 the job's row is committed.
 """
 
+import logging
 import re
 import uuid
 from datetime import timedelta
@@ -20,12 +21,15 @@ from service.jobs.schemas import JobCreate, StepSpec
 from service.jobs.states import ACTIVE, FINISHED, JobStatus, transition
 from service.jobs.tables import ArtifactRow, JobRow
 from service.models import service as models
+from service.ops import service as ops
 from service.pagination import newest_first
 from service.tenants import quotas
 from modelpress.spec.configs import parse_step
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
 from modelpress.spec.shapes import check_dataset_fits
+
+log = logging.getLogger(__name__)
 
 
 class DispatchFailed(Exception):
@@ -59,7 +63,8 @@ def _check_referenced_models(*, session: Session, tenant_id: str, model, configs
                               code="student_output_mismatch", step=index)
 
 
-def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: JobCreate, gpu_queue: bool) -> JobRow:
+def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: JobCreate, gpu_queue: bool,
+           request_id: str | None = None) -> JobRow:
     model = models.get(session=session, tenant_id=tenant_id, model_id=body.model_id)
     steps = body.steps if body.preset is None else expand_preset(session=session, tenant_id=tenant_id, body=body)
     configs = []
@@ -106,10 +111,11 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
             "data": body.data.model_dump(),
             "preset": body.preset,
         },
-        metrics={},
+        metrics={}, request_id=request_id,
     )
     session.add(job)
     session.commit()
+    log.info("job %s: accepted for queue %s", job.id, job.queue)
     enqueue(session=session, dispatcher=dispatcher, job=job)
     return job
 
@@ -267,6 +273,11 @@ def finish(*, session: Session, job_id: str, token: str, status: JobStatus, metr
         values["metrics"] = metrics
         values["headline"] = headline_of(metrics)
     moved = transition(session, job_id, status, owner_token=token, only_from=frozenset({JobStatus.RUNNING}), **values)
+    if moved and metrics is not None:
+        # Counted in the transaction that finishes the job: once, whichever worker finished it.
+        tenant_id, spec = session.execute(select(JobRow.tenant_id, JobRow.spec).where(JobRow.id == job_id)).one()
+        ops.record_step_durations(session=session, tenant_id=tenant_id, spec_steps=spec["steps"],
+                                  step_metrics=metrics.get("steps") or [])
     session.commit()
     return moved
 

@@ -32,6 +32,8 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The X-Request-ID of the request that created the job: the worker logs it with the job's lines.
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
     artifacts: Mapped[list["ArtifactRow"]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="ArtifactRow.name", lazy="selectin"

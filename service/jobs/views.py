@@ -12,6 +12,7 @@ from service.errors import DomainError, NotFound
 from service.jobs import service
 from service.jobs.schemas import JobCreate, JobFullList, JobList, JobRead, JobSummary, MetricsRead, PresetRead
 from service.jobs.tables import JobRow
+from service.ops.context import request_id_var
 from service.storage import ObjectMissing
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -40,7 +41,7 @@ def _common_fields(job: JobRow) -> dict[str, Any]:
         "preset": job.spec.get("preset"), "queue": job.queue, "attempts": job.attempts,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        "headline": job.headline,
+        "headline": job.headline, "request_id": job.request_id,
     }
 
 
@@ -62,7 +63,7 @@ def to_read(job: JobRow) -> JobRead:
 def create_job(body: JobCreate, context: ContextDep, session: SessionDep, caller: WriteCaller):
     try:
         job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=caller.tenant_id, body=body,
-                             gpu_queue=context.settings.gpu_queue)
+                             gpu_queue=context.settings.gpu_queue, request_id=request_id_var.get())
     except service.DispatchFailed as exc:
         raise ServiceUnavailable(f"the job was stored but could not be queued: {exc}") from exc
     audit.record(session=session, caller=caller, action="job.created", resource_id=job.id)

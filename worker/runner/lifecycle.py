@@ -2,6 +2,7 @@
 settle its final status. The outcome of a delivery is an `Outcome`; the heartbeat's reading of the
 job's row a `Verdict`."""
 
+import contextvars
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.jobs import service as jobs
 from service.jobs.states import JobStatus
+from service.ops.context import bound
 from service.storage import ObjectStore
 from modelpress.spec.errors import EngineError
 from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
@@ -78,7 +80,9 @@ class Progress:
         self.done = threading.Event()
         # Several beats within the stale limit: a busy step (a long epoch) is never taken for a dead one.
         self.beat_s = min(HEARTBEAT_S, deps.settings.stale_job_after_s / 3)
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        # In a copy of the caller's context: its log lines carry the job's request id too.
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._beat,),
+                                       name=f"heartbeat-{job_id}", daemon=True)
         # Ends the job's ONNX Runtime runs in progress when the heartbeat settles a cancel or deadline.
         self.runs = RunStopper()
 
@@ -150,7 +154,15 @@ def run_job(job_id: str, deps: RunnerDeps) -> Outcome:
     if claimed is None:
         return Outcome.SKIPPED
     job, token = claimed
-    log.info("job %s: claimed (attempt %d)", job_id, job.attempts)
+    # Every line logged for this job (this thread's, and the heartbeat's) carries the id of the
+    # request that created it, as the API's lines for that request do.
+    with bound(request_id=job.request_id, job_id=job_id):
+        log.info("job %s: claimed (attempt %d, request %s)", job_id, job.attempts, job.request_id or "-")
+        return _run_claimed(job, token, deps)
+
+
+def _run_claimed(job, token: str, deps: RunnerDeps) -> Outcome:
+    settings, job_id = deps.settings, job.id
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def finish(status: JobStatus, **values) -> None:

@@ -2,6 +2,7 @@
 (its output model, its named outputs, its metrics) so a re-delivered job resumes after it."""
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def run_steps(job, inputs: JobInputs, store: ObjectStore, progress, work: Path) 
             run.metrics.append({**json.loads((step_dir / "result.json").read_text()), "resumed": True})
             continue
         run.last_input = run.current
+        started = time.monotonic()
         try:
             result = handler_for(config)(config, StepContext(
                 model_path=run.current, original_path=inputs.original, workdir=step_dir, data=inputs.data,
@@ -71,11 +73,13 @@ def run_steps(job, inputs: JobInputs, store: ObjectStore, progress, work: Path) 
                 checkpoints=StoredCheckpoint(store, f"{saved}/training.pt", step_dir)))
         except GuardNotMet as exc:
             result, run.failure = exc.result, exc
+        seconds = round(time.monotonic() - started, 3)  # the step alone, before its after-step measurement
         run.current, run.last_result = result.model_path, result
         after = {"size_bytes": run.current.stat().st_size}
         if len(steps) > 1 and inputs.eval_data is not None:  # a recipe's report shows where each step left the model
             after.update(evaluate.quality(run.current, inputs.eval_data, reference_outputs) or {})
-        run.metrics.append({"type": step["type"], "size_bytes": after["size_bytes"], **result.metrics, "after_step": after})
+        run.metrics.append({"type": step["type"], "size_bytes": after["size_bytes"], **result.metrics, "after_step": after,
+                            "seconds": seconds})
         step_progress("done", 1.0)
         if run.failure is not None:
             break  # later steps would build on a model that broke its promise
