@@ -43,11 +43,9 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
 
     reference = run_outputs(open_session(teacher, 1), eval_data.head(2000).images) if eval_data is not None else None
     before = quality(student_path, eval_data, reference)
-    spec = TrainSpec(epochs=config.epochs, max_steps=config.max_steps, lr=config.lr, batch_size=config.batch_size,
-                     optimizer=config.optimizer, schedule=config.schedule, warmup_epochs=config.warmup_epochs,
-                     weight_decay=config.weight_decay, augment=list(config.augment), patience=config.patience, seed=config.seed,
-                     temperature=config.temperature, alpha=config.alpha, feature_pairs=[tuple(p) for p in config.feature_pairs],
-                     feature_weight=config.feature_weight)
+    spec = TrainSpec.of(config, augment=list(config.augment), patience=config.patience, seed=config.seed,
+                        temperature=config.temperature, alpha=config.alpha,
+                        feature_pairs=[tuple(p) for p in config.feature_pairs], feature_weight=config.feature_weight)
     student, norms, trainable_path = trainable(student_path, train, pick_device(), ctx.workdir, targets)
     training = fit(student, train, spec, progress=ctx.progress, device=pick_device(), teacher_path=teacher,
                    eval_data=eval_data, checkpoints=ctx.checkpoints)

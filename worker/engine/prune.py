@@ -340,8 +340,7 @@ def _finetune(config: PruneStepConfig, source: Path, output: Path, masks: dict |
                 student.weights[key].mul_(mask.to(student.weights[key].device))
 
     distill = tune.distill
-    spec = TrainSpec(epochs=tune.epochs, max_steps=tune.max_steps, lr=tune.lr, batch_size=tune.batch_size, optimizer=tune.optimizer,
-                     seed=config.seed, alpha=(0.5 if train.labels is not None else 0.0) if distill else 1.0)
+    spec = TrainSpec.of(tune, seed=config.seed, alpha=(0.5 if train.labels is not None else 0.0) if distill else 1.0)
     history = fit(module, train, spec, progress=lambda stage, f: ctx.progress(f"finetune {stage}", start + width * (0.1 + 0.9 * f)),
                   device=pick_device(), teacher_path=ctx.model_path if distill else None,
                   after_step=keep_zeros if mask_by_key else None,
