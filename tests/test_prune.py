@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from tests.jobs_flow import upload_dataset, upload_model, wait_finished
 from tests.test_models_api import assert_problem
-from worker.engine import channel_graph
+from worker.engine.prune import channel_graph, importance
 from modelpress.spec.configs import parse_step
 from worker.engine.data import ImageSet
 from modelpress.spec.errors import EngineError
@@ -152,7 +152,7 @@ def test_zoo_dependencies_are_tied(tmp_path):
     assert ("se1",) in groups and ("b1",) in groups and ("b2",) in groups
     reasons = " ".join(graph.blocked.values())
     assert "graph output" in reasons  # the detection head keeps its 6 channels and the classifier its 10
-    pruned = channel_graph.apply(graph, channel_graph.choose(channel_graph.importance(graph, "l2"), channel_graph.keep_counts(graph, 0.5, 4)))
+    pruned = channel_graph.apply(graph, channel_graph.choose(importance.by_name("l2").scores(graph), channel_graph.keep_counts(graph, 0.5, 4)))
     reshape_shape = [numpy_helper.to_array(t) for t in pruned.graph.initializer
                      if t.name in graph.reshapes][0]
     head = [t for t in pruned.graph.initializer if t.name == "head.weight"][0]

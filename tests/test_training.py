@@ -43,7 +43,8 @@ def test_batchnorm_for_training_is_exact_before_and_after(tmp_path):
 def test_pruned_channels_start_training_from_their_statistics_in_the_original(tmp_path):
     """After pruning, each kept channel's BatchNorm starts from the mean and standard deviation the
     channel had in the unpruned model, so training (batch statistics) sees the original scale."""
-    from worker.engine import channel_graph, train_norm
+    from worker.engine import train_norm
+    from worker.engine.prune import channel_graph, importance
     import onnx
 
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def test_pruned_channels_start_training_from_their_statistics_in_the_original(tm
     path = export_all(MobileNetSmall(widths=(8, 16, 16)).eval(), images, tmp_path, "m")["onnx"]
     statistics = train_norm.output_statistics(path, images, "cpu")
     graph = channel_graph.analyse(onnx.load(str(path)))
-    kept = channel_graph.choose(channel_graph.importance(graph, "l2"), channel_graph.keep_counts(graph, 0.5, 1))
+    kept = channel_graph.choose(importance.by_name("l2").scores(graph), channel_graph.keep_counts(graph, 0.5, 1))
     outputs = channel_graph.kept_outputs(graph, kept)
     pruned = channel_graph.apply(graph, kept)
     pruned_path = tmp_path / "pruned.onnx"

@@ -10,12 +10,13 @@ training.fit's; this file only picks the two models, checks they fit each other,
 import numpy as np
 import onnx
 
-from worker.engine import channel_graph, train_norm
+from worker.engine import train_norm
 from modelpress.spec.configs import DistillConfig
 from worker.engine.device import pick_device
 from modelpress.spec.errors import EngineError
 from worker.engine.evaluate import open_session, quality, run_outputs
 from worker.engine.graph_stats import graph_stats
+from worker.engine.prune import channel_graph, importance
 from modelpress.spec.quantized import is_quantized
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.training import TrainSpec, fit, trainable, write_back
@@ -43,11 +44,9 @@ def distill(config: DistillConfig, ctx: StepContext) -> StepResult:
 
     reference = run_outputs(open_session(teacher, 1), eval_data.head(2000).images) if eval_data is not None else None
     before = quality(student_path, eval_data, reference)
-    spec = TrainSpec(epochs=config.epochs, max_steps=config.max_steps, lr=config.lr, batch_size=config.batch_size,
-                     optimizer=config.optimizer, schedule=config.schedule, warmup_epochs=config.warmup_epochs,
-                     weight_decay=config.weight_decay, augment=list(config.augment), patience=config.patience, seed=config.seed,
-                     temperature=config.temperature, alpha=config.alpha, feature_pairs=[tuple(p) for p in config.feature_pairs],
-                     feature_weight=config.feature_weight)
+    spec = TrainSpec.of(config, augment=list(config.augment), patience=config.patience, seed=config.seed,
+                        temperature=config.temperature, alpha=config.alpha,
+                        feature_pairs=[tuple(p) for p in config.feature_pairs], feature_weight=config.feature_weight)
     student, norms, trainable_path = trainable(student_path, train, pick_device(), ctx.workdir, targets)
     training = fit(student, train, spec, progress=ctx.progress, device=pick_device(), teacher_path=teacher,
                    eval_data=eval_data, checkpoints=ctx.checkpoints)
@@ -69,7 +68,7 @@ def _pruned_copy(teacher, output, ratio: float, round_to: int) -> dict[str, np.n
     graph = channel_graph.analyse(model)
     if not graph.prunable():
         raise EngineError("nothing_to_prune", "from_teacher: no channel group of the teacher can be pruned safely")
-    kept = channel_graph.choose(channel_graph.importance(graph, "l2"), channel_graph.keep_counts(graph, ratio, round_to))
+    kept = channel_graph.choose(importance.by_name("l2").scores(graph), channel_graph.keep_counts(graph, ratio, round_to))
     onnx.save(channel_graph.apply(graph, kept), str(output))
     return channel_graph.kept_outputs(graph, kept)
 

@@ -1,4 +1,5 @@
-"""One training loop for every step that trains: pruning recovery and distillation.
+"""One training loop for every step that trains: pruning recovery, distillation and quantization-
+aware training.
 
 The student is an OnnxModule (onnx_torch), whatever was uploaded. The loss is
 
@@ -12,8 +13,10 @@ or hint layers need it on every batch (then it runs as a torch module under no_g
 
 After every epoch the loop saves a checkpoint through `Checkpoints` (object storage in the
 service), and starts from the last one if it finds one: a job re-delivered after its worker died
-resumes instead of starting over. Each training step reports progress, which is where a cancel
-request or the deadline stops it.
+resumes instead of starting over. A caller whose module carries learned state outside its
+parameters (qat's activation ranges) hands it in as `extra_state`: it is checkpointed and restored
+with the weights. Each training step reports progress, which is where a cancel request or the
+deadline stops it.
 """
 
 import io
@@ -29,8 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from worker.engine.data import ImageSet
+from modelpress.spec.configs import TrainingSpec
 from modelpress.spec.errors import EngineError
+from worker.engine.data import ImageSet
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.formats import untie_weights
 from worker.engine.onnx_torch import OnnxModule, onnx_to_torch, save_weights
@@ -56,11 +60,28 @@ class TrainSpec:
     alpha: float = 1.0  # weight of the hard-label loss; 0: label-free distillation
     feature_pairs: list[tuple[str, str]] = field(default_factory=list)  # (teacher tensor, student tensor)
     feature_weight: float = 1.0
+    # How each epoch's shuffle is seeded: "per_epoch" from seed and epoch; "one_stream" draws every
+    # epoch's order from one generator seeded once (qat's order before it moved here, kept so its
+    # artifacts stay the same; a resume replays the earlier epochs' draws).
+    shuffle: Literal["per_epoch", "one_stream"] = "per_epoch"
+
+    @classmethod
+    def of(cls, training: TrainingSpec, **step_fields) -> "TrainSpec":
+        """The spec of a step's training fields (modelpress.spec.configs.TrainingSpec), plus what
+        only that step sets (seed, loss mix, distillation's extras)."""
+        return cls(**training.training_fields(), **step_fields)
 
 
 class Checkpoints(Protocol):
     def load(self) -> bytes | None: ...
     def save(self, data: bytes) -> None: ...
+
+
+class ExtraState(Protocol):
+    """Learned state outside the module's parameters, kept in the checkpoint (plain data)."""
+
+    def state(self) -> dict: ...
+    def restore(self, state: dict) -> None: ...
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None,
@@ -214,8 +235,9 @@ def _optimizer(parameters: list, spec: TrainSpec) -> torch.optim.Optimizer:
 class _Run:
     """What one fit changes as it goes, and what a checkpoint holds to resume it."""
 
-    def __init__(self, student, adapters, optimizer, scheduler):
+    def __init__(self, student, adapters, optimizer, scheduler, extra: ExtraState | None = None):
         self.student, self.adapters, self.optimizer, self.scheduler = student, adapters, optimizer, scheduler
+        self.extra = extra
         self.history: list[dict] = []
         self.start_epoch, self.step, self.resumed_from = 0, 0, None
         self.best_score, self.best_state, self.stale = -1.0, None, 0
@@ -228,6 +250,8 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.step, self.start_epoch = state["history"], state["step"], state["epoch"] + 1
         self.best_score, self.best_state, self.stale = state["best_score"], state["best_state"], state["stale"]
+        if self.extra is not None:
+            self.extra.restore(state["extra"])
         self.resumed_from = self.start_epoch
 
     def state(self, epoch: int) -> bytes:
@@ -235,7 +259,8 @@ class _Run:
             "student": self.student.state_dict(), "adapters": self.adapters.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "history": self.history, "step": self.step, "epoch": epoch,
-            "best_score": self.best_score, "best_state": self.best_state, "stale": self.stale})
+            "best_score": self.best_score, "best_state": self.best_state, "stale": self.stale,
+            **({"extra": self.extra.state()} if self.extra is not None else {})})
 
     def end_epoch(self, epoch: int, score: float | None, loss: float) -> None:
         self.history.append({"epoch": epoch + 1, "loss": loss, "eval_score": score,
@@ -247,12 +272,22 @@ class _Run:
             self.stale += 1
 
 
+def _epoch_order(spec: TrainSpec, epoch: int, samples: int) -> tuple[torch.Generator, torch.Tensor]:
+    """This epoch's generator and sample order: the same after a resume as in an uninterrupted run."""
+    if spec.shuffle == "one_stream":
+        generator = torch.Generator().manual_seed(spec.seed)
+        for _ in range(epoch):
+            torch.randperm(samples, generator=generator)
+    else:
+        generator = torch.Generator().manual_seed(spec.seed * 1000 + epoch)
+    return generator, torch.randperm(samples, generator=generator)
+
+
 def _train_epoch(run: _Run, epoch: int, images, labels, teacher, spec: TrainSpec, total_steps: int, *,
                  device: str, progress, after_step) -> float:
     """One pass over the training images in this epoch's order; the mean batch loss."""
     student = run.student
-    generator = torch.Generator().manual_seed(spec.seed * 1000 + epoch)  # the same order after a resume
-    order = torch.randperm(len(images), generator=generator)
+    generator, order = _epoch_order(spec, epoch, len(images))
     total, batches = 0.0, 0
     for start in range(0, len(images), spec.batch_size):
         if run.step >= total_steps:
@@ -284,7 +319,8 @@ def _train_epoch(run: _Run, epoch: int, images, labels, teacher, spec: TrainSpec
 
 def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Callable[[str, float], None], device: str,
         teacher_path: Path | None = None, eval_data: ImageSet | None = None,
-        after_step: Callable[[OnnxModule], None] | None = None, checkpoints: Checkpoints | None = None) -> dict:
+        after_step: Callable[[OnnxModule], None] | None = None, checkpoints: Checkpoints | None = None,
+        extra_state: ExtraState | None = None) -> dict:
     """Train `student` in place. Returns the history (loss and eval score per epoch) and what was
     done: epochs run, steps, whether it resumed or stopped early."""
     torch.manual_seed(spec.seed)
@@ -304,7 +340,7 @@ def fit(student: OnnxModule, train: ImageSet, spec: TrainSpec, *, progress: Call
     optimizer = _optimizer([*student.parameters(), *adapters.parameters()], spec)
     steps_per_epoch = max(1, math.ceil(len(images) / spec.batch_size))
     total_steps = spec.epochs * steps_per_epoch if spec.max_steps is None else min(spec.max_steps, spec.epochs * steps_per_epoch)
-    run = _Run(student, adapters, optimizer, _scheduler(optimizer, spec, steps_per_epoch, total_steps))
+    run = _Run(student, adapters, optimizer, _scheduler(optimizer, spec, steps_per_epoch, total_steps), extra_state)
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:
         run.restore(saved, device)

@@ -13,11 +13,12 @@ from modelpress.spec.configs.prune import (
 from modelpress.spec.configs.quantize import (
     QUANTIZE_SCHEMES, CodebookConfig, DynamicInt8Config, Fp16Config, GuardSpec, Int8ExportFields, QatConfig, QuantizeConfig,
     QuantizeStepConfig, StaticInt8Config, WeightOnlyConfig)
+from modelpress.spec.configs.training import TrainingSpec
 
 __all__ = [
     "CURRENT_VERSION", "STEP_TYPES", "ChannelPruneConfig", "CodebookConfig", "DistillConfig", "DynamicInt8Config",
     "FinetuneSpec", "Fp16Config", "FromTeacher", "GuardSpec", "Int8ExportFields", "MagnitudePruneConfig", "NMPruneConfig", "PRUNE_SCHEMES",
     "PreprocessSpec", "PruneConfig", "PruneStepConfig", "QUANTIZE_SCHEMES", "QatConfig", "QuantizeConfig",
-    "QuantizeStepConfig", "StaticInt8Config", "StepConfig", "WeightOnlyConfig", "parse_preprocess", "parse_step",
+    "QuantizeStepConfig", "StaticInt8Config", "StepConfig", "TrainingSpec", "WeightOnlyConfig", "parse_preprocess", "parse_step",
     "register_config",
 ]

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from modelpress.spec.configs.base import StepConfig, drop_ignored_v1_fields, register_step_type
+from modelpress.spec.configs.training import Epochs, LearningRate, Seed, TrainingSpec
 
 
 class GuardSpec(BaseModel):
@@ -74,15 +75,20 @@ class StaticInt8Config(Int8ExportFields):
     needs_data: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
 
-class QatConfig(Int8ExportFields):
+class QatConfig(Int8ExportFields, TrainingSpec):
+    """Training fields: `TrainingSpec`, with one epoch at a constant 1e-4 (the weights only learn
+    to live with the rounding)."""
+
     method: Literal["qat"] = "qat"
     uses_gpu: ClassVar[bool] = True
     needs_data: ClassVar[frozenset[str]] = frozenset({"train"})
-    epochs: int = Field(1, ge=1, le=100)
-    lr: float = Field(1e-4, gt=0.0, le=1.0)
-    batch_size: int = Field(64, ge=1, le=4096)
-    distill: bool = False  # learn from the original model's outputs (also without labels)
-    seed: int = Field(0, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
+    epochs: Epochs = 1
+    lr: LearningRate = 1e-4
+    schedule: Literal["cosine", "step", "constant"] = "constant"
+    # Learn from the original model's outputs (also without labels): half KL, half cross-entropy
+    # with labels, KL alone without.
+    distill: bool = False
+    seed: Seed = 0
 
     def export_config(self) -> StaticInt8Config:
         """The static int8 export after training: uint8 activations whose ranges training learned."""

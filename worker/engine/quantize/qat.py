@@ -5,23 +5,24 @@ The model becomes a trainable torch module (onnx_torch). During training, every 
 weight is fake-quantized (int8, symmetric, per output channel) and its output fake-quantized (uint8,
 affine, range tracked as a moving average), both with the straight-through estimator, so the
 weights learn to live with the rounding. The trained weights go back into the ONNX graph, and
-static_int8 quantizes it with the learned activation ranges as per-tensor overrides. GPU when the
-worker has one.
+static_int8 quantizes it with the learned activation ranges as per-tensor overrides. Training is
+training.fit's (the same loss, checkpoints and resume; the ranges are checkpointed with the
+weights). GPU when the worker has one.
 """
 
 import numpy as np
 import onnx
 import torch
-from torch.nn import functional as F
 
 from modelpress.spec.configs import QatConfig
 from worker.engine.device import pick_device
 from modelpress.spec.errors import EngineError
-from worker.engine.evaluate import open_session, run_outputs
+from worker.engine.evaluate import open_session
 from worker.engine.onnx_torch import onnx_to_torch, save_weights
 from worker.engine.quantize.static_int8 import static_int8
 from worker.engine.quantize.weights import output_axis
 from worker.engine.registry import StepContext, StepResult
+from worker.engine.training import TrainSpec, fit
 
 MOMENTUM = 0.1
 
@@ -40,6 +41,12 @@ class ActivationRanges:
     def __init__(self):
         self.ranges: dict[str, tuple[float, float]] = {}
         self.training = True
+
+    def state(self) -> dict:
+        return {"ranges": dict(self.ranges)}
+
+    def restore(self, state: dict) -> None:
+        self.ranges = {name: (float(lo), float(hi)) for name, (lo, hi) in state["ranges"].items()}
 
     def __call__(self, node, output: torch.Tensor) -> torch.Tensor:
         name = node.output[0]
@@ -80,40 +87,17 @@ def qat(config: QatConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResu
     module = onnx_to_torch(prepared).to(device)
     ranges = ActivationRanges()
     module.weight_hook, module.output_hook = fake_quantize_weight, ranges
+    with torch.no_grad():  # also the first range of every output: from two samples, before any step
+        classes = module(torch.from_numpy(train.images[:2]).to(device)).shape[-1]
+    if train.labels is not None and int(train.labels.max()) >= classes:
+        raise EngineError("invalid_labels", f"the training labels go up to {int(train.labels.max())}; the model has {classes} outputs")
 
-    images = torch.from_numpy(train.images)
-    labels = None if train.labels is None else torch.from_numpy(train.labels)
-    with torch.no_grad():
-        classes = module(images[:2].to(device)).shape[-1]
-    if labels is not None and int(labels.max()) >= classes:
-        raise EngineError("invalid_labels", f"the training labels go up to {int(labels.max())}; the model has {classes} outputs")
-    teacher = None
-    if config.distill:  # the teacher only runs forward, once per sample
-        teacher = torch.from_numpy(run_outputs(open_session(ctx.original_path, threads=1), train.images)[0])
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = max(1, (len(images) + config.batch_size - 1) // config.batch_size)
-    losses = []
-    module.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        total = 0.0
-        for step, start in enumerate(range(0, len(images), config.batch_size)):
-            batch = order[start : start + config.batch_size]
-            logits = module(images[batch].to(device))
-            if teacher is not None:
-                soft = F.softmax(teacher[batch].to(device), dim=1)
-                loss = F.kl_div(F.log_softmax(logits, dim=1), soft, reduction="batchmean")
-                if labels is not None:
-                    loss = 0.5 * loss + 0.5 * F.cross_entropy(logits, labels[batch].to(device))
-            else:
-                loss = F.cross_entropy(logits, labels[batch].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            ctx.progress(f"qat epoch {epoch + 1}/{config.epochs}", 0.8 * (epoch * steps_per_epoch + step + 1) / (config.epochs * steps_per_epoch))
-        losses.append(round(total / steps_per_epoch, 5))
+    # With the original as teacher: half KL (T = 1), half cross-entropy, KL alone without labels.
+    alpha = 1.0 if not config.distill else 0.5 if train.labels is not None else 0.0
+    spec = TrainSpec.of(config, seed=config.seed, alpha=alpha, temperature=1.0, shuffle="one_stream")
+    training = fit(module, train, spec, progress=lambda stage, f: ctx.progress(f"qat {stage}", 0.8 * f), device=device,
+                   teacher_path=ctx.original_path if config.distill else None, checkpoints=ctx.checkpoints,
+                   extra_state=ranges)
 
     module.eval().cpu()
     trained = ctx.workdir / "qat-float.onnx"
@@ -121,6 +105,7 @@ def qat(config: QatConfig, ctx: StepContext, model: onnx.ModelProto) -> StepResu
     overrides = {name: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(max(hi, 0.0))}] for name, (lo, hi) in ranges.ranges.items()}
     export_ctx = StepContext(trained, ctx.original_path, ctx.workdir, {"calibration": train}, lambda s, f: ctx.progress(s, 0.8 + 0.2 * f))
     result = static_int8(config.export_config(), export_ctx, range_overrides=overrides)
-    result.metrics.update({"method": "qat", "epochs": config.epochs, "train_samples": len(images), "loss_per_epoch": losses,
-                           "device": device, "distill": config.distill})
+    result.metrics.update({"method": "qat", "epochs": config.epochs, "train_samples": len(train), "device": device,
+                           "distill": config.distill, "loss_per_epoch": [epoch["loss"] for epoch in training["history"]],
+                           "steps": training["steps"], "resumed_from_epoch": training["resumed_from_epoch"]})
     return result
