@@ -7,6 +7,8 @@ import service.jobs.tables  # noqa: F401
 import service.models.tables  # noqa: F401
 import service.tenants.tables  # noqa: F401
 import service.audit.tables  # noqa: F401
+import service.job_events.tables  # noqa: F401
+import service.idempotency.tables  # noqa: F401
 from service.db import Base
 from service.migrate import downgrade, upgrade
 
