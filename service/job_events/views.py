@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from service.auth import ReadCaller
 from service.deps import ContextDep, SessionDep
-from service.errors import DomainError, Invalid
+from service.errors import DomainError
 from service.job_events.stream import StreamSlots, job_stream
 from service.jobs import service as jobs
 from service.jobs.tables import JobRow
@@ -38,6 +38,10 @@ class CountedStream(StreamingResponse):
             self.on_close()
 
 
+class BadLastEventId(DomainError):
+    status, code, title = 400, "invalid_last_event_id", "Bad request"
+
+
 def _slots(request: Request, limit: int) -> StreamSlots:
     # One count per app (per process); made on first use so the app factory needs no line for it.
     state = request.app.state
@@ -54,8 +58,7 @@ def parse_last_event_id(value: str | None) -> int:
     if value is None or value.strip() == "":
         return 0
     if not value.strip().isdigit() or len(value.strip()) > 18:
-        raise Invalid("Last-Event-ID must be the id of an event of this stream (a non-negative integer)",
-                      code="invalid_last_event_id")
+        raise BadLastEventId("Last-Event-ID must be the id of an event of this stream (a non-negative integer)")
     return int(value.strip())
 
 
