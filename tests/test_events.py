@@ -218,3 +218,20 @@ def test_streams_per_process_are_bounded(tmp_path):
         assert kinds == ["status", "result"]
         assert app.state.event_stream_slots.open == 0
         assert client.get(f"/v1/jobs/{running}/events").status_code == 200
+
+
+def test_wait_over_sse_keeps_its_timeout(server, inputs):
+    from modelpress import JobCancelled, WaitTimeout
+
+    model, calibration = inputs
+    with Client(server) as client:
+        job = client.submit(model, [{"type": "wait", "params": {"seconds": 120}}], data={"calibration": calibration})
+        try:
+            with pytest.raises(WaitTimeout):
+                job.wait(timeout=2, progress=False)
+            assert job.status in ("queued", "running")  # what the stream had said by then
+        finally:
+            job.cancel()
+        with pytest.raises(JobCancelled):
+            job.wait(timeout=300, progress=False)
+        assert job.status == "cancelled"
