@@ -8,6 +8,8 @@ import service.tenants.tables  # noqa: F401
 import service.audit.tables  # noqa: F401
 import service.upload_sessions.tables  # noqa: F401
 import service.ops.tables  # noqa: F401
+import service.job_events.tables  # noqa: F401
+import service.idempotency.tables  # noqa: F401
 from service.db import Base
 
 config = context.config

@@ -8,16 +8,20 @@
     job.download("model.onnx", to="out/model.onnx")
 
 Transient failures (connection errors, 429, 5xx) are retried a bounded number of times with
-backoff; waiting polls with backoff; downloads are streamed and verified against the sha256.
+backoff; every POST carries a fresh `Idempotency-Key`, reused by its retries, so a retried submit
+never starts a second job. Waiting follows the job's event stream (SSE) and falls back to polling
+with backoff; downloads are streamed and verified against the sha256.
 Files above `upload_session_threshold` go up in resumable, checksummed parts (`modelpress.resumable`).
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from modelpress import sse
 from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
 from modelpress.resumable import ResumableUpload, UploadProgress
 
@@ -37,6 +42,19 @@ UPLOAD_SESSION_THRESHOLD = 32 * 1024 * 1024
 
 class _RetryableStatus(Exception):
     pass
+
+
+def new_idempotency_key() -> str:
+    return str(uuid.uuid4())
+
+
+def _key_in_use(response: httpx.Response) -> bool:
+    if response.status_code != 409 or "json" not in response.headers.get("content-type", ""):
+        return False
+    try:
+        return response.json().get("code") == "idempotency_key_in_use"
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -115,11 +133,71 @@ class Job:
         return self
 
     def wait(self, timeout: float | None = None, progress: bool = True, poll_interval: float = 0.5,
-             max_interval: float = 5.0, on_update=None) -> "Job":
-        """Poll until the job finishes. Raises JobFailed (GuardNotMet for a failed guard),
-        JobCancelled, or WaitTimeout."""
+             max_interval: float = 5.0, on_update=None, stream: bool = True) -> "Job":
+        """Wait until the job finishes: over its event stream (`GET /v1/jobs/{id}/events`), or by
+        polling when the server has no stream, the stream breaks, or `stream=False`. Raises
+        JobFailed (GuardNotMet for a failed guard), JobCancelled, or WaitTimeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         reporter = on_update or (ProgressBar(sys.stderr) if progress else None)
+        if not (stream and self._follow_events(deadline, timeout, reporter)):
+            self._poll(deadline, timeout, reporter, poll_interval, max_interval)
+        if isinstance(reporter, ProgressBar):
+            reporter.close()
+        return self.raise_for_status()
+
+    # The stream ended cleanly (its time limit) this many times in a row without news: poll instead.
+    STREAM_RECONNECTS = 3
+
+    def _follow_events(self, deadline: float | None, timeout: float | None, reporter) -> bool:
+        """Follow the job's events until its `result`; True when it came. False: the server has
+        no event stream or it broke (the caller polls). Reconnects with Last-Event-ID when the
+        server ends a stream (each lasts a bounded time)."""
+        last_id, quiet_ends = None, 0
+        while quiet_ends < self.STREAM_RECONNECTS:
+            headers = {"Accept": "text/event-stream"}
+            if last_id is not None:
+                headers["Last-Event-ID"] = last_id
+            got_any = False
+            try:
+                with self._client.http.stream("GET", f"/v1/jobs/{self.id}/events", headers=headers,
+                                              timeout=self._client.stream_timeout(deadline)) as response:
+                    if response.status_code != 200 or "text/event-stream" not in response.headers.get("content-type", ""):
+                        return False  # an older server (404/405), or none right now (503): poll
+                    for event in sse.events(response.iter_lines()):
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise WaitTimeout("wait_timeout", f"job {self.id} still {self.status} after {timeout} s")
+                        if event is None:
+                            continue
+                        got_any, last_id = True, event.id if event.id is not None else last_id
+                        if self._apply(event, reporter):
+                            return True
+            except httpx.TimeoutException as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WaitTimeout("wait_timeout", f"job {self.id} still {self.status} after {timeout} s") from exc
+                return False
+            except (httpx.TransportError, ValueError):  # the stream broke, or a malformed event
+                return False
+            quiet_ends = 0 if got_any else quiet_ends + 1
+        return False
+
+    def _apply(self, event: "sse.Event", reporter) -> bool:
+        """Fold one event into the job; True for the final `result`."""
+        data = json.loads(event.data)
+        if event.event == "result":
+            self.refresh()  # the full job (metrics, artifacts); the result event is its summary
+            if reporter is not None:
+                reporter(self)
+            return True
+        if event.event in ("status", "progress"):
+            self.raw = {**self.raw, **{k: data[k] for k in ("status", "stage", "progress", "error") if k in data}}
+            if reporter is not None:
+                reporter(self)
+        elif event.event == "log" and isinstance(reporter, ProgressBar):
+            reporter.log(data.get("line", ""))
+        return False
+
+    def _poll(self, deadline: float | None, timeout: float | None, reporter, poll_interval: float,
+              max_interval: float) -> None:
         interval, last = poll_interval, None
         while True:
             self.refresh()
@@ -134,9 +212,6 @@ class Job:
             if deadline is not None and time.monotonic() + interval > deadline:
                 raise WaitTimeout("wait_timeout", f"job {self.id} still {self.status} after {timeout} s")
             time.sleep(interval)
-        if isinstance(reporter, ProgressBar):
-            reporter.close()
-        return self.raise_for_status()
 
     def raise_for_status(self) -> "Job":
         if self.status == "failed":
@@ -185,6 +260,13 @@ class ProgressBar:
             self.stream.write(f"{job.id} {job.status} {percent}% {job.stage}\n")
         self.stream.flush()
 
+    def log(self, line: str) -> None:
+        """A line of the job's log, above the bar on a terminal; plain otherwise."""
+        self.stream.write(f"\r{line}\n" if self.tty else f"  {line}\n")
+        if self.tty:
+            self.last = None  # redraw the bar below the line
+        self.stream.flush()
+
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")
@@ -200,7 +282,7 @@ class Client:
         headers = {"User-Agent": "modelpress-client/0.1"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.timeout = retries, backoff, timeout
         if upload_session_threshold is None:
             upload_session_threshold = int(os.environ.get("MODELPRESS_UPLOAD_SESSION_THRESHOLD") or UPLOAD_SESSION_THRESHOLD)
         self.upload_session_threshold, self.upload_progress = upload_session_threshold, upload_progress
@@ -256,6 +338,14 @@ class Client:
             body["steps"] = [dict(step) for step in steps]
         return Job(self, self._json("POST", "/v1/jobs", json=body))
 
+    def stream_timeout(self, deadline: float | None) -> httpx.Timeout:
+        """An event stream's timeouts: reads wait past the server's keep-alives (15 s), and no
+        longer than the caller's deadline."""
+        read = max(self.timeout, 30.0)
+        if deadline is not None:
+            read = max(0.1, min(read, deadline - time.monotonic()))
+        return httpx.Timeout(self.timeout, read=read)
+
     def presets(self) -> list[dict]:
         return self._json("GET", "/v1/presets")
 
@@ -288,14 +378,25 @@ class Client:
             kind = "model" if path == "/v1/models" else "dataset"
             return ResumableUpload(self, kind=kind, file=file, name=name, progress=self.upload_progress).run()
 
+        key = new_idempotency_key()
+        # One boundary for every try: a retry sends the same bytes, so the server sees the same request.
+        headers = {"Idempotency-Key": key, "Content-Type": f"multipart/form-data; boundary={key.replace('-', '')}"}
+
         def send():
             with open(file, "rb") as handle:  # reopened per try: a retry resends from the start
-                return self.http.post(path, files={"file": (file.name, handle)}, data={"name": name} if name else None)
+                return self.http.post(path, files={"file": (file.name, handle)}, data={"name": name} if name else None,
+                                      headers=headers)
 
-        return self._parse(self._send(send, idempotent=False))
+        return self._parse(self._send(send, idempotent=False, keyed=True))
 
     def _json(self, method: str, path: str, **kwargs) -> dict:
-        return self._parse(self._send(lambda: self.http.request(method, path, **kwargs), idempotent=method == "GET"))
+        if method == "POST":
+            # A fresh key per call, the same for its retries: the server answers a retry of a POST
+            # that already ran with that first answer instead of running it again.
+            kwargs["headers"] = {"Idempotency-Key": new_idempotency_key(), **kwargs.get("headers", {})}
+        keyed = "Idempotency-Key" in kwargs.get("headers", {})
+        return self._parse(self._send(lambda: self.http.request(method, path, **kwargs), idempotent=method == "GET",
+                                      keyed=keyed))
 
     def _json_if_changed(self, path: str, etag: str | None) -> tuple[dict | None, str | None]:
         """GET `path` conditionally: (None, etag) when the server answers 304 Not Modified."""
@@ -305,10 +406,13 @@ class Client:
             return None, etag
         return self._parse(response), response.headers.get("etag")
 
-    def _send(self, send, idempotent: bool) -> httpx.Response:
+    def _send(self, send, idempotent: bool, keyed: bool = False) -> httpx.Response:
         """Retry transient failures with jittered exponential backoff. A request that may have
-        reached the server is retried only if it is idempotent (GET) or was refused before any
-        work (429), so nothing is created twice: a POST answered 5xx may have stored something."""
+        reached the server is retried only if it is idempotent (GET), carries an Idempotency-Key
+        (`keyed`: a POST whose answer the server keeps), or was refused before any work (429), so
+        nothing is created twice. A keyed POST is not retried on the API's own 500/503: the server
+        keeps no answer for those, so a retry would run it again (a 503 `broker_unavailable` job is
+        already stored, as failed); a gateway's 502/504 may hide a kept answer, so those are."""
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -317,14 +421,17 @@ class Client:
                 if last:
                     raise ServerUnreachable("server_unreachable", f"cannot reach {self.base_url}: {exc}") from exc
             except httpx.TransportError as exc:
-                if last or not idempotent:
+                if last or not (idempotent or keyed):
                     raise ServerUnreachable("server_unreachable", f"connection to {self.base_url} failed: {exc}") from exc
             except httpx.HTTPError as exc:  # redirects, decoding: not transient
                 raise ModelpressError("http_error", f"{type(exc).__name__}: {exc}") from exc
             else:
+                if keyed and _key_in_use(response) and not last:
+                    time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+                    continue  # the first try of this request is still running: its answer comes next
                 if response.status_code not in RETRY_STATUSES or last:
                     return response
-                if not idempotent and response.status_code != 429:
+                if not idempotent and response.status_code not in ({429, 502, 504} if keyed else {429}):
                     return response
                 retry_after = response.headers.get("retry-after", "")
                 if retry_after.isdigit():

@@ -84,6 +84,17 @@ def authenticate(request: Request, context: ContextDep, session: SessionDep) -> 
     return caller
 
 
+def tenant_of(*, authorization: str, session: Session, settings) -> str | None:
+    """The tenant a request's Authorization header names, or None when it names none that is valid
+    (the route then refuses it). For what runs before the routes (idempotency keys): no rate
+    count, no last-used write."""
+    if authorization:
+        scheme, _, secret = authorization.partition(" ")
+        key = tenants.verify_key(session=session, secret=secret.strip()) if scheme.lower() == "bearer" else None
+        return key.tenant_id if key is not None else None
+    return None if settings.keys_required else settings.default_tenant
+
+
 def requires(scope: str):
     def caller_with_scope(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
         if scope not in caller.scopes:

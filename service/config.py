@@ -166,6 +166,35 @@ class Settings(BaseSettings):
     # OpenTelemetry traces go to this OTLP/HTTP endpoint when it is set and the opentelemetry packages
     # are installed; otherwise nothing is traced and nothing is imported.
     otel_endpoint: str = Field("", validation_alias=AliasChoices("MODELPRESS_OTEL_ENDPOINT", "otel_endpoint"))
+    # Live progress (GET /v1/jobs/{id}/events, service/job_events): how often a stream reads the
+    # job's new events, how often an idle stream sends a keep-alive comment (under the 60 s idle
+    # timeout of common proxies), how long one stream lives before the client reconnects with
+    # Last-Event-ID, and how many streams one API process holds open at once.
+    sse_poll_interval_s: float = Field(
+        0.5, gt=0, le=60, validation_alias=AliasChoices("MODELPRESS_SSE_POLL_INTERVAL_S", "sse_poll_interval_s"))
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, le=300, validation_alias=AliasChoices("MODELPRESS_SSE_KEEPALIVE_S", "sse_keepalive_s"))
+    sse_max_stream_s: float = Field(
+        3600.0, gt=0, le=86400, validation_alias=AliasChoices("MODELPRESS_SSE_MAX_STREAM_S", "sse_max_stream_s"))
+    sse_max_streams: int = Field(
+        200, gt=0, validation_alias=AliasChoices("MODELPRESS_SSE_MAX_STREAMS", "sse_max_streams"))
+    # Idempotency-Key on POSTs (service/idempotency): how long a key's first answer is kept, how
+    # long a repeat waits for the first request still running before a 409, when a request still
+    # marked running is taken for dead (its API process stopped), the largest answer kept, and
+    # how many unexpired keys a tenant may hold.
+    idempotency_ttl_s: int = Field(
+        86400, gt=0, validation_alias=AliasChoices("MODELPRESS_IDEMPOTENCY_TTL_S", "idempotency_ttl_s"))
+    idempotency_wait_s: float = Field(
+        5.0, ge=0, le=60, validation_alias=AliasChoices("MODELPRESS_IDEMPOTENCY_WAIT_S", "idempotency_wait_s"))
+    idempotency_in_progress_timeout_s: int = Field(
+        900, gt=0, validation_alias=AliasChoices("MODELPRESS_IDEMPOTENCY_IN_PROGRESS_TIMEOUT_S",
+                                                 "idempotency_in_progress_timeout_s"))
+    idempotency_max_response_bytes: int = Field(
+        1 * MiB, gt=0, validation_alias=AliasChoices("MODELPRESS_IDEMPOTENCY_MAX_RESPONSE_BYTES",
+                                                     "idempotency_max_response_bytes"))
+    idempotency_max_keys_per_tenant: int = Field(
+        100_000, gt=0, validation_alias=AliasChoices("MODELPRESS_IDEMPOTENCY_MAX_KEYS_PER_TENANT",
+                                                     "idempotency_max_keys_per_tenant"))
     # Embedded mode only: run migrations at start-up.
     migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
 

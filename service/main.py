@@ -17,6 +17,8 @@ from service.deps import AppContext, ContextDep
 from service.dispatch import DispatcherFactory, make_dispatcher
 from service.errors import DomainError, install_error_handlers
 from service.guards import RequestGuard
+from service.idempotency.middleware import IdempotencyMiddleware
+from service.job_events.views import router as job_events_router
 from service.openapi import PROBLEM_RESPONSES
 from service.ops.http import ObservedRequests
 from service.ops.tracing import install_tracing
@@ -106,9 +108,11 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
                   description="Compression as a service for computer-vision models. Errors are RFC 9457 problem+json with a stable `code`.")
     app.state.context = context
     install_error_handlers(app)
+    # Innermost: it keeps the answers the routes give (CORS and nosniff are added on replays too).
+    app.add_middleware(IdempotencyMiddleware)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"])
 
     @app.middleware("http")
     async def no_sniffing(request, call_next):
@@ -127,6 +131,7 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     app.include_router(models_router, responses=PROBLEM_RESPONSES)
     app.include_router(datasets_router, responses=PROBLEM_RESPONSES)
     app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
+    app.include_router(job_events_router, responses=PROBLEM_RESPONSES)
     app.include_router(presets_router, responses=PROBLEM_RESPONSES)
     app.include_router(uploads_router, responses=PROBLEM_RESPONSES)
     app.include_router(ops_router)

@@ -14,10 +14,10 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 
 @contextmanager
-def embedded_server(data_dir: Path):
+def embedded_server(data_dir: Path, env: dict | None = None):
     port = free_port()
     api = Process("api-embedded", [sys.executable, "-m", "worker.serve"],
-                  {"PORT": str(port), "MODELPRESS_DATA_DIR": str(data_dir)}, data_dir.parent)
+                  {"PORT": str(port), "MODELPRESS_DATA_DIR": str(data_dir), **(env or {})}, data_dir.parent)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", api)
         yield f"http://127.0.0.1:{port}", api

@@ -17,6 +17,7 @@ from service.db import utcnow
 from service.dispatch import Dispatcher
 from service.errors import Conflict, Invalid, NotFound
 from service.ids import new_id
+from service.job_events import service as job_events
 from service.jobs.schemas import JobCreate, StepSpec
 from service.jobs.states import ACTIVE, FINISHED, JobStatus, transition
 from service.jobs.tables import ArtifactRow, JobRow
@@ -114,6 +115,9 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
         metrics={}, request_id=request_id,
     )
     session.add(job)
+    session.flush()
+    job_events.append(session=session, job_id=job.id, kind=job_events.STATUS,
+                      data={"status": job.status, "stage": job.stage, "progress": job.progress})
     session.commit()
     log.info("job %s: accepted for queue %s", job.id, job.queue)
     enqueue(session=session, dispatcher=dispatcher, job=job)
@@ -162,6 +166,9 @@ def cancel(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
         moved = session.execute(
             update(JobRow).where(JobRow.id == job_id, JobRow.status == JobStatus.RUNNING.value).values(cancel_requested=True)
         ).rowcount
+        if moved:
+            job_events.append(session=session, job_id=job_id, kind=job_events.LOG,
+                              data={"line": "cancel requested: the job stops at its next progress check"})
         session.commit()
         if not moved:
             session.refresh(job)
@@ -232,16 +239,34 @@ def claim(*, session: Session, job_id: str, stale_after_s: int, max_attempts: in
 
 def report(*, session: Session, job_id: str, token: str, stage: str, progress: float) -> str:
     """Record progress and heartbeat. Returns "ok", "cancel" (a cancel was requested) or "lost"
-    (another delivery owns the job now)."""
+    (another delivery owns the job now). A change of stage, or of progress by a percent, is also the
+    job's next `progress` event."""
+    stage, progress = stage[:64], max(0.0, min(1.0, progress))
+    before = session.execute(select(JobRow.stage, JobRow.progress).where(JobRow.id == job_id)).one_or_none()
     moved = session.execute(
         update(JobRow)
         .where(JobRow.id == job_id, JobRow.run_token == token, JobRow.status == JobStatus.RUNNING.value)
-        .values(stage=stage[:64], progress=max(0.0, min(1.0, progress)), heartbeat_at=utcnow())
+        .values(stage=stage, progress=progress, heartbeat_at=utcnow())
     ).rowcount
+    if moved and before is not None and job_events.progress_changed(before.stage, before.progress, stage, progress):
+        job_events.append(session=session, job_id=job_id, kind=job_events.PROGRESS, data={"stage": stage, "progress": progress})
     session.commit()
     if not moved:
         return "lost"
     return "cancel" if session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)) else "ok"
+
+
+def log_line(*, session: Session, job_id: str, token: str, line: str) -> bool:
+    """A line of the job's log (its SSE `log` events), if this delivery still owns the job."""
+    owner = session.scalar(select(JobRow.id).where(JobRow.id == job_id, JobRow.run_token == token,
+                                                   JobRow.status == JobStatus.RUNNING.value).with_for_update())
+    if owner is None:
+        session.rollback()
+        return False
+    job_events.append(session=session, job_id=job_id, kind=job_events.LOG,
+                      data={"line": without_server_paths(line)[:job_events.MAX_LOG_LINE_CHARS]})
+    session.commit()
+    return True
 
 
 def record_artifact(*, session: Session, job_id: str, token: str, name: str, size_bytes: int, sha256: str,

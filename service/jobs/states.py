@@ -9,6 +9,7 @@ from enum import StrEnum
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from service.job_events import service as job_events
 from service.jobs.tables import JobRow
 
 
@@ -37,7 +38,7 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 def transition(session: Session, job_id: str, to: JobStatus, *, owner_token: str | None = None,
                only_from: frozenset[JobStatus] | None = None, where=(), **values) -> bool:
     """Move a job to `to` if it is in an allowed source state (and owned by `owner_token`, if given).
-    Returns whether it moved. The caller commits."""
+    Returns whether it moved, and records the move as the job's next `status` event. The caller commits."""
     sources = ALLOWED[to] if only_from is None else ALLOWED[to] & only_from
     conditions = [JobRow.id == job_id, JobRow.status.in_([s.value for s in sources]), *where]
     if owner_token is not None:
@@ -45,4 +46,19 @@ def transition(session: Session, job_id: str, to: JobStatus, *, owner_token: str
     result = session.execute(
         update(JobRow).where(*conditions).values(status=to.value, **values).execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    job_events.append(session=session, job_id=job_id, kind=job_events.STATUS, data=status_event(to, values))
+    return True
+
+
+def status_event(to: JobStatus, values: dict) -> dict:
+    """What a status event says: the new status and the plain values written with it (SQL
+    expressions such as `attempts + 1` are left out)."""
+    data: dict = {"status": to.value}
+    for name in ("stage", "progress"):
+        if isinstance(values.get(name), str | float | int):
+            data[name] = values[name]
+    if isinstance(values.get("error_code"), str):
+        data["error"] = {"code": values["error_code"], "message": values.get("error_message") or ""}
+    return data

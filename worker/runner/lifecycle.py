@@ -142,6 +142,14 @@ class Progress:
             self._write()
         self.check()
 
+    def log(self, line: str) -> None:
+        """A line of the job's log (its SSE `log` events). A failed write never fails the job."""
+        try:
+            with self.lock, self.deps.session_factory() as session:
+                jobs.log_line(session=session, job_id=self.job_id, token=self.token, line=line)
+        except Exception:
+            log.warning("job %s: log line not stored", self.job_id, exc_info=True)
+
     def span(self, start: float, width: float, prefix: str):
         """A progress function for one part of the job, mapping its own 0..1 into [start, start+width]."""
         return lambda stage, fraction: self(f"{prefix}:{stage}", start + width * max(0.0, min(1.0, fraction)))
@@ -176,6 +184,7 @@ def _run_claimed(job, token: str, deps: RunnerDeps) -> Outcome:
     try:
         with (Progress(deps, job_id, token) as progress, stopping_with(progress.runs),
               make_workdir(settings.tmp_dir, job_id, token) as tmp):
+            progress.log(f"claimed by a worker (attempt {job.attempts})")
             metrics, failure = _execute(job, token, deps, progress, Path(tmp))
             if failure is not None:
                 # The job failed its promise, but what it made is measured and stored.

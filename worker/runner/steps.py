@@ -59,13 +59,16 @@ def run_steps(job, inputs: JobInputs, store: ObjectStore, progress, work: Path) 
         step_progress = progress.span(LOAD_SHARE + STEPS_SHARE * index / len(steps), STEPS_SHARE / len(steps), f"{index}:{step['type']}")
         step_progress("start", 0.0)
         saved = checkpoint_prefix(job.id, index)
+        name = f"step {index + 1}/{len(steps)}: {step['type']} ({step['params'].get('method', step['type'])})"
         # A re-delivered job takes the finished steps' outputs from storage instead of running them again.
         if index < len(steps) - 1 and store.exists(f"{saved}/result.json"):
+            progress.log(f"{name}: resumed from its checkpoint")
             run.current = _resume(store, saved, step_dir)
             run.metrics.append({**json.loads((step_dir / "result.json").read_text()), "resumed": True})
             continue
         run.last_input = run.current
         started = time.monotonic()
+        progress.log(f"{name}: started")
         try:
             result = handler_for(config)(config, StepContext(
                 model_path=run.current, original_path=inputs.original, workdir=step_dir, data=inputs.data,
@@ -81,6 +84,7 @@ def run_steps(job, inputs: JobInputs, store: ObjectStore, progress, work: Path) 
         run.metrics.append({"type": step["type"], "size_bytes": after["size_bytes"], **result.metrics, "after_step": after,
                             "seconds": seconds})
         step_progress("done", 1.0)
+        progress.log(f"{name}: done")
         if run.failure is not None:
             break  # later steps would build on a model that broke its promise
         if index < len(steps) - 1:
