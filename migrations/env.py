@@ -6,6 +6,7 @@ import service.jobs.tables  # noqa: F401
 import service.models.tables  # noqa: F401
 import service.tenants.tables  # noqa: F401
 import service.audit.tables  # noqa: F401
+import service.webhooks.tables  # noqa: F401
 from service.db import Base
 
 config = context.config

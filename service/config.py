@@ -111,6 +111,29 @@ class Settings(BaseSettings):
         "", validation_alias=AliasChoices("MODELPRESS_RATE_LIMIT_STORAGE_URL", "rate_limit_storage_url"))
     # Comma-separated origins allowed by CORS; empty keeps CORS off (no browser origin may call the API).
     cors_origins: str = Field("", validation_alias=AliasChoices("MODELPRESS_CORS_ORIGINS", "cors_origins"))
+    # Webhooks (service/webhooks, worker/webhooks.py). Seconds to wait after each failed attempt:
+    # Standard Webhooks' ladder, about 15.5 hours in all; the delivery fails after the last.
+    webhook_retry_schedule_s: list[float] = Field(
+        [5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1, max_length=20,
+        validation_alias=AliasChoices("MODELPRESS_WEBHOOK_RETRY_SCHEDULE_S", "webhook_retry_schedule_s"))
+    # One attempt (connect + answer); the receiver's body is never read.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60,
+                                     validation_alias=AliasChoices("MODELPRESS_WEBHOOK_TIMEOUT_S", "webhook_timeout_s"))
+    webhook_poll_interval_s: float = Field(
+        2.0, gt=0, le=60, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_POLL_INTERVAL_S", "webhook_poll_interval_s"))
+    # Deliveries one sender takes per poll.
+    webhook_batch_size: int = Field(20, gt=0, le=500,
+                                    validation_alias=AliasChoices("MODELPRESS_WEBHOOK_BATCH_SIZE", "webhook_batch_size"))
+    webhook_max_endpoints: int = Field(
+        20, gt=0, le=1000, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_MAX_ENDPOINTS", "webhook_max_endpoints"))
+    webhook_url_max_length: int = Field(
+        2048, gt=0, le=2048, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_URL_MAX_LENGTH", "webhook_url_max_length"))
+    # Endpoints on loopback, private or link-local addresses (the cloud metadata service): refused
+    # wherever keys are required, unless this is set; the local user of the embedded default may.
+    webhook_allow_private_urls: bool = Field(
+        False, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_ALLOW_PRIVATE_URLS", "webhook_allow_private_urls"))
+    # Run the sender in this worker (Celery worker or embedded); off for a worker that must not post.
+    webhook_sender: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_SENDER", "webhook_sender"))
     # Embedded mode only: run migrations at start-up.
     migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
 
@@ -188,6 +211,17 @@ class Settings(BaseSettings):
     def model_parse_limits(self) -> Limits:
         return Limits(wall_s=self.model_parse_timeout_s, cpu_s=max(1, int(self.model_parse_timeout_s)),
                       memory_bytes=self.model_parse_memory_bytes)
+
+    @property
+    def webhook_private_urls_allowed(self) -> bool:
+        return self.webhook_allow_private_urls or not self.keys_required
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _bounded_waits(cls, value: list[float]) -> list[float]:
+        if any(not 0 < wait <= 48 * 3600 for wait in value):
+            raise ValueError("each webhook retry wait is more than 0 and at most 48 hours")
+        return value
 
     @property
     def tmp_dir(self) -> Path:

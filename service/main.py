@@ -23,6 +23,7 @@ from service.models.views import router as models_router
 from service.ratelimit import RequestLimiter
 from service.storage import open_store
 from service.tenants.views import router as admin_router
+from service.webhooks.views import router as webhooks_router
 
 log = logging.getLogger("modelpress")
 
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     app.include_router(datasets_router, responses=PROBLEM_RESPONSES)
     app.include_router(jobs_router, responses=PROBLEM_RESPONSES)
     app.include_router(presets_router, responses=PROBLEM_RESPONSES)
+    app.include_router(webhooks_router, responses=PROBLEM_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     @app.head("/healthz", include_in_schema=False)

@@ -10,6 +10,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from service.jobs.tables import JobRow
+from service.webhooks.outbox import announce_finished
 
 
 class JobStatus(StrEnum):
@@ -45,4 +46,9 @@ def transition(session: Session, job_id: str, to: JobStatus, *, owner_token: str
     result = session.execute(
         update(JobRow).where(*conditions).values(status=to.value, **values).execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    moved = result.rowcount == 1
+    if moved and to in FINISHED:
+        # Here, not in each caller: every way a job ends (runner, cancel, broker refusal, worker
+        # lost) writes its webhook deliveries in the transaction that ends it.
+        announce_finished(session=session, job_id=job_id, status=to.value)
+    return moved
