@@ -22,6 +22,7 @@ from service.jobs.tables import ArtifactRow, JobRow
 from service.models import service as models
 from service.pagination import newest_first
 from service.tenants import quotas
+from service.webhooks import outbox
 from modelpress.spec.configs import parse_step
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
@@ -226,12 +227,16 @@ def claim(*, session: Session, job_id: str, stale_after_s: int, max_attempts: in
 
 def report(*, session: Session, job_id: str, token: str, stage: str, progress: float) -> str:
     """Record progress and heartbeat. Returns "ok", "cancel" (a cancel was requested) or "lost"
-    (another delivery owns the job now)."""
+    (another delivery owns the job now). A new stage is a `job.progress` webhook event, written
+    with it (a heartbeat or a percent within a stage is not)."""
+    previous_stage = session.scalar(select(JobRow.stage).where(JobRow.id == job_id))
     moved = session.execute(
         update(JobRow)
         .where(JobRow.id == job_id, JobRow.run_token == token, JobRow.status == JobStatus.RUNNING.value)
         .values(stage=stage[:64], progress=max(0.0, min(1.0, progress)), heartbeat_at=utcnow())
     ).rowcount
+    if moved and previous_stage != stage[:64]:
+        outbox.announce(session=session, job_id=job_id, event_type="job.progress")
     session.commit()
     if not moved:
         return "lost"
