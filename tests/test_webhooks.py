@@ -508,3 +508,54 @@ def test_tenants_see_and_hear_only_their_own(tmp_path, reference):
         assert len(to_a.requests) == 1 and job["status"] == "succeeded"
         actions = [e["action"] for e in http.get("/v1/admin/audit", headers=a.headers("admin")).json()["items"]]
         assert "webhook.created" in actions
+
+
+# --- the production shape: API under uvicorn, a Celery worker's sender, PostgreSQL, Redis, S3 -------
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
+    import httpx
+
+    from tests.stack import production_stack
+
+    logs = tmp_path_factory.mktemp("webhooks-stack")
+    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
+                          bucket=f"modelpress-hooks-{uuid.uuid4().hex[:8]}") as (url, worker, api):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield http, worker, api
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_on_the_production_stack_the_celery_worker_sends_and_catches_up(stack, reference):
+    from tests.stack import own_worker
+
+    http, template, _ = stack
+    with Receiver() as receiver:
+        hook = http.post("/v1/webhooks", json={"url": receiver.url}).json()
+        try:
+            with own_worker(template, "hooks-worker-1"):
+                job = run_quick_job(http, reference)
+                assert job["status"] == "succeeded", job["error"]
+                (_, headers, body), = receiver.received(1)
+                assert verify(body, headers, hook["secret"]) ["data"]["id"] == job["id"]
+                (delivery,) = settled(http, hook["id"])
+                assert delivery["status"] == "succeeded" and delivery["attempts"] == 1
+            # No worker, so no sender: a queued job cancelled through the API is written to the
+            # outbox by the API process, and sent once a worker runs again.
+            model, data = upload_model(http, reference.onnx), upload_dataset(http, reference.calib_npz)
+            queued = http.post("/v1/jobs", json={"model_id": model["id"], "steps": QUICK_STEPS,
+                                                 "data": {"calibration": data["id"]}}).json()
+            assert http.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+            time.sleep(1.0)
+            assert len(receiver.requests) == 1
+            waiting = next(d for d in deliveries(http, hook["id"]) if d["job_id"] == queued["id"])
+            assert waiting["status"] == "pending" and waiting["attempts"] == 0
+            with own_worker(template, "hooks-worker-2"):
+                _, (_, headers, body) = receiver.received(2)
+                event = verify(body, headers, hook["secret"])
+                assert event["type"] == "job.cancelled" and event["data"]["id"] == queued["id"]
+                settled(http, hook["id"], count=2)
+            assert len(receiver.requests) == 2
+        finally:
+            http.delete(f"/v1/webhooks/{hook['id']}")
