@@ -10,6 +10,7 @@ import service.upload_sessions.tables  # noqa: F401
 import service.ops.tables  # noqa: F401
 import service.job_events.tables  # noqa: F401
 import service.idempotency.tables  # noqa: F401
+import service.webhooks.tables  # noqa: F401
 from service.db import Base
 
 config = context.config

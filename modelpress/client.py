@@ -357,6 +357,30 @@ class Client:
         for body in self._pages("/v1/jobs", limit, status=status):
             yield Job(self, body)
 
+    # --- webhooks (verify deliveries with modelpress.webhooks.verify) ------------------------------
+
+    def create_webhook(self, url: str, event_types: Sequence[str] | None = None, *, secret: str | None = None,
+                       description: str = "") -> dict:
+        """Register an endpoint; the answer's `secret` is shown this once."""
+        body: dict[str, Any] = {"url": url, "description": description}
+        if event_types is not None:
+            body["event_types"] = list(event_types)
+        if secret is not None:
+            body["secret"] = secret
+        return self._json("POST", "/v1/webhooks", json=body)
+
+    def webhooks(self) -> list[dict]:
+        return self._json("GET", "/v1/webhooks")["items"]
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._json("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    def webhook_deliveries(self, webhook_id: str, limit: int = 50) -> Iterator[dict]:
+        yield from self._pages(f"/v1/webhooks/{webhook_id}/deliveries", limit)
+
+    def resend_delivery(self, webhook_id: str, delivery_id: str) -> dict:
+        return self._json("POST", f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/resend")
+
     # --- transport --------------------------------------------------------------------------------
 
     def _pages(self, path: str, limit: int, **params) -> Iterator[dict]:

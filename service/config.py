@@ -195,6 +195,29 @@ class Settings(BaseSettings):
     idempotency_max_keys_per_tenant: int = Field(
         100_000, gt=0, validation_alias=AliasChoices("MODELPRESS_IDEMPOTENCY_MAX_KEYS_PER_TENANT",
                                                      "idempotency_max_keys_per_tenant"))
+    # Webhooks (service/webhooks, worker/webhooks.py). Seconds to wait after each failed attempt:
+    # Standard Webhooks' ladder, about 15.5 hours in all; the delivery fails after the last.
+    webhook_retry_schedule_s: list[float] = Field(
+        [5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1, max_length=20,
+        validation_alias=AliasChoices("MODELPRESS_WEBHOOK_RETRY_SCHEDULE_S", "webhook_retry_schedule_s"))
+    # One attempt (connect + answer); the receiver's body is never read.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60,
+                                     validation_alias=AliasChoices("MODELPRESS_WEBHOOK_TIMEOUT_S", "webhook_timeout_s"))
+    webhook_poll_interval_s: float = Field(
+        2.0, gt=0, le=60, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_POLL_INTERVAL_S", "webhook_poll_interval_s"))
+    # Deliveries one sender takes per poll.
+    webhook_batch_size: int = Field(20, gt=0, le=500,
+                                    validation_alias=AliasChoices("MODELPRESS_WEBHOOK_BATCH_SIZE", "webhook_batch_size"))
+    webhook_max_endpoints: int = Field(
+        20, gt=0, le=1000, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_MAX_ENDPOINTS", "webhook_max_endpoints"))
+    webhook_url_max_length: int = Field(
+        2048, gt=0, le=2048, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_URL_MAX_LENGTH", "webhook_url_max_length"))
+    # Endpoints on loopback, private or link-local addresses (the cloud metadata service): refused
+    # wherever keys are required, unless this is set; the local user of the embedded default may.
+    webhook_allow_private_urls: bool = Field(
+        False, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_ALLOW_PRIVATE_URLS", "webhook_allow_private_urls"))
+    # Run the sender in this worker (Celery worker or embedded); off for a worker that must not post.
+    webhook_sender: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_WEBHOOK_SENDER", "webhook_sender"))
     # Embedded mode only: run migrations at start-up.
     migrate_on_start: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_MIGRATE_ON_START", "migrate_on_start"))
 
@@ -277,6 +300,15 @@ class Settings(BaseSettings):
     def dataset_parse_limits(self) -> Limits:
         return Limits(wall_s=self.dataset_parse_timeout_s, cpu_s=max(1, int(self.dataset_parse_timeout_s)),
                       memory_bytes=self.dataset_parse_memory_bytes)
+    def webhook_private_urls_allowed(self) -> bool:
+        return self.webhook_allow_private_urls or not self.keys_required
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _bounded_waits(cls, value: list[float]) -> list[float]:
+        if any(not 0 < wait <= 48 * 3600 for wait in value):
+            raise ValueError("each webhook retry wait is more than 0 and at most 48 hours")
+        return value
 
     @property
     def tmp_dir(self) -> Path:

@@ -31,6 +31,7 @@ from service.ratelimit import RequestLimiter
 from service.storage import open_store
 from service.tenants.views import router as admin_router
 from service.upload_sessions.views import router as uploads_router
+from service.webhooks.views import router as webhooks_router
 
 log = logging.getLogger("modelpress")
 
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     app.include_router(presets_router, responses=PROBLEM_RESPONSES)
     app.include_router(uploads_router, responses=PROBLEM_RESPONSES)
     app.include_router(ops_router)
+    app.include_router(webhooks_router, responses=PROBLEM_RESPONSES)
 
     @app.get("/healthz", tags=["health"])
     @app.head("/healthz", include_in_schema=False)

@@ -11,6 +11,7 @@ import service.upload_sessions.tables  # noqa: F401
 import service.ops.tables  # noqa: F401
 import service.job_events.tables  # noqa: F401
 import service.idempotency.tables  # noqa: F401
+import service.webhooks.tables  # noqa: F401
 from service.db import Base
 from service.migrate import downgrade, upgrade
 

@@ -64,12 +64,17 @@ ID_ROUTES = {
     ("DELETE", "/v1/uploads/{upload_id}"): "upload_id",
     ("PUT", "/v1/uploads/{upload_id}/parts/{number}"): "upload_id",
     ("POST", "/v1/uploads/{upload_id}/complete"): "upload_id",
+    ("GET", "/v1/webhooks/{webhook_id}"): "webhook_id",
+    ("DELETE", "/v1/webhooks/{webhook_id}"): "webhook_id",
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): "webhook_id",
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}"): "webhook_id",
+    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/resend"): "webhook_id",
 }
 COLLECTION_ROUTES = {
     ("GET", "/v1/models"), ("POST", "/v1/models"), ("GET", "/v1/datasets"), ("POST", "/v1/datasets"),
     ("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/presets"),
     ("GET", "/v1/admin/tenants"), ("POST", "/v1/admin/tenants"), ("GET", "/v1/admin/keys"), ("POST", "/v1/admin/keys"),
-    ("GET", "/v1/admin/audit"), ("POST", "/v1/uploads"),
+    ("GET", "/v1/admin/audit"), ("POST", "/v1/uploads"), ("GET", "/v1/webhooks"), ("POST", "/v1/webhooks"),
 }
 BODIES = {("PATCH", "/v1/admin/tenants/{tenant_id}"): {"max_models": 1000}}
 
@@ -85,20 +90,27 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
     a, b = add_tenant(settings, "acme", (ALL,)), add_tenant(settings, "globex", (ALL,))
     with keyed_client(settings) as client:
         as_a, as_b = As(client, a.keys[ALL]), As(client, b.keys[ALL])
+        # Registered first, so the job leaves a delivery (to a name that never resolves).
+        webhook = as_a.post("/v1/webhooks", json={"url": "https://hooks.invalid/modelpress"}).json()
         model, dataset = upload_model(as_a, reference.onnx), upload_dataset(as_a, reference.calib_npz)
         job, _ = wait_finished(as_a, submit(as_a, model["id"], dataset["id"], None)["id"])
         assert job["status"] == "succeeded", job["error"]
         key_id = as_a.get("/v1/admin/keys").json()[0]["id"]
+        delivery_id = as_a.get(f"/v1/webhooks/{webhook['id']}/deliveries").json()["items"][0]["id"]
         # A's objects lie in A's folder of the store only.
         a_objects = settings.data_dir / "objects" / "tenants" / a.id
         for kind, thing in (("models", model), ("datasets", dataset), ("jobs", job)):
             assert (a_objects / kind / thing["id"]).is_dir(), kind
         upload = as_a.post("/v1/uploads", json={"kind": "model", "filename": "m.onnx", "size_bytes": 10}).json()
         mine = {"model_id": model["id"], "dataset_id": dataset["id"], "job_id": job["id"], "name": "report.html",
-                "tenant_id": a.id, "key_id": key_id, "upload_id": upload["id"], "number": "1"}
+                "tenant_id": a.id, "key_id": key_id, "upload_id": upload["id"], "number": "1",
+                "webhook_id": webhook["id"], "delivery_id": delivery_id}
         unknown = {"model_id": f"mdl_{uuid.uuid4().hex}", "dataset_id": f"ds_{uuid.uuid4().hex}",
                    "job_id": f"job_{uuid.uuid4().hex}", "name": "report.html", "tenant_id": f"nobody-{uuid.uuid4().hex[:8]}",
-                   "key_id": f"key_{uuid.uuid4().hex}", "upload_id": f"upl_{uuid.uuid4().hex}", "number": "1"}
+                   "key_id": f"key_{uuid.uuid4().hex}", "upload_id": f"upl_{uuid.uuid4().hex}", "number": "1",
+                   "webhook_id": f"whk_{uuid.uuid4().hex}",
+                   # The same delivery id under an unknown webhook: the answers must match to the byte.
+                   "delivery_id": delivery_id}
         b_model, b_dataset = upload_model(as_b, reference.onnx), upload_dataset(as_b, reference.calib_npz)
 
         # Foreign: B's key (every scope) on A's ids answers exactly what an unknown id answers.
@@ -128,7 +140,8 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
 
         # Collections show B only its own.
         a_ids = set(mine.values()) - {"report.html", "1"}
-        for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/admin/keys", "/v1/admin/tenants", "/v1/admin/audit"):
+        for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/admin/keys", "/v1/admin/tenants", "/v1/admin/audit",
+                     "/v1/webhooks"):
             listed = as_b.get(path)
             assert listed.status_code == 200, listed.text
             assert not any(value in listed.text for value in a_ids), path

@@ -20,6 +20,7 @@ from service.jobs.tables import JobRow
 from service.ops import logs
 from service.storage import open_store
 from worker.runner import Outcome, RunnerDeps, run_job
+from worker.webhooks import WebhookSender
 from worker.workdirs import remove_dead_workdirs
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,20 @@ def _reap_forever(stop: threading.Event) -> None:
 
 
 _reaper_stop = threading.Event()
+# In the main process, like the reaper: one sender per worker host, whatever its concurrency.
+_webhooks: WebhookSender | None = None
 
 
 @worker_ready.connect
 def _start_reaper(**_):
+    global _webhooks
     threading.Thread(target=_reap_forever, args=(_reaper_stop,), name="stale-job-reaper", daemon=True).start()
+    _webhooks = WebhookSender(settings=settings, session_factory=deps().session_factory)
+    _webhooks.start()
 
 
 @worker_shutting_down.connect
 def _stop_reaper(**_):
     _reaper_stop.set()
+    if _webhooks is not None:
+        _webhooks.stop()

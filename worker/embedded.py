@@ -8,6 +8,7 @@ from service.config import Settings
 from service.jobs import service as jobs
 from service.storage import ObjectStore
 from worker.runner import RunnerDeps, run_job
+from worker.webhooks import WebhookSender
 from worker.workdirs import remove_dead_workdirs
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ class InProcessDispatcher:
     def __init__(self, *, settings: Settings, session_factory, store: ObjectStore):
         self.deps = RunnerDeps(settings=settings, session_factory=session_factory, store=store)
         self.executor: ThreadPoolExecutor | None = None
+        self.webhooks = WebhookSender(settings=settings, session_factory=session_factory)
 
     def start(self) -> None:
         self.deps.stopping = threading.Event()
@@ -31,6 +33,8 @@ class InProcessDispatcher:
         remove_dead_workdirs(session_factory=self.deps.session_factory, tmp_dir=self.deps.settings.tmp_dir)
         for job_id in pending:
             self.executor.submit(self._run, job_id)
+        # After the jobs: deliveries left by the previous process go out now.
+        self.webhooks.start()
 
     def _run(self, job_id: str) -> None:
         try:
@@ -45,6 +49,7 @@ class InProcessDispatcher:
 
     def stop(self) -> None:
         self.deps.stopping.set()
+        self.webhooks.stop()
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None

@@ -25,6 +25,7 @@ from service.models import service as models
 from service.ops import service as ops
 from service.pagination import newest_first
 from service.tenants import quotas
+from service.webhooks import outbox
 from modelpress.spec.configs import parse_step
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
@@ -240,7 +241,8 @@ def claim(*, session: Session, job_id: str, stale_after_s: int, max_attempts: in
 def report(*, session: Session, job_id: str, token: str, stage: str, progress: float) -> str:
     """Record progress and heartbeat. Returns "ok", "cancel" (a cancel was requested) or "lost"
     (another delivery owns the job now). A change of stage, or of progress by a percent, is also the
-    job's next `progress` event."""
+    job's next `progress` event; a new stage is also a `job.progress` webhook event, written with it
+    (a heartbeat or a percent within a stage is not)."""
     stage, progress = stage[:64], max(0.0, min(1.0, progress))
     before = session.execute(select(JobRow.stage, JobRow.progress).where(JobRow.id == job_id)).one_or_none()
     moved = session.execute(
@@ -250,6 +252,8 @@ def report(*, session: Session, job_id: str, token: str, stage: str, progress: f
     ).rowcount
     if moved and before is not None and job_events.progress_changed(before.stage, before.progress, stage, progress):
         job_events.append(session=session, job_id=job_id, kind=job_events.PROGRESS, data={"stage": stage, "progress": progress})
+    if moved and before is not None and before.stage != stage:
+        outbox.announce(session=session, job_id=job_id, event_type="job.progress")
     session.commit()
     if not moved:
         return "lost"

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.job_events import service as job_events
 from service.jobs.tables import JobRow
+from service.webhooks.outbox import announce_finished
 
 
 class JobStatus(StrEnum):
@@ -49,6 +50,10 @@ def transition(session: Session, job_id: str, to: JobStatus, *, owner_token: str
     if result.rowcount != 1:
         return False
     job_events.append(session=session, job_id=job_id, kind=job_events.STATUS, data=status_event(to, values))
+    if to in FINISHED:
+        # Here, not in each caller: every way a job ends (runner, cancel, broker refusal, worker
+        # lost) writes its webhook deliveries in the transaction that ends it.
+        announce_finished(session=session, job_id=job_id, status=to.value)
     return True
 
 
