@@ -26,19 +26,22 @@ SCOPE_OF = {
                                    ("GET", "/v1/jobs/{job_id}/artifacts/{name}"), ("GET", "/v1/jobs/{job_id}/metrics"), ("GET", "/v1/presets"),
                                    ("GET", "/v1/webhooks"), ("GET", "/v1/webhooks/{webhook_id}"),
                                    ("GET", "/v1/webhooks/{webhook_id}/deliveries"),
-                                   ("GET", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}")]},
+                                   ("GET", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}"),
+                                   ("GET", "/v1/jobs/{job_id}/events"), ("GET", "/v1/uploads/{upload_id}")]},
     **{route: "write" for route in [("POST", "/v1/models"), ("DELETE", "/v1/models/{model_id}"), ("POST", "/v1/datasets"),
                                     ("DELETE", "/v1/datasets/{dataset_id}"), ("POST", "/v1/jobs"),
                                     ("POST", "/v1/jobs/{job_id}/cancel"), ("POST", "/v1/webhooks"),
                                     ("DELETE", "/v1/webhooks/{webhook_id}"),
-                                    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/resend")]},
+                                    ("POST", "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/resend"),
+                                    ("POST", "/v1/uploads"), ("DELETE", "/v1/uploads/{upload_id}"),
+                                    ("PUT", "/v1/uploads/{upload_id}/parts/{number}"), ("POST", "/v1/uploads/{upload_id}/complete")]},
     **{route: "admin" for route in [("GET", "/v1/admin/tenants"), ("POST", "/v1/admin/tenants"),
                                     ("GET", "/v1/admin/tenants/{tenant_id}"), ("PATCH", "/v1/admin/tenants/{tenant_id}"),
                                     ("GET", "/v1/admin/keys"), ("POST", "/v1/admin/keys"), ("DELETE", "/v1/admin/keys/{key_id}"),
                                     ("GET", "/v1/admin/audit")]},
 }
 IDS = {"model_id": "mdl_x", "dataset_id": "ds_x", "job_id": "job_x", "name": "model.onnx", "tenant_id": "t", "key_id": "key_x",
-       "webhook_id": "whk_x", "delivery_id": "msg_x"}
+       "webhook_id": "whk_x", "delivery_id": "msg_x", "upload_id": "upl_x", "number": "1"}
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ ID_ROUTES = {
     ("GET", "/v1/admin/tenants/{tenant_id}"): "tenant_id",
     ("PATCH", "/v1/admin/tenants/{tenant_id}"): "tenant_id",
     ("DELETE", "/v1/admin/keys/{key_id}"): "key_id",
+    ("GET", "/v1/jobs/{job_id}/events"): "job_id",
     ("GET", "/v1/uploads/{upload_id}"): "upload_id",
     ("DELETE", "/v1/uploads/{upload_id}"): "upload_id",
     ("PUT", "/v1/uploads/{upload_id}/parts/{number}"): "upload_id",
