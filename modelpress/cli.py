@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from modelpress.client import Client, Job
+from modelpress.client import STATUSES, Client, Job
 from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_GUARD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
@@ -192,7 +192,8 @@ def cmd_jobs(args, client: Client) -> int:
         return EXIT_OK
     if args.action == "cancel":
         job.cancel()
-        _emit(args, job.raw, f"{job.id}: {job.status}")
+        stopping = " (its worker stops it at its next check; `jobs wait` for the end)" if job.status == "cancelling" else ""
+        _emit(args, job.raw, f"{job.id}: {job.status}{stopping}")
         return EXIT_OK
     if args.action == "download":
         args.wait = True
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", parents=[common, waiting], help="list, show, cancel, wait for or download jobs")
     jobs.add_argument("action", choices=["list", "show", "cancel", "wait", "download"])
     jobs.add_argument("job_id", nargs="?")
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--status", choices=list(STATUSES))
     jobs.add_argument("--limit", type=int, default=20)
     jobs.add_argument("--output", help="folder for downloaded artifacts (wait, download)")
     jobs.set_defaults(handler=cmd_jobs)

@@ -28,6 +28,9 @@ from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressEr
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+# A job's statuses (the server's service/jobs/states.py): `cancelling` is a running job asked to
+# stop; its worker ends it `cancelled` at its next check.
+STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
@@ -107,6 +110,8 @@ class Job:
         return self
 
     def cancel(self) -> "Job":
+        """Ask the job to stop: a queued job is `cancelled` at once, a running one `cancelling`
+        until its worker stops it (`wait()` for the end)."""
         self.raw = self._client._json("POST", f"/v1/jobs/{self.id}/cancel")
         return self
 

@@ -11,6 +11,7 @@ from service.deps import ContextDep, SessionDep
 from service.errors import DomainError, NotFound
 from service.jobs import service
 from service.jobs.schemas import JobCreate, JobFullList, JobList, JobRead, JobSummary, MetricsRead, PresetRead
+from service.jobs.states import JobStatus
 from service.jobs.tables import JobRow
 from service.storage import ObjectMissing
 
@@ -73,7 +74,7 @@ def create_job(body: JobCreate, context: ContextDep, session: SessionDep, caller
 def list_jobs(
     session: SessionDep, caller: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    status: Annotated[str | None, Query(pattern=f"^({'|'.join(JobStatus)})$")] = None,
     view: Annotated[Literal["summary", "full"], Query(description=(
         "`summary` (the default): a `JobSummary` per job, without metrics, steps or artifacts. "
         "`full`: each job as `GET /v1/jobs/{id}` returns it."))] = "summary",
