@@ -6,12 +6,12 @@ the job's row is committed.
 """
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, defer, joinedload, raiseload
+from sqlalchemy.orm import Session, defer, joinedload, raiseload, sessionmaker
 
 from service.datasets import service as datasets
 from service.db import utcnow
 from service.dispatch import Dispatcher
-from service.errors import Conflict, Invalid, NotFound
+from service.errors import Conflict, DomainError, Invalid, NotFound
 from service.ids import new_id
 from service.jobs.schemas import JobCreate, StepSpec
 from service.jobs.states import ACTIVE, FINISHED, JobStatus, transition
@@ -19,14 +19,17 @@ from service.jobs.tables import ArtifactRow, JobRow
 from service.models import service as models
 from service.pagination import newest_first
 from service.tenants import quotas
+from service.unit_of_work import after_commit, transaction
 from modelpress.spec.configs import parse_step
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
 from modelpress.spec.shapes import check_dataset_fits
 
 
-class DispatchFailed(Exception):
-    pass
+class DispatchFailed(DomainError):
+    """The job was stored (and is now `failed`), but the broker refused it."""
+
+    status, code, title = 503, "broker_unavailable", "Service unavailable"
 
 
 # A cancel races with a claim or a finish; each lost race means the job moved on (queued -> running
@@ -111,22 +114,24 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
         metrics={},
     )
     session.add(job)
-    session.commit()
-    enqueue(session=session, dispatcher=dispatcher, job=job)
+    session.flush()
+    # Sent only once the job's row is committed: a worker never looks for a job that is not there.
+    sessions = sessionmaker(session.get_bind(), expire_on_commit=False)
+    job_id, queue = job.id, job.queue
+    after_commit(session, lambda: enqueue(sessions=sessions, dispatcher=dispatcher, job_id=job_id, queue=queue))
     return job
 
 
-def enqueue(*, session: Session, dispatcher: Dispatcher, job: JobRow) -> None:
+def enqueue(*, sessions: sessionmaker[Session], dispatcher: Dispatcher, job_id: str, queue: str) -> None:
     """Send the committed job's id to a worker. If the broker refuses, the job fails with a clear
-    code instead of staying queued forever."""
+    code instead of staying queued forever (in a transaction of its own: the job's is committed)."""
     try:
-        dispatcher.enqueue(job.id, queue=job.queue)
+        dispatcher.enqueue(job_id, queue=queue)
     except Exception as exc:
-        transition(session, job.id, JobStatus.QUEUED, JobStatus.FAILED, error_code="broker_unavailable",
-                   error_message=f"the job could not be queued: {exc}", finished_at=utcnow())
-        session.commit()
-        session.refresh(job)
-        raise DispatchFailed(str(exc)) from exc
+        with transaction(sessions) as session:
+            transition(session, job_id, JobStatus.QUEUED, JobStatus.FAILED, error_code="broker_unavailable",
+                       error_message=f"the job could not be queued: {exc}", finished_at=utcnow())
+        raise DispatchFailed(f"the job was stored but could not be queued: {exc}", job_id=job_id) from exc
 
 
 def get(*, session: Session, tenant_id: str, job_id: str) -> JobRow:
