@@ -9,8 +9,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Documented codes that no test produces yet. Each entry is a known gap (issue #19), not a pass:
 # remove it when its test lands (test_the_untested_list_is_not_stale fails until you do).
 NOT_YET_TESTED = {
-    # A bug by definition: the handler is exercised only if a route raises, and no route should.
-    "internal_error",
     # Upload-time refusals that need a crafted input (a zip declaring > 4x the limit, a database
     # CHECK the schema lets through, a parser child that dies, tenant admin edge cases).
     "archive_too_large", "invalid_value", "model_parse_failed",
