@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.db import make_engine, make_session_factory
+from service.unit_of_work import transaction
 from worker.serve import create_app
 from service.migrate import upgrade
 from service.tenants import service as tenants
@@ -24,7 +25,7 @@ def _key(settings: Settings) -> str:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
-    with make_session_factory(engine)() as session:
+    with transaction(make_session_factory(engine)) as session:
         tenants.create_tenant(session=session, tenant_id="bench", quotas={"max_requests_per_minute": 10**9})
         secret = tenants.create_key(session=session, tenant_id="bench", scopes="read").secret
     engine.dispose()

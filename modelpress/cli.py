@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from modelpress import gate as ci_gate
-from modelpress.client import Client, Job
+from modelpress.client import STATUSES, Client, Job
 from modelpress.resumable import UploadProgressBar
 from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
 
@@ -223,7 +223,8 @@ def cmd_jobs(args, client: Client) -> int:
         return EXIT_OK
     if args.action == "cancel":
         job.cancel()
-        _emit(args, job.raw, f"{job.id}: {job.status}")
+        stopping = " (its worker stops it at its next check; `jobs wait` for the end)" if job.status == "cancelling" else ""
+        _emit(args, job.raw, f"{job.id}: {job.status}{stopping}")
         return EXIT_OK
     if args.action == "download":
         args.wait = True
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", parents=[common, waiting], help="list, show, cancel, wait for or download jobs")
     jobs.add_argument("action", choices=["list", "show", "cancel", "wait", "download"])
     jobs.add_argument("job_id", nargs="?")
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--status", choices=list(STATUSES))
     jobs.add_argument("--limit", type=int, default=20)
     jobs.add_argument("--output", help="folder for downloaded artifacts (wait, download)")
     jobs.set_defaults(handler=cmd_jobs)

@@ -35,6 +35,9 @@ from modelpress.resumable import ResumableUpload, UploadProgress
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+# A job's statuses (the server's service/jobs/states.py): `cancelling` is a running job asked to
+# stop; its worker ends it `cancelled` at its next check.
+STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 FINISHED = {"succeeded", "failed", "cancelled"}
 # Files above this go up in resumable parts (modelpress/resumable.py); smaller ones in one request.
 UPLOAD_SESSION_THRESHOLD = 32 * 1024 * 1024
@@ -129,6 +132,8 @@ class Job:
         return self
 
     def cancel(self) -> "Job":
+        """Ask the job to stop: a queued job is `cancelled` at once, a running one `cancelling`
+        until its worker stops it (`wait()` for the end)."""
         self.raw = self._client._json("POST", f"/v1/jobs/{self.id}/cancel")
         return self
 

@@ -10,13 +10,15 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import utcnow
 from service.deps import ContextDep, SessionDep
 from service.errors import DomainError
 from service.tenants import service as tenants
 from service.tenants.tables import ApiKeyRow, TenantRow
+from service.unit_of_work import transaction
 
 # last_used_at is written at most this often per key: not a database write on every request.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -45,21 +47,22 @@ class Caller:
     operator: bool = False
 
 
-def _caller_from_key(session: Session, secret: str) -> Caller:
+def _caller_from_key(session: Session, session_factory: sessionmaker[Session], secret: str) -> Caller:
     key = tenants.verify_key(session=session, secret=secret)
     if key is None:
         raise Unauthorized("the API key is unknown, revoked or expired", code="invalid_api_key")
-    _touch(session, key)
+    _touch(session_factory, key)
     tenant = session.get(TenantRow, key.tenant_id)
     return Caller(tenant_id=key.tenant_id, scopes=frozenset(key.scopes), key_prefix=key.prefix,
                   operator=bool(tenant and tenant.operator and "admin" in key.scopes))
 
 
-def _touch(session: Session, key: ApiKeyRow) -> None:
+def _touch(session_factory: sessionmaker[Session], key: ApiKeyRow) -> None:
+    # A transaction of its own, not the request's: a key's use counts even when the request fails.
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        key.last_used_at = now
-        session.commit()
+        with transaction(session_factory) as own:
+            own.execute(update(ApiKeyRow).where(ApiKeyRow.id == key.id).values(last_used_at=now))
 
 
 def authenticate(request: Request, context: ContextDep, session: SessionDep) -> Caller:
@@ -69,7 +72,7 @@ def authenticate(request: Request, context: ContextDep, session: SessionDep) -> 
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise Unauthorized("use Authorization: Bearer <key>", code="invalid_api_key")
-        caller = _caller_from_key(session, secret.strip())
+        caller = _caller_from_key(session, context.session_factory, secret.strip())
     elif settings.keys_required:
         raise Unauthorized("this service requires an API key: Authorization: Bearer <key>")
     else:

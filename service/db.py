@@ -1,7 +1,5 @@
 """Database engine and sessions. Built from settings by the app factory, never at import time."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, MetaData, TypeDecorator, create_engine, event
@@ -64,9 +62,3 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5) -> Engin
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
-
-@contextmanager
-def transaction(session_factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on error."""
-    with session_factory() as session, session.begin():
-        yield session

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -14,6 +15,7 @@ from service.datasets.sandboxed import SandboxedDatasetReader
 from service.models.sandboxed import SandboxedModelReader
 from service.ratelimit import RequestLimiter
 from service.storage import ObjectStore
+from service.unit_of_work import commit, rollback, run_undo
 
 
 @dataclass
@@ -33,16 +35,30 @@ async def get_context(request: Request) -> AppContext:
 
 
 async def get_session(context: Annotated[AppContext, Depends(get_context)]) -> AsyncIterator[Session]:
+    """The request's transaction boundary: commit when the route returned, roll back when it raised
+    (the services never commit; service/unit_of_work.py). Function-scoped (`SessionDep`), so this
+    runs before the response is sent: a client never sees a success that was not committed, and a
+    failed commit is its error response."""
     # async on purpose: a sync generator's teardown waits for a thread-pool thread, and under load
     # every thread can be a sync route waiting for a pooled connection that only such a teardown
-    # would give back: a deadlock. Closing here, on the event loop, returns the connection at once
-    # (a rollback, sub-millisecond); the session is still used by one thread at a time.
+    # would give back: a deadlock. Committing and closing here, on the event loop, returns the
+    # connection at once (a commit or rollback, about a millisecond); the session is still used by
+    # one thread at a time. Only then do the after-commit actions (a broker send, object deletes)
+    # wait for a thread: they hold no connection.
     session = context.session_factory()
     try:
         yield session
-    finally:
+        done = commit(session)
+    except BaseException:
+        undo = rollback(session)
         session.close()
+        if undo:
+            await run_in_threadpool(run_undo, undo)
+        raise
+    session.close()
+    for action in done:
+        await run_in_threadpool(action)
 
 
 ContextDep = Annotated[AppContext, Depends(get_context)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]

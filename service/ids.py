@@ -5,7 +5,7 @@ import json
 import uuid
 from datetime import datetime
 
-from service.errors import Invalid
+from modelpress.spec.errors import Invalid
 
 
 def new_id(prefix: str) -> str:

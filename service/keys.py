@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from service.config import get_settings
 from service.db import make_engine, make_session_factory, utcnow
+from service.unit_of_work import transaction
 from service.errors import DomainError
 from service.tenants import service as tenants
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
     try:
-        with make_session_factory(engine)() as session:
+        with transaction(make_session_factory(engine)) as session:
             if args.command == "create":
                 if session.get(tenants.TenantRow, args.tenant) is None:
                     tenants.create_tenant(session=session, tenant_id=args.tenant, operator=args.operator)

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.db import make_engine, make_session_factory
+from service.unit_of_work import transaction
 from worker.serve import create_app
 from service.migrate import upgrade
 from service.tenants import service as tenants
@@ -41,7 +42,7 @@ def add_tenant(settings: Settings, name: str, scope_sets=("read,write", "read", 
     upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
     try:
-        with make_session_factory(engine)() as session:
+        with transaction(make_session_factory(engine)) as session:
             tenants.create_tenant(session=session, tenant_id=tenant_id, quotas=quotas)
             keys = {scopes: tenants.create_key(session=session, tenant_id=tenant_id, scopes=scopes).secret for scopes in scope_sets}
     finally:

@@ -14,6 +14,7 @@ from modelpress import Client
 from modelpress.errors import ModelpressError
 from service.config import Settings
 from service.db import make_engine, make_session_factory, utcnow
+from service.unit_of_work import transaction
 from worker.serve import create_app
 from service.tenants import service as tenants
 from tests.processes import Process, free_port, wait_http
@@ -78,7 +79,7 @@ def test_a_key_without_the_scope_is_refused_and_no_key_is_unauthorized(keyed, me
 def test_revoked_expired_and_forged_keys_are_refused(keyed):
     client, tenant, settings = keyed
     engine = make_engine(settings.effective_database_url)
-    with make_session_factory(engine)() as session:
+    with transaction(make_session_factory(engine)) as session:
         expired = tenants.create_key(session=session, tenant_id=tenant.id, scopes="read",
                                      expires_at=utcnow() - timedelta(seconds=1)).secret
         revoked = tenants.create_key(session=session, tenant_id=tenant.id, scopes="read")

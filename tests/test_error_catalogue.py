@@ -9,8 +9,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Documented codes that no test produces yet. Each entry is a known gap (issue #19), not a pass:
 # remove it when its test lands (test_the_untested_list_is_not_stale fails until you do).
 NOT_YET_TESTED = {
-    # A bug by definition: the handler is exercised only if a route raises, and no route should.
-    "internal_error",
     # Job-time failures inside one library call that no valid input we could build triggers: ORT's
     # quantizer and the float16 converter accept every model that loads, and a pruned model that
     # does not run or changes its output shape would be a bug of the pruner (its own tests cover

@@ -437,7 +437,7 @@ def test_the_spec_declares_problem_answers_and_upload_bodies(client):
     ("see http://host/v1/jobs/x and ./relative/path", "see http://host/v1/jobs/x and ./relative/path"),
 ])
 def test_job_errors_show_no_server_paths(message, shown):
-    from service.jobs.service import without_server_paths
+    from service.jobs.runner_api import without_server_paths
 
     assert without_server_paths(message) == shown
 

@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 
 from service.db import make_engine, make_session_factory, utcnow
-from service.jobs import service as jobs
+from service.jobs import runner_api
+from service.jobs.runner_api import Heartbeat
 from service.jobs.states import JobStatus
 from service.jobs.tables import JobRow
 from service.migrate import upgrade
@@ -41,48 +42,89 @@ def make_job(session_factory, status="queued", heartbeat_age_s=None) -> str:
         return job.id
 
 
+def claim(session_factory, job_id, stale_after_s=60, max_attempts=3):
+    return runner_api.claim(sessions=session_factory, job_id=job_id, stale_after_s=stale_after_s, max_attempts=max_attempts)
+
+
+def status_of(session_factory, job_id) -> str:
+    with session_factory() as session:
+        return session.get(JobRow, job_id).status
+
+
 def test_claim_is_exclusive(session_factory):
     job_id = make_job(session_factory)
-    with session_factory() as session:
-        first = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
-        second = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
+    first = claim(session_factory, job_id)
+    second = claim(session_factory, job_id)
     assert first is not None and second is None
 
 
 def test_stale_delivery_is_taken_over_and_the_old_one_is_ignored(session_factory):
     job_id = make_job(session_factory)
+    old_token = claim(session_factory, job_id).token
     with session_factory() as session:
-        _, old_token = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
         session.get(JobRow, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)
         session.commit()
-        job, new_token = jobs.claim(session=session, job_id=job_id, stale_after_s=60, max_attempts=3)
-        assert job.attempts == 2 and new_token != old_token
-        assert jobs.report(session=session, job_id=job_id, token=old_token, stage="x", progress=0.5) == "lost"
-        assert not jobs.finish(session=session, job_id=job_id, token=old_token, status=JobStatus.SUCCEEDED)
-        assert jobs.report(session=session, job_id=job_id, token=new_token, stage="x", progress=0.5) == "ok"
-        assert jobs.finish(session=session, job_id=job_id, token=new_token, status=JobStatus.SUCCEEDED)
-        assert session.get(JobRow, job_id, populate_existing=True).status == "succeeded"
+    job = claim(session_factory, job_id)
+    new_token = job.token
+    assert job.attempts == 2 and new_token != old_token
+    beat = dict(sessions=session_factory, job_id=job_id, stage="x", progress=0.5)
+    assert runner_api.heartbeat(token=old_token, **beat) is Heartbeat.SUPERSEDED
+    assert not runner_api.finish(sessions=session_factory, job_id=job_id, token=old_token, status=JobStatus.SUCCEEDED)
+    assert runner_api.heartbeat(token=new_token, **beat) is Heartbeat.CONTINUE
+    assert runner_api.finish(sessions=session_factory, job_id=job_id, token=new_token, status=JobStatus.SUCCEEDED)
+    assert status_of(session_factory, job_id) == "succeeded"
 
 
 def test_reaper_requeues_only_stale_jobs_and_gives_up_after_max_attempts(session_factory):
     stale = make_job(session_factory, status="running", heartbeat_age_s=600)
     fresh = make_job(session_factory, status="running", heartbeat_age_s=1)
+    assert [job.id for job in runner_api.reap_stale(sessions=session_factory, stale_after_s=300)] == [stale]
+    assert status_of(session_factory, fresh) == "running"
     with session_factory() as session:
-        assert jobs.reap_stale(session=session, stale_after_s=300) == [stale]
-        assert session.get(JobRow, fresh, populate_existing=True).status == "running"
         session.get(JobRow, stale).attempts = 3
         session.commit()
-        assert jobs.claim(session=session, job_id=stale, stale_after_s=300, max_attempts=3) is None
-        job = session.get(JobRow, stale, populate_existing=True)
+    assert claim(session_factory, stale, stale_after_s=300) is None
+    with session_factory() as session:
+        job = session.get(JobRow, stale)
         assert (job.status, job.error_code) == ("failed", "worker_lost")
+
+
+def test_a_cancelling_job_whose_worker_died_ends_cancelled(session_factory):
+    """Its cancel needs no worker: the reaper (or a re-delivery's claim) settles it, never re-runs it."""
+    reaped = make_job(session_factory, status="cancelling", heartbeat_age_s=600)
+    redelivered = make_job(session_factory, status="cancelling", heartbeat_age_s=600)
+    alive = make_job(session_factory, status="cancelling", heartbeat_age_s=1)
+    assert claim(session_factory, redelivered, stale_after_s=300) is None
+    assert status_of(session_factory, redelivered) == "cancelled"
+    assert claim(session_factory, alive, stale_after_s=300) is None
+    # Nothing to dispatch again: a cancelled job is not re-queued.
+    assert runner_api.reap_stale(sessions=session_factory, stale_after_s=300) == []
+    assert status_of(session_factory, reaped) == "cancelled"
+    assert status_of(session_factory, alive) == "cancelling"
+
+
+def test_the_heartbeat_of_a_cancelling_job_says_cancel_and_it_records_nothing_more(session_factory):
+    job_id = make_job(session_factory)
+    token = claim(session_factory, job_id).token
+    with session_factory() as session:
+        session.get(JobRow, job_id).status = "cancelling"
+        session.commit()
+    assert runner_api.heartbeat(sessions=session_factory, job_id=job_id, token=token, stage="x", progress=0.1) is Heartbeat.CANCEL
+    recorded = runner_api.record_artifact(sessions=session_factory, job_id=job_id, token=token, name="model.onnx",
+                                          size_bytes=1, sha256="0" * 64, storage_key="k")
+    assert recorded is Heartbeat.CANCEL
+    with session_factory() as session:
+        assert session.get(JobRow, job_id).artifacts == []
+    assert runner_api.finish(sessions=session_factory, job_id=job_id, token=token, status=JobStatus.CANCELLED)
+    assert status_of(session_factory, job_id) == "cancelled"
+    assert runner_api.heartbeat(sessions=session_factory, job_id=job_id, token=token, stage="x", progress=0.1) is Heartbeat.SUPERSEDED
 
 
 def test_finished_jobs_never_move(session_factory):
     job_id = make_job(session_factory, status="succeeded")
-    with session_factory() as session:
-        assert jobs.claim(session=session, job_id=job_id, stale_after_s=0, max_attempts=3) is None
-        assert jobs.reap_stale(session=session, stale_after_s=0) == []
-        assert session.get(JobRow, job_id, populate_existing=True).status == "succeeded"
+    assert claim(session_factory, job_id, stale_after_s=0) is None
+    assert runner_api.reap_stale(sessions=session_factory, stale_after_s=0) == []
+    assert status_of(session_factory, job_id) == "succeeded"
 
 
 def test_cancel_stops_a_running_job(client, reference, wait_step):
@@ -94,7 +136,10 @@ def test_cancel_stops_a_running_job(client, reference, wait_step):
     while client.get(f"/v1/jobs/{job['id']}").json()["stage"] != "0:wait:waiting" and time.monotonic() < deadline:
         time.sleep(0.05)
     response = client.post(f"/v1/jobs/{job['id']}/cancel")
-    assert response.status_code == 202
+    # Running: the job is `cancelling` until its worker stops it; asking again changes nothing.
+    assert response.status_code == 202 and response.json()["status"] == "cancelling"
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 202 and again.json()["status"] in {"cancelling", "cancelled"}
     # The step would wait 600 s: `cancelled` within this wait means the cancel cut it short.
     finished, _ = wait_finished(client, job["id"], timeout=180)
     assert finished["status"] == "cancelled"

@@ -88,6 +88,35 @@ def test_worker_killed_mid_job_is_taken_over_by_another_worker(stack, reference)
         assert {a["name"] for a in finished["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
 
 
+# Its waits: a worker start (120 s at most), the step's start (60 s), the cancel (120 s).
+@pytest.mark.timeout(360)
+def test_cancel_of_a_running_job_on_celery(stack, reference):
+    """The API answers `cancelling` at once (the client and CLI show it); the Celery worker sees it
+    at its next check and ends the job `cancelled`, with no artifacts, on its first attempt."""
+    from modelpress.client import Client
+    from modelpress.errors import JobCancelled
+
+    http, template, _ = stack
+    with own_worker(template, "worker-cancel"):
+        model = upload_model(http, reference.onnx)
+        data = upload_dataset(http, reference.calib_npz)
+        job = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 120}}],
+                                           "data": {"eval": data["id"]}}).json()
+        wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["stage"] == "0:wait:waiting", 60, "the step to start")
+        client = Client(str(http.base_url))
+        try:
+            asked = client.job(job["id"]).cancel()
+            assert asked.status == "cancelling"
+            assert job["id"] in [j.id for j in client.jobs(status="cancelling")] or asked.refresh().status == "cancelled"
+            with pytest.raises(JobCancelled):
+                asked.wait(timeout=120, progress=False)
+        finally:
+            client.close()
+        finished = http.get(f"/v1/jobs/{job['id']}").json()
+        assert (finished["status"], finished["stage"], finished["attempts"], finished["artifacts"]) == ("cancelled", "cancelled", 1, [])
+        assert_problem(http.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+
+
 def _epoch(stage: str) -> int:
     return int(stage.split("epoch ")[1].split("/")[0]) if ":distill:epoch " in stage else 0
 

@@ -326,15 +326,15 @@ def test_a_rolled_back_state_change_leaves_no_delivery(tmp_path):
         engine = make_engine(settings.effective_database_url)
         with make_session_factory(engine)() as session:
             job_id = _queued_job(session)
-            assert transition(session, job_id, JobStatus.FAILED, error_code="broker_unavailable")
+            assert transition(session, job_id, JobStatus.QUEUED, JobStatus.FAILED, error_code="broker_unavailable")
             assert session.scalar(select(func.count()).select_from(WebhookDeliveryRow)) == 1  # in the transaction
             session.rollback()
             assert session.scalar(select(func.count()).select_from(WebhookDeliveryRow)) == 0
-            assert transition(session, job_id, JobStatus.FAILED, error_code="broker_unavailable")
+            assert transition(session, job_id, JobStatus.QUEUED, JobStatus.FAILED, error_code="broker_unavailable")
             session.commit()
             assert session.scalar(select(func.count()).select_from(WebhookDeliveryRow)) == 1
             # A job that is already finished does not move, and is not announced again.
-            assert not transition(session, job_id, JobStatus.CANCELLED)
+            assert not transition(session, job_id, JobStatus.QUEUED, JobStatus.CANCELLED)
             session.commit()
             assert session.scalar(select(func.count()).select_from(WebhookDeliveryRow)) == 1
         engine.dispose()
@@ -353,7 +353,7 @@ def test_two_senders_never_post_the_same_attempt(tmp_path):
         with factory() as session:
             from service.jobs.states import JobStatus, transition
             for _ in range(12):
-                transition(session, _queued_job(session), JobStatus.CANCELLED)
+                transition(session, _queued_job(session), JobStatus.QUEUED, JobStatus.CANCELLED)
                 session.commit()
         senders = [WebhookSender(settings=settings.model_copy(update={"webhook_sender": True}), session_factory=factory)
                    for _ in range(2)]
@@ -402,7 +402,7 @@ def test_a_delivery_being_sent_is_not_resent(tmp_path):
         engine = make_engine(settings.effective_database_url)
         with make_session_factory(engine)() as session:
             from service.jobs.states import JobStatus, transition
-            transition(session, _queued_job(session), JobStatus.CANCELLED)
+            transition(session, _queued_job(session), JobStatus.QUEUED, JobStatus.CANCELLED)
             session.commit()
             (row,) = session.query(WebhookDeliveryRow).all()
             row.status = "sending"  # as a sender's claim leaves it
@@ -449,7 +449,7 @@ def test_the_sender_refuses_a_name_that_resolves_privately(tmp_path):
         factory = make_session_factory(engine)
         with factory() as session:
             from service.jobs.states import JobStatus, transition
-            transition(session, _queued_job(session, tenant.id), JobStatus.CANCELLED)
+            transition(session, _queued_job(session, tenant.id), JobStatus.QUEUED, JobStatus.CANCELLED)
             session.commit()
         sender = WebhookSender(settings=settings, session_factory=factory)
         assert sender.run_once() == 1

@@ -15,8 +15,7 @@ from sqlalchemy.exc import OperationalError
 from service.config import get_settings
 from service.db import make_engine, make_session_factory
 from service.dispatch import RUN_JOB_TASK
-from service.jobs import service as jobs
-from service.jobs.tables import JobRow
+from service.jobs import runner_api
 from service.ops import logs
 from service.storage import open_store
 from worker.runner import Outcome, RunnerDeps, run_job
@@ -79,10 +78,7 @@ def run_job_task(self, job_id: str) -> str:
     except OperationalError as exc:  # the database blinked before the job was claimed or finished
         raise self.retry(exc=exc, countdown=10)
     if outcome is Outcome.SKIPPED:
-        with deps().session_factory() as session:
-            job = session.get(JobRow, job_id)
-            busy = job is not None and job.status == "running"
-        if busy:
+        if runner_api.is_held(sessions=deps().session_factory, job_id=job_id):
             # Another delivery holds the job. If its worker died, the heartbeat goes stale and
             # this delivery takes over on retry.
             raise self.retry(countdown=max(5, settings.stale_job_after_s // 2))
@@ -103,12 +99,12 @@ def _reap_forever(stop: threading.Event) -> None:
     while not stop.wait(REAP_EVERY_S):
         try:
             remove_dead_workdirs(session_factory=deps().session_factory, tmp_dir=settings.tmp_dir)
-            with deps().session_factory() as session:
-                for job_id in jobs.reap_stale(session=session, stale_after_s=settings.stale_job_after_s):
-                    log.warning("job %s: worker lost, re-queued", job_id)
-                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=session.get(JobRow, job_id).queue)
-                for job_id in jobs.queued_ids(session=session, older_than_s=max(settings.stale_job_after_s, QUEUED_RESEND_AFTER_S)):
-                    app.send_task(RUN_JOB_TASK, args=[job_id], queue=session.get(JobRow, job_id).queue)
+            sessions = deps().session_factory
+            for job in runner_api.reap_stale(sessions=sessions, stale_after_s=settings.stale_job_after_s):
+                log.warning("job %s: worker lost, re-queued", job.id)
+                app.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue)
+            for job in runner_api.queued(sessions=sessions, older_than_s=max(settings.stale_job_after_s, QUEUED_RESEND_AFTER_S)):
+                app.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue)
         except Exception:
             log.warning("stale-job reaper failed", exc_info=True)
 

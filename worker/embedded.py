@@ -5,7 +5,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from service.config import Settings
-from service.jobs import service as jobs
+from service.jobs import runner_api
 from service.storage import ObjectStore
 from worker.runner import RunnerDeps, run_job
 from worker.webhooks import WebhookSender
@@ -25,9 +25,8 @@ class InProcessDispatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelpress-worker")
         # Nothing else runs this database's jobs: whatever was running when the last process
         # stopped is taken up again, and queued jobs are queued again.
-        with self.deps.session_factory() as session:
-            requeued = jobs.reap_stale(session=session, stale_after_s=0)
-            pending = jobs.queued_ids(session=session)
+        requeued = runner_api.reap_stale(sessions=self.deps.session_factory, stale_after_s=0)
+        pending = [job.id for job in runner_api.queued(sessions=self.deps.session_factory)]
         if requeued:
             log.info("taking up %d job(s) left running by the previous process", len(requeued))
         remove_dead_workdirs(session_factory=self.deps.session_factory, tmp_dir=self.deps.settings.tmp_dir)

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from service.jobs import service as jobs
+from service.jobs import runner_api
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ def remove_dead_workdirs(*, session_factory, tmp_dir: Path) -> int:
             folders[folder] = (job_id, rest.split("-")[0])
     if not folders:
         return 0
-    with session_factory() as session:
-        live = jobs.live_run_tokens(session=session, job_ids=sorted({job_id for job_id, _ in folders.values()}))
+    live = runner_api.live_run_tokens(sessions=session_factory, job_ids=sorted({job_id for job_id, _ in folders.values()}))
     removed = 0
     for folder, (job_id, token) in folders.items():
         if live.get(job_id) != token:

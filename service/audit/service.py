@@ -9,7 +9,6 @@ from service.audit.tables import AuditEventRow
 def record(*, session: Session, caller, action: str, resource_id: str) -> None:
     """`caller`: the request's `service.auth.Caller` (its tenant and key prefix)."""
     session.add(AuditEventRow(tenant_id=caller.tenant_id, key_prefix=caller.key_prefix, action=action, resource_id=resource_id))
-    session.commit()
 
 
 def list_recent(*, session: Session, tenant_id: str, limit: int) -> list[AuditEventRow]:

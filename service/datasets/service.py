@@ -14,6 +14,7 @@ from service.ids import clean_name, new_id
 from service.pagination import newest_first
 from service.storage import ObjectStore, tenant_prefix
 from service.tenants import quotas
+from service.unit_of_work import after_commit, on_rollback
 from service.uploads import ReceivedUpload
 from modelpress.spec.configs import PreprocessSpec, parse_preprocess
 from modelpress.spec.errors import EngineError
@@ -57,12 +58,10 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
         has_labels=info.has_labels, num_classes=info.num_classes, classes=info.classes,
         preprocess=spec.model_dump(exclude_defaults=True),
     )
+    # The row failed (now or at the request's commit): leave no orphan object behind.
+    on_rollback(session, lambda: store.delete_prefix(key.rsplit("/", 1)[0] + "/"))
     session.add(row)
-    try:
-        session.commit()
-    except Exception:
-        store.delete_prefix(f"datasets/{dataset_id}")  # the row failed: leave no orphan object behind
-        raise
+    session.flush()
     return row
 
 
@@ -84,5 +83,5 @@ def delete(*, session: Session, store: ObjectStore, tenant_id: str, dataset_id: 
     if active_jobs_using_dataset(session=session, dataset_id=dataset_id):
         raise Conflict(f"dataset {dataset_id} is used by a queued or running job", code="dataset_in_use", dataset_id=dataset_id)
     session.delete(row)
-    session.commit()
-    store.delete_prefix(row.storage_key.rsplit("/", 1)[0] + "/")
+    session.flush()
+    after_commit(session, lambda: store.delete_prefix(row.storage_key.rsplit("/", 1)[0] + "/"))

@@ -1,9 +1,12 @@
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.db import Base, UTCDateTime, utcnow
+
+
+JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 
 
 class JobRow(Base):
@@ -13,6 +16,7 @@ class JobRow(Base):
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)
     # No foreign key: a finished job outlives the model it compressed.
     model_id: Mapped[str] = mapped_column(String(40), index=True)
+    # One of states.JobStatus (the database refuses anything else: ck_jobs_status).
     status: Mapped[str] = mapped_column(String(16), index=True)
     stage: Mapped[str] = mapped_column(String(64), default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -24,7 +28,6 @@ class JobRow(Base):
     headline: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Which delivery owns the job now; a stale delivery's writes are ignored.
     run_token: Mapped[str | None] = mapped_column(String(40), nullable=True)
@@ -43,6 +46,9 @@ class JobRow(Base):
         # The list's order (newest first, cursor on created_at, id), unfiltered and by status.
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+        # The values of states.JobStatus, spelled out: states imports this module (tests/test_job_states.py
+        # checks the two agree).
+        CheckConstraint(f"status IN ({', '.join(repr(s) for s in JOB_STATUSES)})", name="ck_jobs_status"),
     )
 
 

@@ -8,9 +8,10 @@ from service.audit import service as audit
 from service.auth import ReadCaller, WriteCaller
 from service.conditional import encoded, json_or_not_modified
 from service.deps import ContextDep, SessionDep
-from service.errors import DomainError, NotFound
+from service.errors import NotFound
 from service.jobs import service
 from service.jobs.schemas import JobCreate, JobFullList, JobList, JobRead, JobSummary, MetricsRead, PresetRead
+from service.jobs.states import JobStatus
 from service.jobs.tables import JobRow
 from service.ops.context import request_id_var
 from service.storage import ObjectMissing
@@ -29,10 +30,6 @@ def list_presets(_caller: ReadCaller):
 
 
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; sandbox"
-
-
-class ServiceUnavailable(DomainError):
-    status, code, title = 503, "broker_unavailable", "Service unavailable"
 
 
 def _common_fields(job: JobRow) -> dict[str, Any]:
@@ -61,11 +58,9 @@ def to_read(job: JobRow) -> JobRead:
 
 @router.post("", status_code=202, response_model=JobRead)
 def create_job(body: JobCreate, context: ContextDep, session: SessionDep, caller: WriteCaller):
-    try:
-        job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=caller.tenant_id, body=body,
-                             gpu_queue=context.settings.gpu_queue, request_id=request_id_var.get())
-    except service.DispatchFailed as exc:
-        raise ServiceUnavailable(f"the job was stored but could not be queued: {exc}") from exc
+    # A broker that refuses the job answers 503 `broker_unavailable` when the request commits.
+    job = service.create(session=session, dispatcher=context.dispatcher, tenant_id=caller.tenant_id, body=body,
+                         gpu_queue=context.settings.gpu_queue, request_id=request_id_var.get())
     audit.record(session=session, caller=caller, action="job.created", resource_id=job.id)
     return encoded(to_read(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -74,7 +69,7 @@ def create_job(body: JobCreate, context: ContextDep, session: SessionDep, caller
 def list_jobs(
     session: SessionDep, caller: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    status: Annotated[str | None, Query(pattern=f"^({'|'.join(JobStatus)})$")] = None,
     view: Annotated[Literal["summary", "full"], Query(description=(
         "`summary` (the default): a `JobSummary` per job, without metrics, steps or artifacts. "
         "`full`: each job as `GET /v1/jobs/{id}` returns it."))] = "summary",

@@ -13,6 +13,7 @@ from service.models.tables import ModelRow
 from service.pagination import newest_first
 from service.storage import ObjectStore, tenant_prefix
 from service.tenants import quotas
+from service.unit_of_work import after_commit, on_rollback
 from service.uploads import ReceivedUpload
 
 FILE_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": "model.pt"}
@@ -43,12 +44,10 @@ def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: Rece
         outputs=info.outputs,
         details=info.details,
     )
+    # The row failed (now or at the request's commit): leave no orphan object behind.
+    on_rollback(session, lambda: store.delete_prefix(key.rsplit("/", 1)[0] + "/"))
     session.add(row)
-    try:
-        session.commit()
-    except Exception:
-        store.delete_prefix(f"models/{model_id}")  # the row failed: leave no orphan object behind
-        raise
+    session.flush()
     return row
 
 
@@ -74,5 +73,5 @@ def delete(*, session: Session, store: ObjectStore, tenant_id: str, model_id: st
     if active_jobs_using_model(session=session, model_id=model_id):
         raise Conflict(f"model {model_id} is used by a queued or running job", code="model_in_use", model_id=model_id)
     session.delete(row)
-    session.commit()
-    store.delete_prefix(row.storage_key.rsplit("/", 1)[0] + "/")
+    session.flush()
+    after_commit(session, lambda: store.delete_prefix(row.storage_key.rsplit("/", 1)[0] + "/"))

@@ -1,4 +1,4 @@
-"""Per-tenant quotas: stored bytes, models, datasets, active (queued + running) jobs.
+"""Per-tenant quotas: stored bytes, models, datasets, active (queued, running, cancelling) jobs.
 
 A check takes the tenant's row lock first (an UPDATE of that row) and the caller keeps it until it
 commits the new row: concurrent uploads or submissions of one tenant are checked one after the

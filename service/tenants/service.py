@@ -55,7 +55,7 @@ def create_tenant(*, session: Session, tenant_id: str, name: str | None = None, 
         raise Conflict(f"tenant {tenant_id} already exists", code="tenant_exists", tenant_id=tenant_id)
     row = TenantRow(id=tenant_id, name=name or tenant_id, operator=operator, **(quotas or {}))
     session.add(row)
-    session.commit()
+    session.flush()
     return row
 
 
@@ -80,7 +80,7 @@ def set_quotas(*, session: Session, tenant_id: str, quotas: dict) -> TenantRow:
     for field, value in quotas.items():
         if field in QUOTA_FIELDS:
             setattr(row, field, value)
-    session.commit()
+    session.flush()
     return row
 
 
@@ -94,7 +94,7 @@ def create_key(*, session: Session, tenant_id: str, scopes: list[str] | str, nam
     row = ApiKeyRow(id=new_id("key"), tenant_id=tenant_id, prefix=prefix, key_hash=hash_key(secret), name=name[:255],
                     scopes=parse_scopes(scopes), expires_at=expires_at)
     session.add(row)
-    session.commit()
+    session.flush()
     return IssuedKey(row=row, secret=secret)
 
 
@@ -108,7 +108,7 @@ def revoke_key(*, session: Session, tenant_id: str, key_id: str) -> ApiKeyRow:
         raise NotFound(f"key {key_id} does not exist", code="key_not_found", key_id=key_id)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
-        session.commit()
+        session.flush()
     return row
 
 

@@ -94,7 +94,7 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
         created_at=now, updated_at=now, expires_at=now + timedelta(seconds=settings.upload_session_ttl_s),
     )
     session.add(row)
-    session.commit()
+    session.flush()
     return row
 
 

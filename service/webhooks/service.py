@@ -47,7 +47,7 @@ def create(*, session: Session, tenant_id: str, body: WebhookCreate, max_endpoin
     row = WebhookEndpointRow(id=new_id("whk"), tenant_id=tenant_id, url=url, secret=secret,
                              event_types=sorted(set(body.event_types)), description="".join(c for c in body.description if c.isprintable()))
     session.add(row)
-    session.commit()
+    session.flush()
     return row
 
 
@@ -69,7 +69,7 @@ def delete(*, session: Session, tenant_id: str, endpoint_id: str) -> None:
     row = get(session=session, tenant_id=tenant_id, endpoint_id=endpoint_id)
     session.query(WebhookDeliveryRow).filter(WebhookDeliveryRow.endpoint_id == row.id).delete(synchronize_session=False)
     session.delete(row)
-    session.commit()
+    session.flush()
 
 
 def list_deliveries(*, session: Session, tenant_id: str, endpoint_id: str, limit: int, cursor: str | None):
@@ -95,7 +95,7 @@ def resend(*, session: Session, tenant_id: str, endpoint_id: str, delivery_id: s
         .where(WebhookDeliveryRow.id == row.id, WebhookDeliveryRow.status != "sending")
         .values(status="pending", failures_in_a_row=0, next_attempt_at=utcnow())
     ).rowcount
-    session.commit()
+    session.flush()
     session.refresh(row)
     if not moved:
         raise Conflict(f"delivery {delivery_id} is being sent right now", code="delivery_in_progress",

@@ -6,7 +6,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from service.errors import Invalid
+from modelpress.spec.errors import Invalid
 
 
 def _is_private(address: str) -> bool:

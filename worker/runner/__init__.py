@@ -6,7 +6,7 @@ steps.py      each step in turn, each feeding the next; step checkpoints and nam
 evaluation.py the final model against the original (plus the last step's own measurements).
 artifacts.py  metrics.json, report.html, recipe.json and the uploads.
 
-It reaches job state only through service.jobs.service, and techniques only through the step
+It reaches job state only through service.jobs.runner_api (plain data), and techniques only through the step
 registry: it imports no technique.
 """
 

@@ -6,9 +6,10 @@ import json
 import math
 from pathlib import Path
 
-from service.jobs import service as jobs
+from service.jobs import runner_api
+from service.jobs.runner_api import Heartbeat
 from service.storage import tenant_prefix
-from worker.engine.errors import JobSuperseded
+from worker.engine.errors import JobCancelled, JobSuperseded
 from worker.engine.report import render as render_report
 from worker.recipe import decided_steps
 
@@ -47,16 +48,16 @@ def write_and_store(job, token: str, deps, work: Path, metrics: dict, model: Pat
 
 def store_artifact(deps, job_id: str, token: str, name: str, path: Path, *, tenant_id: str) -> None:
     """Each delivery writes under its own token, and the row is switched to the new object only
-    after the upload completed: a delivery that dies half-way leaves no half-written artifact."""
+    after the upload completed: a delivery that dies half-way leaves no half-written artifact, and a
+    cancelled or superseded one leaves no object either."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1024 * 1024):
             digest.update(chunk)
     key = f"{tenant_prefix(tenant_id)}jobs/{job_id}/{token}/{name}"
     deps.store.put_file(key, path)
-    with deps.session_factory() as session:
-        owned = jobs.record_artifact(session=session, job_id=job_id, token=token, name=name, size_bytes=path.stat().st_size,
-                                     sha256=digest.hexdigest(), storage_key=key)
-    if not owned:
+    verdict = runner_api.record_artifact(sessions=deps.session_factory, job_id=job_id, token=token, name=name,
+                                         size_bytes=path.stat().st_size, sha256=digest.hexdigest(), storage_key=key)
+    if verdict is not Heartbeat.CONTINUE:
         deps.store.delete(key)
-        raise JobSuperseded()
+        raise JobCancelled() if verdict is Heartbeat.CANCEL else JobSuperseded()

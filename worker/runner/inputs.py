@@ -4,11 +4,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.datasets import service as datasets
-from service.errors import NotFound
-from service.models import service as models
+from modelpress.spec.errors import EngineError, NotFound
+from service.jobs import runner_api
+from service.jobs.runner_api import ClaimedJob, StoredModel
 from worker.engine.data import ImageSet, load_dataset, split
-from modelpress.spec.errors import EngineError
 from worker.engine import evaluate
 from worker.engine.formats import to_onnx
 
@@ -17,7 +16,7 @@ LOAD_SHARE = 0.05  # of the job's progress bar
 
 @dataclass
 class JobInputs:
-    model: object  # the model's row (format, inputs)
+    model: StoredModel
     original: Path  # the job's model as ONNX
     data: dict[str, ImageSet]  # by role: calibration, train, eval
     eval_data: ImageSet | None
@@ -31,7 +30,7 @@ def runnable(path: Path) -> Path:
     return path
 
 
-def load_inputs(job, deps, progress, work: Path) -> JobInputs:
+def load_inputs(job: ClaimedJob, deps, progress, work: Path) -> JobInputs:
     store, tenant_id = deps.store, job.tenant_id
     progress("load", 0.0, force=True)
     data_spec = job.spec["data"]
@@ -39,13 +38,11 @@ def load_inputs(job, deps, progress, work: Path) -> JobInputs:
     wanted = {role: ds_id for role, ds_id in data_spec.items() if role != "split" and ds_id}
     if split_spec:
         wanted["split"] = split_spec["dataset"]
-    with deps.session_factory() as session:
-        try:
-            model = models.get(session=session, tenant_id=tenant_id, model_id=job.model_id)
-            dataset_rows = {role: datasets.get(session=session, tenant_id=tenant_id, dataset_id=ds_id)
-                            for role, ds_id in wanted.items()}
-        except NotFound as exc:
-            raise EngineError(exc.code, exc.message) from exc
+    try:
+        model = runner_api.model(sessions=deps.session_factory, tenant_id=tenant_id, model_id=job.model_id)
+        dataset_rows = runner_api.datasets(sessions=deps.session_factory, tenant_id=tenant_id, dataset_ids=wanted)
+    except NotFound as exc:
+        raise EngineError(exc.code, exc.message) from exc
     if len(model.inputs) > 1:
         raise EngineError("unsupported_model_input", "models with more than one input are not supported yet")
     input_shape = model.inputs[0]["shape"] if model.inputs else None
@@ -69,11 +66,10 @@ def load_inputs(job, deps, progress, work: Path) -> JobInputs:
     progress("load", LOAD_SHARE)
 
     def load_model(model_id: str) -> Path:
-        with deps.session_factory() as session:
-            try:
-                row = models.get(session=session, tenant_id=tenant_id, model_id=model_id)
-            except NotFound as exc:
-                raise EngineError(exc.code, exc.message) from exc
+        try:
+            row = runner_api.model(sessions=deps.session_factory, tenant_id=tenant_id, model_id=model_id)
+        except NotFound as exc:
+            raise EngineError(exc.code, exc.message) from exc
         folder = work / f"model-{model_id}"
         folder.mkdir(exist_ok=True)
         local = store.get_file(row.storage_key, folder / Path(row.storage_key).name)

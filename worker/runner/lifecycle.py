@@ -1,6 +1,6 @@
 """A job's life: claim it, run it under a heartbeat that checks cancel, deadline and worker stop,
-settle its final status. The outcome of a delivery is an `Outcome`; the heartbeat's reading of the
-job's row a `Verdict`."""
+settle its final status. The outcome of a delivery is an `Outcome`; the heartbeat's answer a
+`runner_api.Heartbeat`. Job state is reached only through `service.jobs.runner_api`."""
 
 import contextvars
 import logging
@@ -14,8 +14,8 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.jobs import service as jobs
-from service.jobs.states import JobStatus
+from service.jobs import runner_api
+from service.jobs.runner_api import ClaimedJob, Heartbeat, JobStatus
 from service.ops.context import bound
 from service.storage import ObjectStore
 from modelpress.spec.errors import EngineError
@@ -45,14 +45,6 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
 
 
-class Verdict(StrEnum):
-    """The heartbeat's reading of the job's row (jobs.report): go on, cancel, or the claim is lost."""
-
-    OK = "ok"
-    CANCEL = "cancel"
-    LOST = "lost"
-
-
 class WorkerStopping(Exception):
     """The worker process is shutting down; the job is left for the next worker to claim."""
 
@@ -74,7 +66,7 @@ class Progress:
         self.deps, self.job_id, self.token = deps, job_id, token
         self.deadline = time.monotonic() + deps.settings.job_time_limit_s
         self.stage, self.fraction = "starting", 0.0
-        self.verdict = Verdict.OK
+        self.verdict = Heartbeat.CONTINUE
         self.last_write = 0.0
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -95,8 +87,9 @@ class Progress:
         self.thread.join(timeout=5)
 
     def _write(self) -> None:
-        with self.lock, self.deps.session_factory() as session:
-            self.verdict = Verdict(jobs.report(session=session, job_id=self.job_id, token=self.token, stage=self.stage, progress=self.fraction))
+        with self.lock:
+            self.verdict = runner_api.heartbeat(sessions=self.deps.session_factory, job_id=self.job_id, token=self.token,
+                                                stage=self.stage, progress=self.fraction)
             self.last_write = time.monotonic()
 
     def _beat(self) -> None:
@@ -105,27 +98,27 @@ class Progress:
                 self._write()
                 # A step stuck inside a library call never reaches check(): the job's state is
                 # settled from here, and whatever the step does later is ignored (it lost the claim).
-                if self.verdict is Verdict.CANCEL:
+                if self.verdict is Heartbeat.CANCEL:
                     self._settle(JobStatus.CANCELLED)
                     self.runs.stop(JobCancelled)
                 elif time.monotonic() > self.deadline:
                     self._settle(JobStatus.FAILED, error_code="time_limit_exceeded",
                                  error_message=self._time_limit_message())
                     self.runs.stop(lambda: EngineError("time_limit_exceeded", self._time_limit_message()))
-                elif self.verdict is Verdict.LOST:  # another delivery owns the job: this one's runs are waste
+                elif self.verdict is Heartbeat.SUPERSEDED:  # another delivery owns the job: this one's runs are waste
                     self.runs.stop(JobSuperseded)
             except Exception:  # a missed heartbeat is retried at the next beat
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def _settle(self, status: JobStatus, **values) -> None:
-        with self.lock, self.deps.session_factory() as session:
-            if jobs.finish(session=session, job_id=self.job_id, token=self.token, status=status, **values):
-                self.verdict = Verdict.LOST
+        with self.lock:
+            if runner_api.finish(sessions=self.deps.session_factory, job_id=self.job_id, token=self.token, status=status, **values):
+                self.verdict = Heartbeat.SUPERSEDED
 
     def check(self) -> None:
-        if self.verdict is Verdict.CANCEL:
+        if self.verdict is Heartbeat.CANCEL:
             raise JobCancelled()
-        if self.verdict is Verdict.LOST:
+        if self.verdict is Heartbeat.SUPERSEDED:
             raise JobSuperseded()
         if self.deps.stopping.is_set():
             raise WorkerStopping()
@@ -145,8 +138,8 @@ class Progress:
     def log(self, line: str) -> None:
         """A line of the job's log (its SSE `log` events). A failed write never fails the job."""
         try:
-            with self.lock, self.deps.session_factory() as session:
-                jobs.log_line(session=session, job_id=self.job_id, token=self.token, line=line)
+            with self.lock:
+                runner_api.log_line(sessions=self.deps.session_factory, job_id=self.job_id, token=self.token, line=line)
         except Exception:
             log.warning("job %s: log line not stored", self.job_id, exc_info=True)
 
@@ -157,11 +150,11 @@ class Progress:
 
 def run_job(job_id: str, deps: RunnerDeps) -> Outcome:
     settings = deps.settings
-    with deps.session_factory() as session:
-        claimed = jobs.claim(session=session, job_id=job_id, stale_after_s=settings.stale_job_after_s, max_attempts=settings.max_job_attempts)
-    if claimed is None:
+    job = runner_api.claim(sessions=deps.session_factory, job_id=job_id, stale_after_s=settings.stale_job_after_s,
+                           max_attempts=settings.max_job_attempts)
+    if job is None:
         return Outcome.SKIPPED
-    job, token = claimed
+    token = job.token
     # Every line logged for this job (this thread's, and the heartbeat's) carries the id of the
     # request that created it, as the API's lines for that request do.
     with bound(request_id=job.request_id, job_id=job_id):
@@ -169,13 +162,12 @@ def run_job(job_id: str, deps: RunnerDeps) -> Outcome:
         return _run_claimed(job, token, deps)
 
 
-def _run_claimed(job, token: str, deps: RunnerDeps) -> Outcome:
+def _run_claimed(job: ClaimedJob, token: str, deps: RunnerDeps) -> Outcome:
     settings, job_id = deps.settings, job.id
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def finish(status: JobStatus, **values) -> None:
-        with deps.session_factory() as session:
-            jobs.finish(session=session, job_id=job_id, token=token, status=status, **values)
+        runner_api.finish(sessions=deps.session_factory, job_id=job_id, token=token, status=status, **values)
         try:  # checkpoints only serve a re-delivery of an unfinished job
             deps.store.delete_prefix(f"jobs/{job_id}/checkpoints/")
         except Exception:
@@ -212,7 +204,7 @@ def _run_claimed(job, token: str, deps: RunnerDeps) -> Outcome:
         return Outcome.FAILED
 
 
-def _execute(job, token: str, deps: RunnerDeps, progress: Progress, work: Path) -> tuple[dict, GuardNotMet | None]:
+def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, work: Path) -> tuple[dict, GuardNotMet | None]:
     """Inputs -> steps -> evaluation -> artifacts; the metrics, and the broken promise if one was."""
     inputs = load_inputs(job, deps, progress, work)
     run = run_steps(job, inputs, deps.store, progress, work)
