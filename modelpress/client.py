@@ -496,7 +496,9 @@ class Client:
         for attempt in range(self.retries + 1):
             digest = hashlib.sha256()
             try:
-                with self.http.stream("GET", url) as response:
+                # follow_redirects: on S3 the API may answer 307 to a presigned URL (httpx drops
+                # the Authorization header when a redirect leaves the API's origin).
+                with self.http.stream("GET", url, follow_redirects=True) as response:
                     if response.status_code in RETRY_STATUSES:
                         raise _RetryableStatus(f"HTTP {response.status_code}")
                     if not response.is_success:

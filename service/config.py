@@ -146,6 +146,10 @@ class Settings(BaseSettings):
         "", validation_alias=AliasChoices("MODELPRESS_RATE_LIMIT_STORAGE_URL", "rate_limit_storage_url"))
     # Comma-separated origins allowed by CORS; empty keeps CORS off (no browser origin may call the API).
     cors_origins: str = Field("", validation_alias=AliasChoices("MODELPRESS_CORS_ORIGINS", "cors_origins"))
+    # On S3 storage, artifact downloads (all but report.html) answer 307 to a presigned URL valid
+    # this many seconds, so large models do not pass through the API; 0 keeps them streamed by it.
+    download_redirect_s: int = Field(0, ge=0, le=7 * 24 * 3600,
+                                     validation_alias=AliasChoices("MODELPRESS_DOWNLOAD_REDIRECT_S", "download_redirect_s"))
     # Operations (service/ops/): "json" writes one JSON object per log line, "text" a readable line;
     # both carry the request id (and the job id in the worker).
     log_format: Literal["json", "text"] = Field("text", validation_alias=AliasChoices("MODELPRESS_LOG_FORMAT", "log_format"))

@@ -131,6 +131,14 @@ class S3Store:
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
 
+    def presigned_get(self, key: str, *, filename: str, expires_s: int) -> str:
+        """A URL that GETs the object without credentials for `expires_s` seconds, served as an
+        attachment named `filename` (the download then goes from S3, not through the API)."""
+        return self.client.generate_presigned_url(
+            "get_object", ExpiresIn=expires_s,
+            Params={"Bucket": self.bucket, "Key": self._key(key),
+                    "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+
     def _key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key

@@ -125,13 +125,22 @@ def download_artifact(job_id: str, name: str, request: Request, context: Context
     }
     if request.method == "HEAD":  # the headers a GET would send (size, digest), without reading storage
         return Response(media_type=media_type, headers=headers)
+    # Who took a copy of what: the artifact's name when it fits the column, else the job alone.
+    downloaded = f"{job_id}/{artifact.name}"
+    redirect_s = context.settings.download_redirect_s
+    # On S3, a large artifact may go straight from the bucket (MODELPRESS_DOWNLOAD_REDIRECT_S). The
+    # report stays on the API: it is opened in a browser and must keep its CSP.
+    if redirect_s and hasattr(context.store, "presigned_get") and name != "report.html":
+        url = context.store.presigned_get(artifact.storage_key, filename=artifact.name, expires_s=redirect_s)
+        audit.record(session=session, caller=caller, action="artifact.downloaded",
+                     resource_id=downloaded if len(downloaded) <= 64 else job_id)
+        return Response(status_code=307, headers={"Location": url, "ETag": headers["ETag"],
+                                                  "X-Checksum-SHA256": artifact.sha256, "Cache-Control": "no-store"})
     try:
         chunks = context.store.iter_chunks(artifact.storage_key)
         first = next(chunks, b"")
     except ObjectMissing as exc:
         raise NotFound(f"artifact {name!r} of job {job_id} is missing from storage", code="artifact_missing") from exc
-    # Who took a copy of what: the artifact's name when it fits the column, else the job alone.
-    downloaded = f"{job_id}/{artifact.name}"
     audit.record(session=session, caller=caller, action="artifact.downloaded",
                  resource_id=downloaded if len(downloaded) <= 64 else job_id)
 
