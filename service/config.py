@@ -304,6 +304,8 @@ class Settings(BaseSettings):
     def dataset_parse_limits(self) -> Limits:
         return Limits(wall_s=self.dataset_parse_timeout_s, cpu_s=max(1, int(self.dataset_parse_timeout_s)),
                       memory_bytes=self.dataset_parse_memory_bytes)
+
+    @property
     def webhook_private_urls_allowed(self) -> bool:
         return self.webhook_allow_private_urls or not self.keys_required
 

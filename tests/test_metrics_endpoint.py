@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.migrate import upgrade
+from service.unit_of_work import transaction
 from service.tenants import service as tenants
 from tests.jobs_flow import upload_dataset, upload_model, wait_finished
 from tests.processes import wait_for
@@ -122,7 +123,7 @@ def _operator_key(settings: Settings) -> tuple[str, str]:
     upgrade(settings.effective_database_url)
     engine = make_engine(settings.effective_database_url)
     try:
-        with make_session_factory(engine)() as session:
+        with transaction(make_session_factory(engine)) as session:
             ops = tenants.create_tenant(session=session, tenant_id=f"ops-{uuid.uuid4().hex[:6]}", operator=True)
             team = tenants.create_tenant(session=session, tenant_id=f"team-{uuid.uuid4().hex[:6]}")
             return (tenants.create_key(session=session, tenant_id=ops.id, scopes="admin").secret,

@@ -170,8 +170,9 @@ def _claim_for_completion(*, session: Session, settings: Settings, row: UploadSe
     return claimed == 1
 
 
-def _set_status(session: Session, upload_id: str, status: str, **values) -> None:
-    session.rollback()  # whatever the failed create left in the session
+def _set_status(session: Session, upload_id: str, status: str, *, discard: bool = True, **values) -> None:
+    if discard:
+        session.rollback()  # whatever the failed create left in the session
     session.execute(update(UploadSessionRow).where(UploadSessionRow.id == upload_id)
                     .values(status=status, updated_at=utcnow(), **values))
     session.commit()
@@ -206,16 +207,17 @@ def _assemble(*, store: ObjectStore, settings: Settings, row: UploadSessionRow, 
 
 
 def _create_resource(*, session: Session, store: ObjectStore, settings: Settings, row: UploadSessionRow,
-                     upload: ReceivedUpload) -> ModelRow | DatasetRow:
+                     upload: ReceivedUpload, readers: tuple) -> ModelRow | DatasetRow:
+    model_reader, dataset_reader = readers
     limit = settings.upload_session_max_bytes
     if row.kind == "model":
         return models.create(session=session, store=store, tenant_id=row.tenant_id, upload=upload,
-                             name=upload.fields.get("name"), max_unpacked_bytes=4 * limit,
-                             parse_limits=settings.model_parse_limits)
+                             name=upload.fields.get("name"), max_unpacked_bytes=4 * limit, reader=model_reader)
     # The dataset checks bound the archive by max_dataset_bytes: this path's own limit replaces it.
     session_settings = settings.model_copy(update={"max_dataset_bytes": max(settings.max_dataset_bytes, limit)})
     return datasets.create(session=session, store=store, settings=session_settings, tenant_id=row.tenant_id,
-                           upload=upload, name=upload.fields.get("name"), preprocess=upload.fields.get("preprocess"))
+                           upload=upload, name=upload.fields.get("name"), preprocess=upload.fields.get("preprocess"),
+                           reader=dataset_reader)
 
 
 def _resource(session: Session, row: UploadSessionRow) -> ModelRow | DatasetRow:
@@ -226,9 +228,10 @@ def _resource(session: Session, row: UploadSessionRow) -> ModelRow | DatasetRow:
 
 
 def complete(*, session: Session, store: ObjectStore, settings: Settings, tenant_id: str,
-             upload_id: str, sha256: str | None = None) -> tuple[ModelRow | DatasetRow, bool]:
+             upload_id: str, sha256: str | None = None, readers: tuple = (None, None)) -> tuple[ModelRow | DatasetRow, bool]:
     """The model or dataset the upload makes, and whether this call made it (a repeated complete,
-    say after a lost answer, returns the first one's result)."""
+    say after a lost answer, returns the first one's result). `readers`: the sandboxed model and
+    dataset readers the single-request uploads use (None: read in this process)."""
     row = get(session=session, store=store, tenant_id=tenant_id, upload_id=upload_id)
     if row.status == COMPLETED:
         return _resource(session, row), False
@@ -249,7 +252,8 @@ def complete(*, session: Session, store: ObjectStore, settings: Settings, tenant
     upload = None
     try:
         upload = _assemble(store=store, settings=settings, row=row, sha256=sha256)
-        resource = _create_resource(session=session, store=store, settings=settings, row=row, upload=upload)
+        resource = _create_resource(session=session, store=store, settings=settings, row=row, upload=upload,
+                                    readers=readers)
     except QuotaExceeded:
         _set_status(session, row.id, OPEN)  # the tenant may free space and complete again
         raise
@@ -264,7 +268,8 @@ def complete(*, session: Session, store: ObjectStore, settings: Settings, tenant
     finally:
         if upload is not None:
             upload.discard()
-    _set_status(session, row.id, COMPLETED, result_id=resource.id)
+    # Committed with the session's status: the new model or dataset and its row are one transaction.
+    _set_status(session, row.id, COMPLETED, discard=False, result_id=resource.id)
     _delete_parts(session=session, store=store, row=row)
     return resource, True
 

@@ -65,7 +65,8 @@ async def complete_upload(upload_id: str, response: Response, context: ContextDe
     (201). Repeated after it succeeded, the same model or dataset (200)."""
     resource, created = await run_in_threadpool(service.complete, session=session, store=context.store,
                                                 settings=context.settings, tenant_id=caller.tenant_id, upload_id=upload_id,
-                                                sha256=spec.sha256 if spec else None)
+                                                sha256=spec.sha256 if spec else None,
+                                                readers=(context.model_reader, context.dataset_reader))
     if created:
         kind = "model" if isinstance(resource, service.ModelRow) else "dataset"
         await run_in_threadpool(audit.record, session=session, caller=caller, action=f"{kind}.created",
