@@ -209,7 +209,7 @@ def test_streams_per_process_are_bounded(tmp_path):
         # The job ends: the first stream sends its result, ends, and gives its place back.
         engine = make_engine(settings.effective_database_url)
         with make_session_factory(engine)() as session:
-            assert transition(session, running, JobStatus.RUNNING, JobStatus.CANCELLED, stage="cancelled")
+            assert transition(session, running, JobStatus.RUNNING, JobStatus.FAILED, stage="failed")
             session.commit()
         engine.dispose()
         first.join(60)
