@@ -30,9 +30,9 @@ def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
             yield http, worker
 
 
-def two_waits(http, reference, second_s: float) -> dict:
+def two_waits(http, reference, second_s: float, eval_npz=None) -> dict:
     model = upload_model(http, reference.onnx)
-    data = upload_dataset(http, reference.calib_npz)
+    data = upload_dataset(http, eval_npz or reference.calib_npz)
     steps = [{"type": "wait", "params": {"seconds": 1}}, {"type": "wait", "params": {"seconds": second_s}}]
     response = http.post("/v1/jobs", json={"model_id": model["id"], "steps": steps, "data": {"eval": data["id"]}})
     assert response.status_code == 202, response.text
@@ -41,6 +41,11 @@ def two_waits(http, reference, second_s: float) -> dict:
 
 def stage(http, job_id) -> str:
     return http.get(f"/v1/jobs/{job_id}").json()["stage"]
+
+
+def _evaluating_or_done(http, job_id) -> bool:
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    return job["stage"].startswith("evaluate:") or job["status"] in ("succeeded", "failed", "cancelled")
 
 
 def assert_done_once_and_whole(http, job_id):
@@ -69,8 +74,12 @@ def pool_children(parent_pid: int) -> list[int]:
 def test_worker_killed_during_the_final_evaluation_of_a_two_step_job(stack, reference):
     http, template = stack
     with own_worker(template, "faults-1") as first:
-        job = two_waits(http, reference, second_s=1)
-        wait_for(lambda: stage(http, job["id"]).startswith("evaluate:"), 120, "the evaluation to start")
+        # The evaluation must last long enough to be seen: on an idle machine the 200 calibration
+        # images are measured in well under a poll. The 1,437 training images make it several
+        # times longer, and the poll is fast (a missed window fails on the job finishing first).
+        job = two_waits(http, reference, second_s=1, eval_npz=reference.train_npz)
+        wait_for(lambda: _evaluating_or_done(http, job["id"]), 120, "the evaluation to start", interval=0.02)
+        assert stage(http, job["id"]).startswith("evaluate:"), "the job finished before its evaluation was seen"
         first.kill()
         assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     with own_worker(template, "faults-2"):
