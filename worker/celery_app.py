@@ -38,6 +38,10 @@ app.conf.update(
     # is still within its limit; the key prefix (when set) keeps deployments on one Redis apart.
     broker_transport_options=settings.broker_transport_options,
     broker_connection_retry_on_startup=True,
+    # A broker outage does not stop a running job: its state and heartbeat live in the database, and
+    # a message lost with the broker is sent again by the reaper (test_redis_outage.py). Celery 6
+    # would cancel such tasks by default and redo them from their last checkpoint.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_send_task_events=False,
     task_ignore_result=True,
 )
