@@ -72,6 +72,9 @@ class Int8ExportFields(QuantizeStepConfig):
 
 class StaticInt8Config(Int8ExportFields):
     method: Literal["static_int8"] = "static_int8"
+    # Cross-layer equalization of conv -> [Relu] -> conv pairs before calibration (no data needed):
+    # helps per-tensor weight scales on depthwise-separable networks; see worker/engine/quantize/equalize.py.
+    equalize: bool = False
     needs_data: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
 

@@ -15,6 +15,7 @@ from worker.engine import stoppable
 from worker.engine.evaluate import environment, fixed_batch, open_session
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize import calibration_ranges
+from worker.engine.quantize.equalize import equalize
 from worker.engine.quantize.ops import count_compute_nodes, excluded_nodes
 from worker.engine.registry import StepContext, StepResult
 
@@ -60,6 +61,14 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     except Exception:
         # Pre-processing is an optimisation; quantizing the model as it is still works.
         prepared = ctx.model_path
+
+    equalization = None
+    if getattr(config, "equalize", False):
+        ctx.progress("equalize", 0.1)
+        equalized = onnx.load(str(prepared))
+        equalization = equalize(equalized)
+        prepared = ctx.workdir / "equalized.onnx"
+        onnx.save(equalized, str(prepared))
 
     session = open_session(prepared, threads=1)
     images = calibration.images[: config.calibration_samples]
@@ -113,7 +122,7 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
-        "reduce_range": reduce_range,
+        "reduce_range": reduce_range, **({"equalization": equalization} if equalization else {}),
         "activation_type": selection["chosen"] if selection else config.activation_type,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
