@@ -92,9 +92,9 @@ def test_pairs_through_a_non_equivariant_activation_are_left_alone(tmp_path):
     assert all(np.array_equal(a, numpy_helper.to_array(t)) for a, t in zip(before, model.graph.initializer, strict=True))
 
 
-def quantize(path, workdir, calibration, equalize_: bool):
-    config = parse_step("quantize", {"method": "static_int8", "per_channel": False, "activation_type": "uint8",
-                                     "equalize": equalize_})
+def quantize(path, workdir, calibration, equalize_: bool = False, per_channel: bool = False, bias_correction: str = "off"):
+    config = parse_step("quantize", {"method": "static_int8", "per_channel": per_channel, "activation_type": "uint8",
+                                     "equalize": equalize_, "bias_correction": bias_correction})
     workdir.mkdir()
     ctx = StepContext(path, path, workdir, {"calibration": ImageSet(calibration, None)}, lambda s, f: None)
     return handler_for(config)(config, ctx)
@@ -102,7 +102,7 @@ def quantize(path, workdir, calibration, equalize_: bool):
 
 def test_equalization_helps_per_tensor_int8(tmp_path, digits):
     """Measured on AMD EPYC (avx2, avx512_vnni): output SQNR against the float model 17.9 dB with
-    per-tensor int8 weights, 47.5 dB with equalization first."""
+    per-tensor int8 weights, 47.5 dB with equalization first (per-channel: 24.1 -> 48.0 dB)."""
     calibration, images = digits
     path = unbalanced_model(tmp_path / "m.onnx")
     reference = outputs(path, images)

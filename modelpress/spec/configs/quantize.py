@@ -75,6 +75,9 @@ class StaticInt8Config(Int8ExportFields):
     # Cross-layer equalization of conv -> [Relu] -> conv pairs before calibration (no data needed):
     # helps per-tensor weight scales on depthwise-separable networks; see worker/engine/quantize/equalize.py.
     equalize: bool = False
+    # Fold the channel-mean shift that quantized weights cause back into each layer's bias, measured
+    # on the calibration images; see worker/engine/quantize/bias_correction.py.
+    bias_correction: Literal["off", "fast", "sequential"] = "off"
     needs_data: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
 
