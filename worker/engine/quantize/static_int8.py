@@ -93,8 +93,14 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
         known = {out for node in onnx.load(str(prepared), load_external_data=False).graph.node for out in node.output}
         options["TensorQuantOverrides"] = {**options.get("TensorQuantOverrides", {}),
                                            **{k: v for k, v in range_overrides.items() if k in known}}
-    excluded = excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude)
+    graph = onnx.load(str(prepared), load_external_data=False)
+    excluded = excluded_nodes(graph, config.exclude)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    wide = wide_tensors(graph, getattr(config, "wide_activations", []))
+    if wide:
+        overrides = options.get("TensorQuantOverrides", {})
+        options["TensorQuantOverrides"] = {**overrides, **{
+            name: [{**overrides.get(name, [{}])[0], "quant_type": QuantType.QUInt16}] for name in wide}}
 
     # Without VNNI, u8s8 int8 kernels can saturate their 16-bit intermediate sums: 7-bit weights
     # (reduce_range) avoid it. With VNNI (this project's CPUs) the full range is safe.
@@ -127,11 +133,17 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
-        "reduce_range": reduce_range, **({"equalization": equalization} if equalization else {}),
+        "reduce_range": reduce_range, **({"wide_activations": sorted(wide)} if wide else {}),
+        **({"equalization": equalization} if equalization else {}),
         **({"bias_correction": corrected} if corrected else {}),
         "activation_type": selection["chosen"] if selection else config.activation_type,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
+
+
+def wide_tensors(model: onnx.ModelProto, names: list[str]) -> set[str]:
+    """Output tensors of the nodes named, or of the op types named, to quantize to 16 bits."""
+    return {out for node in model.graph.node if node.name in names or node.op_type in names for out in node.output}
 
 
 # `activation_type: auto` keeps uint8 (ONNX Runtime's default) unless int8 is faster by this fraction.
