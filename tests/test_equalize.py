@@ -92,9 +92,9 @@ def test_pairs_through_a_non_equivariant_activation_are_left_alone(tmp_path):
     assert all(np.array_equal(a, numpy_helper.to_array(t)) for a, t in zip(before, model.graph.initializer, strict=True))
 
 
-def quantize(path, workdir, calibration, equalize_: bool = False, per_channel: bool = False, bias_correction: str = "off"):
+def quantize(path, workdir, calibration, equalize_: bool = False, per_channel: bool = False, **params):
     config = parse_step("quantize", {"method": "static_int8", "per_channel": per_channel, "activation_type": "uint8",
-                                     "equalize": equalize_, "bias_correction": bias_correction})
+                                     "equalize": equalize_, **params})
     workdir.mkdir()
     ctx = StepContext(path, path, workdir, {"calibration": ImageSet(calibration, None)}, lambda s, f: None)
     return handler_for(config)(config, ctx)

@@ -321,3 +321,8 @@ def save_weights(module: OnnxModule, source, output) -> None:
         if key is not None and key in module.weights:
             tensor.CopyFrom(numpy_helper.from_array(module.weights[key].detach().cpu().numpy().astype(np.float32), tensor.name))
     onnx.save(model, str(output))
+
+
+def apply_layer(node: onnx.NodeProto, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """One Conv or Gemm node on torch tensors (AdaRound reconstructs single layers)."""
+    return _conv(node, x, w, b) if node.op_type == "Conv" else _gemm(node, x, w, b)

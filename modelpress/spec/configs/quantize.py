@@ -78,6 +78,9 @@ class StaticInt8Config(Int8ExportFields):
     # Fold the channel-mean shift that quantized weights cause back into each layer's bias, measured
     # on the calibration images; see worker/engine/quantize/bias_correction.py.
     bias_correction: Literal["off", "fast", "sequential"] = "off"
+    # Learn each int8 weight's rounding (up or down) from the calibration images instead of rounding
+    # to nearest; see worker/engine/quantize/adaround.py.
+    adaround: bool = False
     # Node names or op types whose output activations are quantized to 16 bits (uint16 Q/DQ, which
     # ONNX Runtime runs on CPU): for tensors one 8-bit scale cannot cover, such as a detector's
     # concatenation of pixel boxes and 0..1 scores. Their consumers then compute in float.

@@ -15,6 +15,7 @@ from worker.engine import stoppable
 from worker.engine.evaluate import environment, fixed_batch, open_session
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize import calibration_ranges
+from worker.engine.quantize.adaround import adaround
 from worker.engine.quantize.bias_correction import correct_biases
 from worker.engine.quantize.equalize import equalize
 from worker.engine.quantize.ops import count_compute_nodes, excluded_nodes
@@ -126,6 +127,10 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     else:
         output, selection = select_fastest(build, prepared, images, ctx)
     compact(output)
+    rounding = None
+    if getattr(config, "adaround", False):
+        ctx.progress("adaround", 0.7)
+        rounding = adaround(prepared, output, images, ctx.workdir)
     corrected = None
     if getattr(config, "bias_correction", "off") != "off":
         ctx.progress("bias correction", 0.8)
@@ -135,7 +140,7 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
         "reduce_range": reduce_range, **({"wide_activations": sorted(wide)} if wide else {}),
         **({"equalization": equalization} if equalization else {}),
-        **({"bias_correction": corrected} if corrected else {}),
+        **({"bias_correction": corrected} if corrected else {}), **({"adaround": rounding} if rounding else {}),
         "activation_type": selection["chosen"] if selection else config.activation_type,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
