@@ -93,12 +93,32 @@ def test_excluded_layers_stay_float(client, reference, ids, tmp_path):
     ({"method": "fp16", "bits": 8}, "invalid_step_params"),
     ({"method": "static_int8", "block_size": 32}, "invalid_step_params"),
     ({"method": "static_int8"}, "calibration_data_required"),
+    ({"method": "dynamic_int8", "adaround": True}, "invalid_step_params"),
+    ({"method": "static_int8", "bias_correction": "always"}, "invalid_step_params"),
+    ({"method": "static_int8", "wide_activations": ["Concat"] * 1001}, "invalid_step_params"),
 ])
 def test_bad_parameters(client, ids, params, code):
     model_id, data_id = ids
     response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"type": "quantize", "params": params}],
                                              "data": {"eval": data_id}})
     assert_problem(response, 422, code)
+
+
+def test_static_int8_repairs_through_the_api(client, reference, ids, tmp_path):
+    """Equalization, AdaRound and sequential bias correction in one job on the reference CNN: each
+    reports what it did, and the int8 model still classifies like the original."""
+    model_id, data_id = ids
+    params = {"method": "static_int8", "equalize": True, "adaround": True, "bias_correction": "sequential",
+              "wide_activations": ["Gemm"]}
+    job, model, path = run(client, ids, params, tmp_path, data={"calibration": data_id, "eval": data_id})
+    step = job["metrics"]["steps"][0]
+    assert step["equalization"]["pairs"] >= 1
+    assert step["adaround"]["layers"] >= 3 and step["adaround"]["mean_mse_adaround"] <= step["adaround"]["mean_mse_nearest"]
+    assert step["bias_correction"]["mean_shift_after"] < step["bias_correction"]["mean_shift_before"]
+    assert step["wide_activations"]
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer) >= 3
+    assert job["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] >= 0.98
+    runs_like_the_original(path, reference, 0.9)
 
 
 def test_qat_fine_tunes_with_fake_quantization_and_exports_qdq(client, reference, ids, tmp_path):
