@@ -29,6 +29,8 @@ def decided_steps(steps: list[dict], step_metrics: list[dict]) -> tuple[list[dic
                 # The guard's first attempt is the asked calibration with the asked exclusions: with
                 # the decided ones it builds the passing candidate at once, and still checks the promise.
                 decide(index, params, "calibration", guard["calibration"])
+                for name, value in guard.get("repairs", {}).items():
+                    decide(index, params, name, value)
                 kept_float = [layer["layer"] for layer in guard.get("kept_float", [])]
                 decide(index, params, "exclude", [*params.get("exclude", []),
                                                   *(name for name in kept_float if name not in params.get("exclude", []))])

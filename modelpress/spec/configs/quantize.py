@@ -27,6 +27,9 @@ class GuardSpec(BaseModel):
     min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0)  # label-free: same class as the original
     # Part of the eval data kept out of the search and used only for the final check.
     holdout_fraction: float = Field(0.5, ge=0.2, le=0.8)
+    # Seconds the search may spend building candidates; when it is used up the best candidate so
+    # far is checked (and the attempts not tried are listed). Ten minutes by default.
+    budget_s: float = Field(600.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _one_criterion(self) -> "GuardSpec":

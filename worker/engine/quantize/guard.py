@@ -3,16 +3,22 @@ promise, and never report the promise kept on the data the search tuned on.
 
 1. The eval data is split: a tune part for the search, a held-out part for the final check.
 2. The method runs as asked; for static_int8, the other calibration methods are tried next.
-3. Still not met: per-layer sensitivity (SQNR of each compute layer's output against the float
+3. static_int8 still not met: the repairs, cheapest first (ladder `REPAIRS`): cross-layer
+   equalization, AdaRound and sequential bias correction together; then 16-bit activations for
+   every Concat and every graph output (the tensors one 8-bit scale covers worst).
+4. Still not met: per-layer sensitivity (SQNR of each compute layer's output against the float
    model) ranks the layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A
    candidate that keeps every layer float is not a quantized model and never counts.
-4. The passing candidate is checked on the held-out part. If it fails there, or nothing passed,
+5. The passing candidate is checked on the held-out part. If it fails there, or nothing passed,
    the step raises GuardNotMet carrying the best candidate, which the job still stores.
+The search stops building candidates when `guard.budget_s` is used up and goes on with the best.
 """
 
+import time
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 
 from modelpress.spec.configs import QuantizeStepConfig
 from worker.engine.data import ImageSet, split
@@ -51,6 +57,21 @@ def _calibration_change(calibration: str | None) -> dict:
     return {} if calibration is None else {"calibration": calibration}
 
 
+def _wide_candidates(model_path) -> list[str]:
+    """Concats and the nodes that produce graph outputs: where tensors of very different ranges
+    meet, or where the result is read as it is."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    return sorted({n.name for n in graph.node if n.name and (n.op_type == "Concat" or outputs & set(n.output))})
+
+
+# static_int8 repairs, in order of cost; each adds to the one before.
+REPAIRS = (
+    ("equalize, AdaRound, bias correction", lambda model_path: {"equalize": True, "adaround": True, "bias_correction": "sequential"}),
+    ("16-bit joins and outputs", lambda model_path: {"wide_activations": _wide_candidates(model_path)}),
+)
+
+
 def _check_data(guard, data: ImageSet | None) -> ImageSet:
     if data is None:
         raise EngineError("eval_data_required", "an accuracy guard needs evaluation data (data.eval or data.split)")
@@ -63,7 +84,7 @@ def _check_data(guard, data: ImageSet | None) -> ImageSet:
 
 class _Search:
     """The candidates tried so far, scored on the tuning data; `best` and `passing` are tuples
-    (result, score, calibration, sensitive layers)."""
+    (result, score, the changes to the asked config, sensitive layers)."""
 
     def __init__(self, config: QuantizeStepConfig, ctx: StepContext, run, tune: ImageSet):
         self.config, self.ctx, self.run, self.tune = config, ctx, run, tune
@@ -72,11 +93,15 @@ class _Search:
         self.original_tune = _score(ctx.model_path, tune, self.float_tune)
         self.attempts: list[dict] = []
         self.best, self.passing = None, None
+        self.deadline = time.monotonic() + self.guard.budget_s
 
     def attempt(self, label: str, **changes) -> tuple[StepResult | None, dict | None]:
         """One candidate, scored on the tuning data; a candidate that fails to build is recorded
-        and the search goes on."""
+        and the search goes on. Past the budget, candidates are listed as not tried."""
         ctx, attempts = self.ctx, self.attempts
+        if time.monotonic() > self.deadline and self.best is not None:
+            attempts.append({"attempt": label, "skipped": f"the guard's budget of {self.guard.budget_s:g} s is used up"})
+            return None, None
         workdir = ctx.workdir / f"attempt-{len(attempts)}"
         workdir.mkdir()
         fraction = min(0.9, 0.1 + 0.1 * len(attempts))
@@ -112,11 +137,21 @@ class _Search:
         for calibration in calibrations:
             result, score = self.attempt(f"calibration {calibration}" if calibration else "as asked",
                                          **_calibration_change(calibration))
-            if result is not None and self.consider((result, score, calibration, [])):
+            if result is not None and self.consider((result, score, _calibration_change(calibration), [])):
+                return
+
+    def repairs(self) -> None:
+        if self.config.method != "static_int8":
+            return
+        changes = dict(self.best[2])
+        for label, change in REPAIRS:
+            changes = {**changes, **change(self.ctx.model_path)}
+            result, score = self.attempt(label, **changes)
+            if result is not None and self.consider((result, score, changes, [])):
                 return
 
     def sensitive_layers_float(self) -> None:
-        base_result, _, calibration, _ = self.best
+        base_result, _, changes, _ = self.best
         # Only layers that really are quantized in the base candidate can be handed back to float,
         # and at least one must stay quantized.
         quantized = quantized_layers(base_result.model_path)
@@ -126,9 +161,9 @@ class _Search:
         count = 1
         while count < len(ranked):
             sensitive = ranked[:count]
-            result, score = self.attempt(f"{count} most sensitive layers float", **_calibration_change(calibration),
+            result, score = self.attempt(f"{count} most sensitive layers float", **changes,
                                          exclude=[*self.config.exclude, *(layer["layer"] for layer in sensitive)])
-            if result is not None and self.consider((result, score, calibration, sensitive)):
+            if result is not None and self.consider((result, score, changes, sensitive)):
                 return
             count *= 2
 
@@ -142,6 +177,8 @@ def guarded(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[Quantiz
     if search.best is None:
         raise EngineError("quantization_failed", f"no quantized candidate could be built: {search.attempts}")
     if search.passing is None:
+        search.repairs()
+    if search.passing is None:
         search.sensitive_layers_float()
     return _check_holdout(search, holdout)
 
@@ -151,20 +188,21 @@ def _check_holdout(search: _Search, holdout: ImageSet) -> StepResult:
     guard, model_path = search.guard, search.ctx.model_path
     float_holdout = run_outputs(open_session(model_path, threads=1), holdout.images)[0]
     original_holdout = _score(model_path, holdout, float_holdout)
-    result, _, calibration, sensitive = search.passing or search.best
+    result, _, changes, sensitive = search.passing or search.best
     kept_float = [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
                   for layer in sensitive]
     holdout_score = _score(result.model_path, holdout, float_holdout)
     met = search.passing is not None and _meets(holdout_score, original_holdout, guard)
     result.metrics.update({
         "guard": {
-            "criterion": guard.model_dump(exclude_none=True), "met": met, "calibration": calibration,
+            "criterion": guard.model_dump(exclude_none=True), "met": met, "calibration": changes.get("calibration"),
+            "repairs": {k: v for k, v in changes.items() if k != "calibration"},
             "kept_float": kept_float, "tune_samples": len(search.tune), "holdout_samples": len(holdout),
             "original_holdout": original_holdout, "candidate_holdout": holdout_score, "attempts": search.attempts,
         }
     })
     if not met:
         why = "no setting met it on the tuning data" if search.passing is None else "it held on the tuning data but not on the held-out data"
-        raise GuardNotMet(f"the accuracy guard {guard.model_dump(exclude_none=True, exclude={'holdout_fraction'})} "
+        raise GuardNotMet(f"the accuracy guard {guard.model_dump(exclude_none=True, exclude={'holdout_fraction', 'budget_s'})} "
                           f"was not met: {why}; the best candidate is stored", result)
     return result
