@@ -63,11 +63,11 @@ def running(http, job_id) -> bool:
     return http.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
 
 
-# Its waits: the job starting (120 s), the outage (bounded by the job's own 20 s), the job (300 s), a new job (300 s).
+# Its waits: the job starting (120 s), the outage (bounded by the job's own 10 s), the job (300 s), a new job (300 s).
 @pytest.mark.timeout(840)
 def test_a_redis_outage_answers_503_keeps_the_running_job_and_heals(outage, reference):
     http, redis, worker = outage
-    response = post_wait_job(http, reference, seconds=20)
+    response = post_wait_job(http, reference, seconds=10)
     assert response.status_code == 202, response.text
     job = response.json()
     wait_for(lambda: running(http, job["id"]), 120, "the job to start")
