@@ -54,7 +54,7 @@ def download(http, url, to):
     return response
 
 
-def _weight_bytes(graph) -> dict[int, int]:
+def weight_bytes(graph) -> dict[int, int]:
     """Bytes of multi-element initializers by element type (scalars are scales and zero points)."""
     sizes: dict[int, int] = {}
     for tensor in graph.initializer:
@@ -95,15 +95,15 @@ def check_quantized_job(http, reference, tmp_path, model_path):
     graph = onnx.load(str(quantized)).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    weight_bytes = _weight_bytes(graph)
+    stored = weight_bytes(graph)
     # Every multi-element weight is stored in 8 bits: int8 bytes are a quarter of the float32
     # original's (conv/gemm weights; biases stay int32, scales float). Measured 0.25; fp16 would
     # give 0.5 and "quantize nothing" 1.0, so 0.3 fails both. The file's size_ratio below is weaker
     # on this tiny model, whose tensor names and scales are half the file.
     # (The .pt2 and TorchScript uploads are the same module as reference.onnx.)
-    original_weight_bytes = _weight_bytes(onnx.load(str(reference.onnx)).graph)[onnx.TensorProto.FLOAT]
-    assert weight_bytes[onnx.TensorProto.INT8] <= 0.3 * original_weight_bytes, weight_bytes
-    assert weight_bytes.get(onnx.TensorProto.FLOAT16, 0) == 0
+    original_weight_bytes = weight_bytes(onnx.load(str(reference.onnx)).graph)[onnx.TensorProto.FLOAT]
+    assert stored[onnx.TensorProto.INT8] <= 0.3 * original_weight_bytes, stored
+    assert stored.get(onnx.TensorProto.FLOAT16, 0) == 0
     # Same threads and batches as the service's measurement: int8 kernels are not bit-exact across
     # batch sizes, so a different batching could flip a borderline prediction.
     options = ort.SessionOptions()

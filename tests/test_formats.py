@@ -73,6 +73,22 @@ def run_job(client, model_path, data_path):
     return model, job
 
 
+def independent_top1(client, job, reference) -> float:
+    """The artifact's top-1 on the eval images, run here in ONNX Runtime (not the job's own figure)."""
+    import onnxruntime as ort
+
+    content = client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
+    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: reference.eval_images.astype(np.float32) / 255.0})[0]
+    return float(np.mean(logits.argmax(1) == reference.eval_labels))
+
+
+# The reference CNN scores 0.992 in float and in int8 (bench/, jobs_flow): a converted or rearranged
+# graph that quantizes as well drops at most a point (3-4 of the 360 images); a broken conversion or
+# calibration costs tens of points.
+MAX_DROP = 0.01
+
+
 def int8_weights(client, job, tmp_path):
     path = tmp_path / f"{job['id']}.onnx"
     path.write_bytes(client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content)
@@ -83,7 +99,7 @@ def int8_weights(client, job, tmp_path):
 def test_old_opsets_are_converted_and_quantized(client, reference, tmp_path, opset):
     model, job = run_job(client, export(reference.module, tmp_path / "m.onnx", opset=opset), reference.eval_npz)
     assert model["details"]["opset"] == opset
-    assert job["metrics"]["compressed"]["accuracy"]["top1"] > 0.85
+    assert independent_top1(client, job, reference) >= job["metrics"]["original"]["accuracy"]["top1"] - MAX_DROP > 0.95
     assert job["metrics"]["steps"][0]["int8_compute_nodes"] > 0
 
 
@@ -92,7 +108,7 @@ def test_weights_in_constant_nodes_are_quantized_like_initializers(client, refer
     _, job = run_job(client, weights_in_constant_nodes(reference.onnx, tmp_path / "c.onnx"), reference.eval_npz)
     assert int8_weights(client, job, tmp_path) == int8_weights(client, baseline, tmp_path) > 0
     assert job["metrics"]["original"]["parameters"] == baseline["metrics"]["original"]["parameters"]
-    assert job["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] > 0.95
+    assert job["metrics"]["comparison"]["fidelity"][0]["top1_agreement"] >= 0.98
 
 
 def test_external_data_in_a_zip(client, reference, tmp_path):
@@ -100,7 +116,7 @@ def test_external_data_in_a_zip(client, reference, tmp_path):
     model, job = run_job(client, archive, reference.eval_npz)
     assert model["format"] == "onnx" and model["details"]["external_data"] is True
     assert model["inputs"][0]["shape"] == [None, 1, 8, 8]
-    assert job["metrics"]["compressed"]["accuracy"]["top1"] > 0.85
+    assert independent_top1(client, job, reference) >= job["metrics"]["original"]["accuracy"]["top1"] - MAX_DROP > 0.95
 
 
 def test_bad_archives_are_refused(client, reference, tmp_path):
