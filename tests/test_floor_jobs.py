@@ -107,3 +107,36 @@ def test_bad_tasks_and_floors_are_refused_with_their_codes(client, uploads, fiel
     if code != "validation_error":
         assert ("task" if "task" in fields else "floor") in body["detail"]
     assert client.get("/v1/jobs").json()["items"] == []  # nothing was queued
+
+
+@pytest.fixture
+def detector(client, tmp_path, reference):
+    import torch
+
+    from tests.test_wide_activations import ConcatHead
+
+    torch.manual_seed(0)
+    path = tmp_path / "detector.onnx"
+    torch.onnx.export(ConcatHead().eval(), torch.zeros(1, 1, 8, 8), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+    return {"model": upload_model(client, path)["id"], "calibration": upload_dataset(client, reference.calib_npz)["id"]}
+
+
+def test_int8_that_collapses_a_detectors_scores_fails_the_floor_and_16_bit_scores_pass(client, detector):
+    # One 8-bit scale for pixel boxes (0..640) and 0..1 scores: every score becomes 0 or 2.5
+    # (tests/test_wide_activations.py). The whole output's cosine stays high; the score rows' does not.
+    def run(**params):
+        response = client.post("/v1/jobs", json={
+            "model_id": detector["model"], "data": {"calibration": detector["calibration"]},
+            "steps": [{"type": "quantize", "params": {"method": "static_int8", "activation_type": "uint8", **params}}]})
+        assert response.status_code == 202, response.text
+        return wait_finished(client, response.json()["id"])[0]
+
+    collapsed = run()
+    assert collapsed["status"] == "failed" and collapsed["error"]["code"] == "fidelity_floor_not_met"
+    floor = collapsed["metrics"]["floor"]
+    assert floor["task"] == "detection" and "scores_cosine" in [m["metric"] for m in floor["shortfalls"]]
+    assert collapsed["metrics"]["comparison"]["fidelity"][0]["cosine_mean"] > 0.99  # what the old check saw
+    widened = run(wide_activations=["Concat"])
+    assert widened["status"] == "succeeded", widened["error"]
+    assert widened["metrics"]["floor"]["met"] is True
