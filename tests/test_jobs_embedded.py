@@ -29,7 +29,7 @@ def test_defaults_are_filled_in(client, reference):
     assert job["steps"][0]["params"] == {
         "version": 2, "method": "static_int8", "bits": 8, "per_channel": True, "calibration": "minmax",
         "percentile": 99.999, "activation_type": "auto", "weight_type": "int8", "calibration_samples": 256,
-        "exclude": [], "guard": None,
+        "exclude": [], "guard": None, "equalize": False, "adaround": False, "bias_correction": "off", "wide_activations": [],
     }
     finished, _ = wait_finished(client, job["id"])
     # Unlabelled evaluation data: fidelity, no accuracy.
