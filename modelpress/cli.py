@@ -2,7 +2,7 @@
 
 Exit codes (stable): 0 succeeded, 1 job failed, 2 usage error (including a request the server
 refused as invalid, a --url without http:// or https://, and a --gate that does not parse),
-3 accuracy guard not met, --max-accuracy-drop exceeded or a --gate failed, 4 server unreachable
+3 accuracy guard or safety floor not met, --max-accuracy-drop exceeded or a --gate failed, 4 server unreachable
 (or the URL answers but is not modelpress).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from modelpress import gate as ci_gate
 from modelpress.client import STATUSES, Client, Job
 from modelpress.resumable import UploadProgressBar
-from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
+from modelpress.errors import FidelityFloorNotMet, GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_GUARD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 
@@ -52,6 +52,34 @@ def _parse_step(text: str) -> dict:
     if not isinstance(step, dict) or "type" not in step:
         raise UsageError('--step takes a JSON object like {"type": "quantize", "params": {...}}')
     return step
+
+
+def _parse_task(text: str | None) -> dict | None:
+    """--task: a task type (`detection`) or a whole task as JSON."""
+    if text is None:
+        return None
+    if re.fullmatch(r"[a-z_]+", text):
+        return {"type": text}
+    try:
+        task = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--task is neither a task type (e.g. detection) nor JSON: {exc}") from exc
+    if not isinstance(task, dict):
+        raise UsageError('--task takes a type name or a JSON object like {"type": "detection", "decoder": {"kind": "yolo"}}')
+    return task
+
+
+def _parse_floor(text: str | None):
+    """--floor: default, off, or JSON bounds by metric, e.g. '{"top1_agreement": 0.97}'."""
+    if text is None or text in ("default", "off"):
+        return text
+    try:
+        floor = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--floor is neither default, off nor JSON: {exc}") from exc
+    if not isinstance(floor, dict):
+        raise UsageError('--floor takes default, off or a JSON object like {"top1_agreement": 0.97}')
+    return floor
 
 
 # The server names the body's fields; the CLI user typed flags.
@@ -98,6 +126,9 @@ def _summary(job: Job, max_drop_points: float | None = None) -> str:
     if max_drop_points is not None and drop is not None and drop > max_drop_points:
         warnings.insert(0, f"top-1 fell {drop:.1f} points, more than --max-accuracy-drop {max_drop_points:g}")
     lines += [_loud(f"  WARNING   {message}") for message in warnings]
+    floor = metrics.get("floor") or {}
+    lines += [_loud(f"  FLOOR     {m['metric']} {'unmeasured' if m['value'] is None else format(m['value'], '.4f')} "
+                    f"is below the floor {m['bound']:g}") for m in floor.get("shortfalls", []) if floor.get("mode") != "off"]
     if job.error:
         lines.append(f"  error     {job.error['code']}: {_in_flags(job.error['message'])}")
     return "\n".join(lines)
@@ -139,7 +170,7 @@ def _finish(args, client: Client, job: Job) -> int:
     if download_error is not None:
         print(f"modelpress: download failed: {download_error.code}: {download_error.message}", file=sys.stderr)
         return EXIT_UNREACHABLE if isinstance(download_error, ServerUnreachable) else EXIT_JOB_FAILED
-    if isinstance(failure, GuardNotMet):
+    if isinstance(failure, (GuardNotMet, FidelityFloorNotMet)):
         return EXIT_GUARD
     if failure:
         return EXIT_JOB_FAILED
@@ -192,8 +223,11 @@ def cmd_compress(args, client: Client) -> int:
         if not 0 < args.eval_fraction < 1:
             raise UsageError(f"--eval-fraction must be between 0 and 1 (got {args.eval_fraction})")
         data["split"] = {"dataset": _dataset_ref(client, args.split), "eval_fraction": args.eval_fraction}
+    task = _parse_task(args.task) or body.get("task")
+    floor = _parse_floor(args.floor) or body.get("floor")
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    job = client.submit(_model_ref(client, args.model), None if preset else steps, data=data, preset=preset)
+    job = client.submit(_model_ref(client, args.model), None if preset else steps, data=data, preset=preset,
+                        task=task, floor=floor)
     if not args.json:
         print(f"submitted {job.id}", file=sys.stderr)
     return _finish(args, client, job)
@@ -286,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--train", help="training data: an .npz file or a dataset id")
     compress.add_argument("--split", help="one labelled dataset (.npz or id) split into eval and the rest (calibration, train)")
     compress.add_argument("--eval-fraction", type=float, default=0.2, help="--split: the share held out for evaluation (default 0.2)")
+    compress.add_argument("--task", help='what the model is for: a type (classification, detection, segmentation, ctc, '
+                          'embedding) or a task as JSON; default: inferred from the output shapes')
+    compress.add_argument("--floor", help='the safety floor: default, off, or bounds as JSON, e.g. \'{"top1_agreement": 0.97}\' '
+                          '(a result below it fails the job, exit 3)')
     compress.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                           help="exit 3 when top-1 falls more than this many points (a drop over 5 is always flagged)")
     compress.add_argument("--gate", metavar="CONDITIONS",

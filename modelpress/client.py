@@ -4,7 +4,7 @@
     client = Client()                      # MODELPRESS_URL / MODELPRESS_API_KEY, or arguments
     job = client.submit(client.upload_model("resnet.onnx"), [{"type": "quantize", "params": {}}],
                         data={"calibration": client.upload_dataset("calib.npz")})
-    job.wait()                             # raises JobFailed / GuardNotMet on failure
+    job.wait()                             # raises JobFailed (GuardNotMet, FidelityFloorNotMet) on failure
     job.download("model.onnx", to="out/model.onnx")
 
 Transient failures (connection errors, 429, 5xx) are retried a bounded number of times with
@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from modelpress import sse
-from modelpress.errors import GuardNotMet, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
+from modelpress.errors import JOB_FAILURES, JobCancelled, JobFailed, ModelpressError, ServerUnreachable, WaitTimeout
 from modelpress.resumable import ResumableUpload, UploadProgress
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -141,7 +141,8 @@ class Job:
              max_interval: float = 5.0, on_update=None, stream: bool = True) -> "Job":
         """Wait until the job finishes: over its event stream (`GET /v1/jobs/{id}/events`), or by
         polling when the server has no stream, the stream breaks, or `stream=False`. Raises
-        JobFailed (GuardNotMet for a failed guard), JobCancelled, or WaitTimeout."""
+        JobFailed (GuardNotMet for a failed guard, FidelityFloorNotMet for a missed safety floor),
+        JobCancelled, or WaitTimeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         reporter = on_update or (ProgressBar(sys.stderr) if progress else None)
         if not (stream and self._follow_events(deadline, timeout, reporter)):
@@ -222,7 +223,7 @@ class Job:
         if self.status == "failed":
             code = (self.error or {}).get("code", "job_failed")
             message = (self.error or {}).get("message", "")
-            raise (GuardNotMet if code == "guard_not_met" else JobFailed)(self, code, message)
+            raise JOB_FAILURES.get(code, JobFailed)(self, code, message)
         if self.status == "cancelled":
             raise JobCancelled(self)
         return self
@@ -331,8 +332,11 @@ class Client:
         return Dataset.from_json(self._json("GET", f"/v1/datasets/{dataset_id}"))
 
     def submit(self, model: "str | Model", steps: Sequence[Mapping[str, Any]] | None = None,
-               data: Mapping[str, "str | Dataset | dict | None"] | None = None, *, preset: str | None = None) -> Job:
-        """Steps, or a named preset (see `presets()`), e.g. submit(model, preset="edge-int8", data=...)."""
+               data: Mapping[str, "str | Dataset | dict | None"] | None = None, *, preset: str | None = None,
+               task: Mapping[str, Any] | str | None = None, floor: str | Mapping[str, float] | None = None) -> Job:
+        """Steps, or a named preset (see `presets()`), e.g. submit(model, preset="edge-int8", data=...).
+        `task`: what the model is for, a task body or a type name ("detection"); None: inferred.
+        `floor`: the safety floor, "default" (the server's default), "off", or {"metric": bound}."""
         body = {
             "model_id": model.id if isinstance(model, Model) else model,
             "data": {role: (d.id if isinstance(d, Dataset) else d) for role, d in (data or {}).items() if d is not None},
@@ -341,6 +345,10 @@ class Client:
             body["preset"] = preset
         if steps is not None:
             body["steps"] = [dict(step) for step in steps]
+        if task is not None:
+            body["task"] = {"type": task} if isinstance(task, str) else dict(task)
+        if floor is not None:
+            body["floor"] = floor if isinstance(floor, str) else dict(floor)
         return Job(self, self._json("POST", "/v1/jobs", json=body))
 
     def stream_timeout(self, deadline: float | None) -> httpx.Timeout:

@@ -34,6 +34,20 @@ class GuardNotMet(JobFailed):
     candidate is still downloadable from `job`."""
 
 
+class FidelityFloorNotMet(JobFailed):
+    """The job failed because the compressed model misses its task's safety floor
+    (`fidelity_floor_not_met`); the model is still downloadable from `job`, and `shortfalls` lists
+    each missed metric with its value and bound."""
+
+    @property
+    def shortfalls(self) -> list[dict]:
+        return (self.job.metrics.get("floor") or {}).get("shortfalls") or []
+
+
+# A failed job's error code -> the JobFailed subclass the client raises for it.
+JOB_FAILURES: dict[str, type[JobFailed]] = {"guard_not_met": GuardNotMet, "fidelity_floor_not_met": FidelityFloorNotMet}
+
+
 class JobCancelled(ModelpressError):
     def __init__(self, job):
         super().__init__("job_cancelled", f"job {job.id} was cancelled")

@@ -93,14 +93,23 @@ def test_exit_codes_fit_the_cause(web_page_url, tmp_path):
     assert "not the modelpress API" in not_modelpress.stderr and "<html" not in not_modelpress.stderr
 
 
-def test_a_prune_that_loses_most_accuracy_is_loud_and_the_floor_sets_the_exit_code(server_url, reference, tmp_path):
+def test_a_prune_that_loses_most_accuracy_fails_the_floor_and_is_loud_without_it(server_url, reference, tmp_path):
     step = json.dumps({"type": "prune", "params": {"method": "channels", "ratio": 0.9, "round_to": 1}})
     args = ("compress", str(reference.onnx), "--step", step, "--eval", str(reference.eval_npz), "--output", str(tmp_path))
-    run = run_cli(*args, url=server_url)
+    floored = run_cli(*args, url=server_url)
+    assert floored.returncode == 3, floored.stderr
+    assert "fidelity_floor_not_met" in floored.stdout and "FLOOR     top1_agreement" in floored.stdout, floored.stdout
+    assert (tmp_path / "model.onnx").exists()  # the broken model is still downloaded, to look at
+    run = run_cli(*args, "--floor", "off", url=server_url)
     assert run.returncode == 0, run.stderr
-    assert "WARNING   top-1 fell" in run.stdout and '"finetune"' in run.stdout, run.stdout
-    floor = run_cli(*args, "--max-accuracy-drop", "5", url=server_url)
-    assert floor.returncode == 3 and "more than --max-accuracy-drop 5" in floor.stdout
+    assert "WARNING   top-1 fell" in run.stdout and '"finetune"' in run.stdout and "FLOOR" not in run.stdout, run.stdout
+    own = run_cli(*args, "--floor", '{"top1_agreement": 0.0}', "--task", "classification", "--max-accuracy-drop", "5", url=server_url)
+    assert own.returncode == 3 and "more than --max-accuracy-drop 5" in own.stdout and "FLOOR" not in own.stdout
+    with Client(server_url) as client:
+        job = client.job(next(iter(client.jobs(limit=1))).id)
+    assert job.raw["task"]["type"] == "classification" and job.metrics["comparison"]["task"]["inferred"] is False
+    assert job.metrics["floor"] == {**job.metrics["floor"], "mode": "custom", "met": True}
+    assert run_cli(*args, "--floor", "[1]", url=server_url).returncode == 2  # neither default, off nor bounds
 
 
 class _Terminal(io.StringIO):

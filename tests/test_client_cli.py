@@ -13,7 +13,7 @@ import httpx
 import onnx
 import pytest
 
-from modelpress import Client, GuardNotMet, JobFailed, ModelpressError, ServerUnreachable
+from modelpress import Client, FidelityFloorNotMet, GuardNotMet, JobFailed, ModelpressError, ServerUnreachable
 from tests.flaky_proxy import FlakyProxy
 from tests.jobs_flow import weight_bytes
 from tests.processes import free_port
@@ -199,6 +199,35 @@ def test_a_failed_guard_raises_guard_not_met():
     with pytest.raises(GuardNotMet) as error:
         job.wait(progress=False)
     assert isinstance(error.value, JobFailed) and error.value.code == "guard_not_met"
+
+
+def test_a_missed_floor_raises_fidelity_floor_not_met_with_the_shortfalls():
+    missed = {"metric": "top1_agreement", "value": 0.11, "bound": 0.95, "direction": "min"}
+
+    def floored(request):
+        return httpx.Response(200, json={"id": "job_1", "status": "failed", "stage": "failed", "progress": 1.0,
+                                         "metrics": {"floor": {"mode": "default", "met": False, "shortfalls": [missed]}},
+                                         "error": {"code": "fidelity_floor_not_met", "message": "top1_agreement 0.1100 < 0.95"}})
+
+    with pytest.raises(FidelityFloorNotMet) as error:
+        _fake(floored).job("job_1").wait(progress=False)
+    assert isinstance(error.value, JobFailed) and not isinstance(error.value, GuardNotMet)
+    assert error.value.code == "fidelity_floor_not_met" and error.value.shortfalls == [missed]
+
+
+def test_submit_sends_the_task_and_the_floor():
+    bodies = []
+
+    def accept(request):
+        bodies.append(json.loads(request.content))
+        return httpx.Response(202, json={"id": "job_1", "status": "queued", "stage": "queued", "progress": 0})
+
+    client = _fake(accept)
+    client.submit("mdl_1", [{"type": "quantize"}], task="detection", floor="off")
+    client.submit("mdl_1", [{"type": "quantize"}], task={"type": "ctc", "blank": 3}, floor={"exact_match": 0.9})
+    client.submit("mdl_1", [{"type": "quantize"}])
+    assert [(b.get("task"), b.get("floor")) for b in bodies] == [
+        ({"type": "detection"}, "off"), ({"type": "ctc", "blank": 3}, {"exact_match": 0.9}), (None, None)]
 
 
 def test_a_post_that_may_have_stored_something_is_not_retried():

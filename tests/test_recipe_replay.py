@@ -36,7 +36,9 @@ def test_recipe_replayed_under_load_gives_the_same_model_bytes(client, reference
     data = {"calibration": upload_dataset(client, reference.calib_npz)["id"], "eval": upload_dataset(client, reference.eval_npz)["id"]}
     steps = [{"type": "prune", "params": {"method": "channels", "target_macs": 0.6, "round_to": 4}},
              {"type": "quantize", "params": {"method": "static_int8", "activation_type": "auto"}}]
-    response = client.post("/v1/jobs", json={"model_id": model, "steps": steps, "data": data})
+    # Pruning without finetuning breaks the model (the floor would fail the job); this test is
+    # about the same bytes again, and the recipe carries "floor": "off" to the replay.
+    response = client.post("/v1/jobs", json={"model_id": model, "steps": steps, "data": data, "floor": "off"})
     job, _ = wait_finished(client, response.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     recipe = json.loads(client.get(f"/v1/jobs/{job['id']}/artifacts/recipe.json").content)
@@ -44,6 +46,7 @@ def test_recipe_replayed_under_load_gives_the_same_model_bytes(client, reference
     assert prune["target_macs"] is None and 0 < prune["ratio"] < 1
     assert quantize["activation_type"] == job["metrics"]["steps"][1]["activation_type"] in ("uint8", "int8")
     assert {d["param"] for d in recipe["provenance"]["decided"]} == {"ratio", "activation_type"}
+    assert recipe["floor"] == "off" and recipe["task"]["type"] == "classification"
 
     with cpu_load(tmp_path):
         again, _ = wait_finished(client, client.post("/v1/jobs", json=recipe).json()["id"])

@@ -139,3 +139,29 @@ def test_floor_reports_each_shortfall_and_honours_overrides():
     assert shortfalls("ctc", {"exact_match": 0.31}, {"exact_match": 0.3}) == []
     missed = shortfalls("detection", {"recall": 1.0})
     assert [m["metric"] for m in missed] == ["scores_cosine"]
+
+
+def test_a_task_that_cannot_read_the_outputs_is_named_and_unknown_dimensions_pass():
+    from modelpress.spec.configs.task import misfit, parse_task
+    assert misfit(parse_task({"type": "classification"}), [[None, 10]]) is None
+    assert "rank-3" in misfit(parse_task({"type": "detection"}), [[None, 10]])
+    assert "at least 5 rows" in misfit(parse_task({"type": "detection"}), [[None, 4, 64]])
+    assert misfit(parse_task({"type": "detection"}), [["n", "rows", "anchors"]]) is None  # known only at run time
+    assert "2 output(s)" in misfit(parse_task({"type": "ctc", "outputs": [2]}), [[1, 5, 9], [1, 5, 9]])
+    assert "rank-3" in misfit(parse_task({"type": "segmentation", "layout": "labels"}), [[1, 2, 8, 8]])
+    assert misfit(parse_task({"type": "detection", "decoder": {"kind": "boxes_scores", "scores_output": 1}}), [[1, 8, 4]])
+    assert misfit(parse_task({"type": "embedding"}), [None]) is None
+
+
+def test_the_floor_verdict_fails_only_a_measured_miss_with_the_floor_on():
+    from worker.engine.tasks.floor import failed, judge, message
+    result = {"task": {"type": "classification"}, "fidelity": {"top1_agreement": 0.5},
+              "floor_shortfalls": [{"metric": "top1_agreement", "value": 0.5, "bound": 0.95, "direction": "min"}]}
+    verdict = judge(result)
+    assert verdict["met"] is False and verdict["bounds"] == {"top1_agreement": 0.95} and failed(verdict)
+    assert "top1_agreement 0.5000 < 0.95" in message(verdict)
+    assert judge(result, {"top1_agreement": 0.4})["bounds"] == {"top1_agreement": 0.4}
+    assert not failed(judge(result, "off"))
+    unmeasured = judge({"task": {"type": "detection"}, "fidelity": None, "note": "the output's shape does not fit"})
+    assert unmeasured["met"] is None and not failed(unmeasured) and "does not fit" in unmeasured["note"]
+    assert judge({"task": {"type": "generic"}, "fidelity": {}})["met"] is None

@@ -3,6 +3,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
+from modelpress.spec.floor import FloorSpec
+
+
+TASK_DESCRIPTION = ('What the model is for: {"type": "classification" | "detection" | "segmentation" | "ctc" | '
+                    '"embedding" | "keypoints" | "generic", ...} (modelpress/spec/configs/task.py), e.g. '
+                    '{"type": "detection", "decoder": {"kind": "yolo", "layout": "channels_first"}}')
+
 
 class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +50,12 @@ class JobCreate(BaseModel):
     data: DataSpec = Field(default_factory=DataSpec)
     # What produced a recipe.json (library versions, source job); recorded, not acted on.
     provenance: dict[str, Any] | None = None
+    # What the model is for (modelpress/spec/configs/task.py), which decides how its fidelity is
+    # judged; without it the task is inferred from the output shapes. A plain object here, parsed
+    # when the job is accepted, so that a bad task answers its own code (`invalid_task`).
+    task: dict[str, Any] | None = Field(None, json_schema_extra={"description": TASK_DESCRIPTION})
+    # The safety floor on the task's fidelity: "default", "off", or bounds by metric name.
+    floor: FloorSpec = "default"
 
 
     @model_validator(mode="after")
@@ -128,6 +141,8 @@ class JobRead(JobSummary):
 
     steps: list[StepSpec]
     data: DataSpec
+    task: dict[str, Any] | None = None
+    floor: FloorSpec = "default"
     metrics: dict[str, Any]
     artifacts: list[ArtifactRead]
 

@@ -7,6 +7,7 @@ the job's row is committed.
 
 import logging
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer, joinedload, raiseload, sessionmaker
 
@@ -24,6 +25,8 @@ from service.pagination import newest_first
 from service.tenants import quotas
 from service.unit_of_work import after_commit, transaction
 from modelpress.spec.configs import parse_step
+from modelpress.spec.configs.task import misfit, parse_task
+from modelpress.spec.floor import FLOOR_METRICS, unknown_metrics
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
 from modelpress.spec.shapes import check_dataset_fits
@@ -69,6 +72,23 @@ def _check_referenced_models(*, session: Session, tenant_id: str, model, configs
                               code="student_output_mismatch", step=index)
 
 
+def _checked_task(body: JobCreate, model) -> dict | None:
+    """The job's task with every default filled in; refused when it is not a task, or when it
+    cannot read the model's outputs as recorded at upload (unknown dimensions are let through:
+    the worker checks again on the real shapes)."""
+    if body.task is None:
+        return None
+    try:
+        task = parse_task(body.task)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}" for e in exc.errors())
+        raise Invalid(f"task: {problems}", code="invalid_task") from exc
+    problem = misfit(task, [output.get("shape") for output in model.outputs or []])
+    if problem is not None:
+        raise Invalid(f"the task does not fit model {model.id}: {problem}", code="task_does_not_fit_model")
+    return task.model_dump()
+
+
 def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: JobCreate, gpu_queue: bool,
            request_id: str | None = None) -> JobRow:
     model = models.get(session=session, tenant_id=tenant_id, model_id=body.model_id)
@@ -80,6 +100,10 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code, step=index) from exc
     _check_referenced_models(session=session, tenant_id=tenant_id, model=model, configs=configs)
+    task = _checked_task(body, model)
+    if unknown := unknown_metrics(body.floor):
+        raise Invalid(f"floor: no task's floor has {', '.join(map(repr, unknown))}; the metrics are {', '.join(FLOOR_METRICS)}",
+                      code="invalid_floor")
 
     needed = set().union(*(c.required_data() for c in configs))
     split = body.data.split
@@ -116,6 +140,8 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
             "steps": [{"type": s.type, "params": c.model_dump()} for s, c in zip(steps, configs)],
             "data": body.data.model_dump(),
             "preset": body.preset,
+            "task": task,
+            "floor": body.floor,
         },
         metrics={}, request_id=request_id,
     )

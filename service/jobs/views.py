@@ -48,7 +48,8 @@ def to_summary(job: JobRow) -> JobSummary:
 
 def to_read(job: JobRow) -> JobRead:
     return JobRead(
-        **_common_fields(job), steps=job.spec["steps"], data=job.spec["data"], metrics=job.metrics or {},
+        **_common_fields(job), steps=job.spec["steps"], data=job.spec["data"], task=job.spec.get("task"),
+        floor=job.spec.get("floor", "default"), metrics=job.metrics or {},
         artifacts=[
             {"name": a.name, "size_bytes": a.size_bytes, "sha256": a.sha256, "url": f"/v1/jobs/{job.id}/artifacts/{a.name}"}
             for a in job.artifacts

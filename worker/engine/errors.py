@@ -10,6 +10,21 @@ class GuardNotMet(EngineError):
         self.result = result
 
 
+class FidelityFloorNotMet(EngineError):
+    """The final model misses its task's safety floor (worker/engine/tasks/floor.py); like a guard
+    not met, the model and its metrics are stored before the job fails with this code."""
+
+    def __init__(self, message: str):
+        super().__init__("fidelity_floor_not_met", message)
+
+
+class TaskDoesNotFitModel(EngineError):
+    """The job's given task cannot read the model's outputs (shapes known only when it ran)."""
+
+    def __init__(self, message: str):
+        super().__init__("task_does_not_fit_model", message)
+
+
 class JobCancelled(Exception):
     """Raised at a progress check once a cancel was requested."""
 

@@ -36,8 +36,11 @@ def write_and_store(job, token: str, deps, work: Path, metrics: dict, model: Pat
     # posting it back builds the same model (worker/recipe.py).
     steps_decided, decisions = decided_steps(job.spec["steps"], metrics["steps"])
     recipe_file = work / "recipe.json"
+    # The task the run judged the model as (given or inferred) and the floor it applied: a replay
+    # is judged alike, even on a server whose inference or defaults changed.
     recipe_file.write_text(json.dumps({
         "model_id": job.model_id, "steps": steps_decided, "data": job.spec["data"],
+        "task": metrics["comparison"]["task"]["task"], "floor": job.spec.get("floor", "default"),
         "provenance": {"job_id": job.id, "preset": job.spec.get("preset"), "versions": metrics["environment"]["versions"],
                        "decided": decisions},
     }, indent=2))

@@ -12,7 +12,9 @@ from worker.engine.tasks.measure import task_fidelity
 
 
 def evaluate_job(original: Path, compressed: Path, last_result: StepResult | None, eval_data: ImageSet | None,
-                 threads: int, progress) -> dict:
+                 threads: int, progress, task: dict | None = None, floor="default") -> dict:
+    """`task`: the job's given task (None: inferred from the outputs); `floor`: the job's floor,
+    whose bounds the task's shortfalls are measured against (the runner decides what they do)."""
     settings = evaluate.RunSettings(threads=threads)
     if eval_data is None:
         raise EngineError("eval_data_required", "the job has no dataset to evaluate on (data.eval or data.calibration)")
@@ -27,7 +29,7 @@ def evaluate_job(original: Path, compressed: Path, last_result: StepResult | Non
     if before.get("accuracy") and after.get("accuracy"):
         comparison["accuracy_drop"] = round(before["accuracy"]["top1"] - after["accuracy"]["top1"], 6)
     comparison["fidelity"] = fidelity(reference, outputs)
-    comparison["task"] = task_fidelity(reference, outputs)  # the task is inferred; reported, not enforced yet
+    comparison["task"] = task_fidelity(reference, outputs, given=task, floor_overrides=floor if isinstance(floor, dict) else None)
     result = {"original": before, "compressed": after, "comparison": comparison}
     if last_result is not None and last_result.measure is not None:
         progress("layers", 0.9)

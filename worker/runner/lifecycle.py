@@ -19,7 +19,8 @@ from service.jobs.runner_api import ClaimedJob, Heartbeat, JobStatus
 from service.ops.context import bound
 from service.storage import ObjectStore
 from modelpress.spec.errors import EngineError
-from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
+from worker.engine.errors import FidelityFloorNotMet, JobCancelled, JobSuperseded, TaskDoesNotFitModel
+from worker.engine.tasks import floor as safety_floor
 from worker.engine.stoppable import RunStopper, stopping_with
 from worker.runner.artifacts import METRICS_SCHEMA_VERSION, finite, write_and_store
 from worker.runner.evaluation import evaluate_job
@@ -204,12 +205,14 @@ def _run_claimed(job: ClaimedJob, token: str, deps: RunnerDeps) -> Outcome:
         return Outcome.FAILED
 
 
-def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, work: Path) -> tuple[dict, GuardNotMet | None]:
-    """Inputs -> steps -> evaluation -> artifacts; the metrics, and the broken promise if one was."""
+def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, work: Path) -> tuple[dict, EngineError | None]:
+    """Inputs -> steps -> evaluation -> artifacts; the metrics, and the broken promise if one was:
+    a guard not met, else a given task that does not fit the outputs, else the safety floor missed."""
     inputs = load_inputs(job, deps, progress, work)
     run = run_steps(job, inputs, deps.store, progress, work)
+    task, floor = job.spec.get("task"), job.spec.get("floor", "default")
     evaluation = evaluate_job(inputs.original, run.current, run.last_result, inputs.eval_data, deps.settings.bench_threads,
-                              progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"))
+                              progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"), task=task, floor=floor)
     data_spec, split_spec = job.spec["data"], job.spec["data"].get("split")
     metrics = finite({
         "schema_version": METRICS_SCHEMA_VERSION,
@@ -220,7 +223,14 @@ def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, 
         **evaluation,
         "steps": run.metrics,
     })
+    verdict = safety_floor.judge(metrics["comparison"]["task"], floor)
+    metrics["floor"] = verdict
     metrics["warnings"] = quality_warnings(metrics)
+    failure = run.failure
+    if failure is None and metrics["comparison"]["task"].get("fits") is False:
+        failure = TaskDoesNotFitModel(f"the job's task does not fit the model: {metrics['comparison']['task']['note']}")
+    if failure is None and safety_floor.failed(verdict):
+        failure = FidelityFloorNotMet(safety_floor.message(verdict))
     progress("store", LOAD_SHARE + STEPS_SHARE + EVALUATE_SHARE)
     write_and_store(job, token, deps, work, metrics, run.current, run.last_result.artifacts if run.last_result else {})
-    return metrics, run.failure
+    return metrics, failure

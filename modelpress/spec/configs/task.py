@@ -131,3 +131,36 @@ def resolve_task(given: dict | None, output_shapes: list[tuple]) -> InferredTask
     if given is not None:
         return InferredTask(task=parse_task(given), reason="given", inferred=False)
     return infer_task(output_shapes)
+
+
+def misfit(task: BaseModel, output_shapes: list[tuple | list | None]) -> str | None:
+    """Why a task cannot read outputs of these shapes, or None when it can (or the shapes are not
+    known well enough to tell). The API refuses such a job; the worker reports it on the shapes
+    the model really has."""
+    count = len(output_shapes)
+    for index in task.outputs or []:
+        if index >= count:
+            return f"the task reads output {index}, but the model has {count} output(s)"
+    first = (task.outputs or [0])[0]
+    shape = output_shapes[first] if first < count else None
+    rank = None if shape is None else len(shape)
+    if task.type == "detection" and task.decoder.kind == "boxes_scores":
+        for role in ("boxes_output", "scores_output"):
+            index = getattr(task.decoder, role)
+            if index >= count:
+                return f"the boxes_scores decoder's {role} is {index}, but the model has {count} output(s)"
+        return None
+    expected = {"detection": 3, "ctc": 3}.get(task.type)
+    if task.type == "segmentation":
+        expected = 4 if task.layout == "logits" else 3
+    if rank is not None and expected and rank != expected:
+        return f"a {task.type} task reads a rank-{expected} output, but output {first} has shape {list(shape)}"
+    if task.type == "classification" and rank is not None and rank < 2:
+        return f"a classification task reads (N, C) class scores, but output {first} has shape {list(shape)}"
+    if task.type == "detection" and rank == 3:
+        rows = shape[1] if task.decoder.layout == "channels_first" else shape[2]
+        needed = 6 if task.decoder.objectness else 5
+        if isinstance(rows, int) and 0 < rows < needed:
+            return (f"a yolo decoder ({task.decoder.layout}) needs at least {needed} rows (4 box, "
+                    f"{'objectness, ' if task.decoder.objectness else ''}scores), but output {first} has {rows}")
+    return None

@@ -1,27 +1,35 @@
-"""The safety floor: per-task minimums on the label-free fidelity below which a result is broken.
+"""The safety floor applied to a job's task fidelity: met, missed (the job fails with
+`fidelity_floor_not_met`), off, or not judged (nothing measured for the task). The bounds and
+their calibration are in modelpress/spec/floor.py, shared with the API's checks."""
 
-Defaults are deliberately strict on what users notice first: a lost confident detection, a changed
-decoded string, a changed top-1 class. A job may set its own figures or switch the floor off.
-"""
-
-# (metric name, "min" or "max", default bound)
-DEFAULT_FLOORS: dict[str, list[tuple[str, str, float]]] = {
-    "classification": [("top1_agreement", "min", 0.99)],
-    "detection": [("recall", "min", 0.95), ("scores_cosine", "min", 0.99)],
-    "segmentation": [("pixel_agreement", "min", 0.98)],
-    "ctc": [("exact_match", "min", 0.95)],
-    "embedding": [("mean_cosine", "min", 0.99)],
-}
+from modelpress.spec.floor import DEFAULT_FLOORS, shortfalls  # noqa: F401  (the engine's names for them)
 
 
-def shortfalls(task_type: str, fidelity: dict, overrides: dict[str, float] | None = None) -> list[dict]:
-    """Every floor the fidelity misses, with the figure and the bound; empty when it meets them all.
-    A metric the fidelity lacks (not measured) is reported as missed, never silently passed."""
-    missed = []
-    for metric, direction, default in DEFAULT_FLOORS.get(task_type, []):
-        bound = (overrides or {}).get(metric, default)
-        value = fidelity.get(metric)
-        ok = value is not None and (value >= bound if direction == "min" else value <= bound)
-        if not ok:
-            missed.append({"metric": metric, "value": value, "bound": bound, "direction": direction})
-    return missed
+def overrides_of(floor) -> dict[str, float]:
+    return floor if isinstance(floor, dict) else {}
+
+
+def judge(task_result: dict, floor="default") -> dict:
+    """metrics["floor"]: the mode, whether the result meets the floor (None: not judged, with why),
+    the bounds that applied and each shortfall."""
+    mode = "off" if floor == "off" else "custom" if isinstance(floor, dict) else "default"
+    task_type = task_result["task"]["type"]
+    bounds = {metric: overrides_of(floor).get(metric, default) for metric, _, default in DEFAULT_FLOORS.get(task_type, [])}
+    verdict = {"mode": mode, "task": task_type, "bounds": bounds, "shortfalls": task_result.get("floor_shortfalls") or []}
+    if task_result.get("fidelity") is None:
+        return {**verdict, "met": None, "note": task_result.get("note") or f"no {task_type} fidelity is measured for this output"}
+    if not bounds:
+        return {**verdict, "met": None, "note": f"no floor is defined for the {task_type} task"}
+    return {**verdict, "met": not verdict["shortfalls"]}
+
+
+def failed(verdict: dict) -> bool:
+    """The floor ends the job: it is on and the result misses it (a result not judged never fails)."""
+    return verdict["mode"] != "off" and verdict["met"] is False
+
+
+def message(verdict: dict) -> str:
+    missed = "; ".join(f"{m['metric']} {'unmeasured' if m['value'] is None else format(m['value'], '.4f')} "
+                       f"{'<' if m['direction'] == 'min' else '>'} {m['bound']}" for m in verdict["shortfalls"])
+    return (f"the compressed model misses the {verdict['task']} fidelity floor: {missed} (the model and metrics are stored; "
+            'set "floor": {"metric": bound} to change a bound or "floor": "off")')

@@ -1,9 +1,10 @@
 """The task fidelity of one job: the task (given or inferred from the outputs, with the reason),
-its label-free measures against the original, and the floors it misses (reported, not yet enforced)."""
+its label-free measures against the original, and the floors it misses (the runner enforces them:
+worker/engine/tasks/floor.py)."""
 
 import numpy as np
 
-from modelpress.spec.configs.task import resolve_task
+from modelpress.spec.configs.task import misfit, resolve_task
 from worker.engine.fidelity import top1_agreement
 from worker.engine.tasks import ctc, detection, embedding, floor, groups, segmentation
 
@@ -49,15 +50,20 @@ MEASURES = {"classification": _classification, "detection": _detection, "segment
             "ctc": _ctc, "embedding": _embedding}
 
 
-def task_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], given: dict | None = None) -> dict:
-    resolved = resolve_task(given, [tuple(r.shape) for r in reference])
+def task_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], given: dict | None = None,
+                  floor_overrides: dict[str, float] | None = None) -> dict:
+    shapes = [tuple(r.shape) for r in reference]
+    resolved = resolve_task(given, shapes)
     task = resolved.task
     index = (task.outputs or [0])[0]
     result = {"task": task.model_dump(), "inferred": resolved.inferred, "reason": resolved.reason}
+    problem = misfit(task, shapes)
+    if problem is not None:  # only a given task can miss: an inferred one is read off these shapes
+        return {**result, "fidelity": None, "fits": False, "note": problem}
     measure = MEASURES.get(task.type)
     if measure is None or index >= len(reference):
         return {**result, "fidelity": None}
     figures = measure(task, reference[index].astype(np.float64), candidate[index].astype(np.float64))
     if figures is None:
         return {**result, "fidelity": None, "note": "the output's shape does not fit the task's decoder"}
-    return {**result, "fidelity": figures, "floor_shortfalls": floor.shortfalls(task.type, figures)}
+    return {**result, "fidelity": figures, "floor_shortfalls": floor.shortfalls(task.type, figures, floor_overrides)}
