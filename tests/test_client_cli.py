@@ -14,9 +14,9 @@ import onnx
 import pytest
 
 from modelpress import Client, FidelityFloorNotMet, GuardNotMet, JobFailed, ModelpressError, ServerUnreachable
-from tests.flaky_proxy import FlakyProxy
 from tests.jobs_flow import weight_bytes
 from tests.processes import free_port
+from tests.relay import Cut, Relay
 from tests.stack import embedded_server, production_stack
 
 CLI = str(Path(sys.executable).parent / "modelpress")
@@ -147,18 +147,34 @@ def test_unreachable_server():
     assert result.returncode == 4 and "server_unreachable" in result.stderr
 
 
+class DownloadCutter:
+    """Cuts the first artifact download mid-body, the way a dropped connection does."""
+
+    def __init__(self, cut_after_bytes: int = 2000):
+        self.cut_after, self.cuts = cut_after_bytes, 0
+
+    def __call__(self, data: bytes, from_client: bool, connection: dict) -> bytes:
+        if from_client and b"/artifacts/" in data:
+            connection["download"] = True
+        if not from_client and connection.get("download") and self.cuts == 0:
+            connection["relayed"] = connection.get("relayed", 0) + len(data)
+            if connection["relayed"] > self.cut_after:
+                self.cuts += 1
+                raise Cut(data[: self.cut_after // 2])
+        return data
+
 def test_interrupted_download_is_retried(reference, tmp_path):
     with embedded_server(tmp_path / "data") as (url, _), Client(url) as direct:
         job = direct.submit(direct.upload_model(reference.onnx), [{"type": "quantize"}],
                             data={"calibration": direct.upload_dataset(reference.calib_npz)})
         job.wait(timeout=600, progress=False)
-        proxy = FlakyProxy(int(url.rsplit(":", 1)[1]))
+        proxy = Relay(int(url.rsplit(":", 1)[1]), DownloadCutter())
         try:
             with Client(f"http://127.0.0.1:{proxy.port}", backoff=0.01) as flaky:
                 path = flaky.job(job.id).download("model.onnx", to=tmp_path / "model.onnx")
         finally:
             proxy.close()
-        assert proxy.cuts == 1
+        assert proxy.meddle.cuts == 1
         assert hashlib.sha256(path.read_bytes()).hexdigest() == job.artifacts["model.onnx"]["sha256"]
         assert not (tmp_path / "model.onnx.part").exists()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.switch_proxy import SwitchProxy
+from tests.relay import Relay
 from tests.test_datasets_api import npz_bytes
 from tests.test_models_api import assert_problem
 
@@ -219,7 +219,7 @@ def test_a_database_outage_is_503_with_retry_after_and_service_returns(tmp_path,
 
     upgrade(postgres_url)
     real = urlsplit(postgres_url)
-    proxy = SwitchProxy(real.port or 5432)
+    proxy = Relay(real.port or 5432)
     via_proxy = postgres_url.replace(f"{real.hostname}:{real.port}", f"127.0.0.1:{proxy.port}")
     settings = Settings(data_dir=tmp_path / "data", database_url=via_proxy)
     try:

@@ -3,7 +3,6 @@ concurrent retries against a real server (the embedded default, and uvicorn + Ce
 PostgreSQL); another body under the same key is refused; a key in use, an expired key, a
 tenant's bound, answers that are not kept; the client's retry of a submit whose answer was lost."""
 
-import socket
 import threading
 import uuid
 from datetime import timedelta
@@ -22,6 +21,7 @@ from service.db import make_engine, make_session_factory, utcnow
 from service.idempotency.tables import IdempotencyKeyRow
 from service.migrate import upgrade
 from tests.processes import free_port, wait_for
+from tests.relay import Cut, Relay
 from tests.stack import embedded_server, production_stack
 from tests.tenancy import add_tenant, keyed_client, keyed_settings
 from tests.test_models_api import assert_problem
@@ -237,52 +237,20 @@ def test_keys_belong_to_their_tenant(tmp_path, tiny):
         assert "idempotent-replayed" not in upload(client, onnx_path, key="anonymous", headers=alice.headers()).headers
 
 
-class AnswerLosingProxy:
-    """Relays to the server, but drops the connection instead of passing on the first answer to a
-    POST /v1/jobs: the job was created, the client never heard (a timeout, a cut network)."""
+class AnswerLoser:
+    """Drops the connection instead of passing on the first answer to a POST /v1/jobs: the job was
+    created, the client never heard (a timeout, a cut network)."""
 
-    def __init__(self, upstream_port: int):
-        self.upstream_port, self.dropped = upstream_port, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+    def __init__(self):
+        self.dropped = 0
 
-    def close(self):
-        self.listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client):
-        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        state = {"submit": False}
-
-        def pipe(source, sink, from_client):
-            try:
-                while data := source.recv(65536):
-                    if from_client and data.startswith(b"POST /v1/jobs "):
-                        state["submit"] = True
-                    if not from_client and state["submit"] and self.dropped == 0:
-                        self.dropped += 1
-                        raise ConnectionResetError("answer dropped by the test proxy")
-                    sink.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (source, sink):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                    s.close()
-
-        threading.Thread(target=pipe, args=(client, upstream, True), daemon=True).start()
-        pipe(upstream, client, False)
+    def __call__(self, data: bytes, from_client: bool, connection: dict) -> bytes:
+        if from_client and data.startswith(b"POST /v1/jobs "):
+            connection["submit"] = True
+        if not from_client and connection.get("submit") and self.dropped == 0:
+            self.dropped += 1
+            raise Cut()
+        return data
 
 
 def test_the_client_retries_a_submit_with_its_key(served, tiny):
@@ -290,7 +258,7 @@ def test_the_client_retries_a_submit_with_its_key(served, tiny):
     if database is None:
         pytest.skip("the client's side needs one server: the embedded one")
     onnx_path, calib = tiny
-    proxy = AnswerLosingProxy(int(url.rsplit(":", 1)[1]))
+    proxy = Relay(int(url.rsplit(":", 1)[1]), AnswerLoser())
     try:
         with Client(f"http://127.0.0.1:{proxy.port}", backoff=0.05) as client:
             model = client.upload_model(onnx_path)
@@ -298,7 +266,7 @@ def test_the_client_retries_a_submit_with_its_key(served, tiny):
             job = client.submit(model, [{"type": "quantize"}], data={"calibration": dataset})
     finally:
         proxy.close()
-    assert proxy.dropped == 1
+    assert proxy.meddle.dropped == 1
     with httpx.Client(base_url=url) as http:
         jobs = [j["id"] for j in http.get("/v1/jobs", params={"limit": 200}).json()["items"] if j["model_id"] == model.id]
     assert jobs == [job.id]  # the retry got the first answer; no second job

@@ -8,7 +8,6 @@ import io
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from modelpress.resumable import ResumableUpload, file_sha256
 from service.db import make_engine, make_session_factory, utcnow
 from service.upload_sessions.tables import UploadSessionRow
 from tests.processes import Process, free_port, wait_http
+from tests.relay import Cut, Relay
 from tests.tenancy import add_tenant, keyed_client, keyed_settings, problem_code
 
 KiB, MiB = 1024, 1024 * 1024
@@ -296,58 +296,21 @@ def test_sessions_on_postgresql_and_s3(tmp_path, postgres_url, s3_endpoint, s3_b
 
 # --- a real server process -----------------------------------------------------------------------------
 
-class CuttingProxy:
-    """A TCP relay that drops every connection once, when the bytes the client has sent pass
-    `cut_after`: the way a network drops a long upload."""
+class UploadCutter:
+    """Drops the connection once, when the bytes the client has sent pass `cut_after`: the way a
+    network drops a long upload. Counts the part requests it sees."""
 
-    def __init__(self, upstream_port: int, cut_after: int):
-        self.upstream_port, self.cut_after = upstream_port, cut_after
-        self.sent = 0
-        self.cuts = 0
-        self.part_requests = 0
-        self.lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+    def __init__(self, cut_after: int):
+        self.cut_after, self.sent, self.cuts, self.part_requests = cut_after, 0, 0, 0
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, source, sink, from_client: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if from_client:
-                    with self.lock:
-                        self.part_requests += data.count(b"PUT /v1/uploads/")
-                        self.sent += len(data)
-                        cut = self.cuts == 0 and self.sent > self.cut_after
-                        if cut:
-                            self.cuts += 1
-                    if cut:
-                        sink.sendall(data[: len(data) // 2])
-                        raise ConnectionResetError("cut by the proxy")
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+    def __call__(self, data: bytes, from_client: bool, connection: dict) -> bytes:
+        if from_client:
+            self.part_requests += data.count(b"PUT /v1/uploads/")
+            self.sent += len(data)
+            if self.cuts == 0 and self.sent > self.cut_after:
+                self.cuts += 1
+                raise Cut(data[: len(data) // 2])
+        return data
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +334,7 @@ def test_an_upload_cut_mid_way_resumes_and_keeps_its_sha256(server, tmp_path):
     size = path.stat().st_size
     part_count = -(-size // (256 * KiB))
     upstream_port = int(url.rsplit(":", 1)[1])
-    proxy = CuttingProxy(upstream_port, cut_after=size // 2)
+    proxy = Relay(upstream_port, UploadCutter(cut_after=size // 2))
     seen: list[tuple[int, int]] = []
     try:
         with Client(base_url=f"http://127.0.0.1:{proxy.port}", upload_session_threshold=0, backoff=0.05,
@@ -379,11 +342,11 @@ def test_an_upload_cut_mid_way_resumes_and_keeps_its_sha256(server, tmp_path):
             model = client.upload_model(path)
     finally:
         proxy.close()
-    assert proxy.cuts == 1
+    assert proxy.meddle.cuts == 1
     assert model.raw["sha256"] == file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert model.format == "onnx" and model.raw["size_bytes"] == size
     # Resumed, not restarted: only the part in flight went again.
-    assert part_count + 1 <= proxy.part_requests <= part_count + 2
+    assert part_count + 1 <= proxy.meddle.part_requests <= part_count + 2
     # Progress went forward to the whole file (and held at the parts received across the cut).
     assert seen[-1] == (size, size)
     assert min(done for done, _ in seen if done > 0) < size // 2 < max(done for done, _ in seen)
