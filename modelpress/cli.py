@@ -279,7 +279,7 @@ def cmd_models(args, client: Client) -> int:
     else:
         if not args.target:
             raise UsageError("models upload needs a file")
-        model = client.upload_model(args.target, name=args.name).raw
+        model = client.upload_model(args.target, name=args.name, task=_parse_task(args.task)).raw
         _emit(args, model, f"{model['id']}  {model['format']}  {model['size_bytes']:,d} bytes")
     return EXIT_OK
 
@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--train", help="training data: an .npz file or a dataset id")
     compress.add_argument("--split", help="one labelled dataset (.npz or id) split into eval and the rest (calibration, train)")
     compress.add_argument("--eval-fraction", type=float, default=0.2, help="--split: the share held out for evaluation (default 0.2)")
-    compress.add_argument("--task", help='what the model is for: a type (classification, detection, segmentation, ctc, '
-                          'embedding) or a task as JSON; default: inferred from the output shapes')
+    compress.add_argument("--task", help='the job\'s task, what the model is for: a type (classification, detection, '
+                          'segmentation, ctc, embedding) or a task as JSON; default: the task given at the model\'s '
+                          'upload (`models upload --task`), else inferred from the output shapes')
     compress.add_argument("--floor", help='the safety floor: default, off, or bounds as JSON, e.g. \'{"top1_agreement": 0.97}\' '
                           '(a result below it fails the job, exit 3)')
     compress.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "show", "upload"])
     models.add_argument("target", nargs="?", help="a model id (show) or a file (upload)")
     models.add_argument("--name")
+    models.add_argument("--task", help="upload: what the model is for, a type (e.g. detection) or a task as JSON; "
+                        "its jobs use it unless they give their own (default: inferred per job)")
     models.add_argument("--limit", type=int, default=20)
     models.set_defaults(handler=cmd_models)
 

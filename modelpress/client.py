@@ -73,6 +73,11 @@ class Model:
     def from_json(cls, body: dict) -> "Model":
         return cls(body["id"], body["name"], body["format"], body["size_bytes"], body["sha256"], body)
 
+    @property
+    def task(self) -> dict[str, Any] | None:
+        """The task given at upload (defaults filled in), or None: each job's is inferred."""
+        return self.raw.get("task")
+
 
 @dataclass
 class Dataset:
@@ -305,8 +310,14 @@ class Client:
 
     # --- resources --------------------------------------------------------------------------------
 
-    def upload_model(self, path: str | os.PathLike, name: str | None = None) -> Model:
-        return Model.from_json(self._upload("/v1/models", Path(path), name))
+    def upload_model(self, path: str | os.PathLike, name: str | None = None,
+                     task: Mapping[str, Any] | str | None = None) -> Model:
+        """`task`: what the model is for, a task body or a type name ("detection"); the model's
+        jobs use it unless they give their own. None: each job's task is inferred."""
+        fields = {}
+        if task is not None:
+            fields["task"] = json.dumps({"type": task} if isinstance(task, str) else dict(task))
+        return Model.from_json(self._upload("/v1/models", Path(path), name, fields))
 
     def model_for_file(self, path: str | os.PathLike, name: str | None = None) -> Model:
         """The model already uploaded from a file with these bytes (same sha256), else a new upload:
@@ -408,12 +419,12 @@ class Client:
             if not cursor:
                 return
 
-    def _upload(self, path: str, file: Path, name: str | None) -> dict:
+    def _upload(self, path: str, file: Path, name: str | None, fields: dict[str, str] | None = None) -> dict:
         if not file.is_file():
             raise ModelpressError("file_not_found", f"{file} is not a file")
         if file.stat().st_size > self.upload_session_threshold:
             kind = "model" if path == "/v1/models" else "dataset"
-            return ResumableUpload(self, kind=kind, file=file, name=name, progress=self.upload_progress).run()
+            return ResumableUpload(self, kind=kind, file=file, name=name, progress=self.upload_progress, fields=fields).run()
 
         key = new_idempotency_key()
         # One boundary for every try: a retry sends the same bytes, so the server sees the same request.
@@ -421,7 +432,8 @@ class Client:
 
         def send():
             with open(file, "rb") as handle:  # reopened per try: a retry resends from the start
-                return self.http.post(path, files={"file": (file.name, handle)}, data={"name": name} if name else None,
+                data = {"name": name} if name else {}
+                return self.http.post(path, files={"file": (file.name, handle)}, data={**data, **(fields or {})} or None,
                                       headers=headers)
 
         return self._parse(self._send(send, idempotent=False, keyed=True))

@@ -39,8 +39,9 @@ class ResumableUpload:
     retry policy and error parsing)."""
 
     def __init__(self, client, *, kind: str, file: Path, name: str | None = None, part_bytes: int | None = None,
-                 progress: UploadProgress | None = None):
+                 progress: UploadProgress | None = None, fields: dict[str, str] | None = None):
         self.client, self.kind, self.file, self.name = client, kind, file, name
+        self.fields = dict(fields or {})  # the other form fields a single-request upload would send (task)
         self.part_bytes, self.progress = part_bytes, progress
         self.size = file.stat().st_size
         self.upload: dict = {}
@@ -56,6 +57,7 @@ class ResumableUpload:
         body = {"kind": self.kind, "filename": self.file.name, "size_bytes": self.size}
         if self.name:
             body["name"] = self.name
+        body.update(self.fields)
         if self.part_bytes:
             body["part_bytes"] = self.part_bytes
         self.upload = self.client._json("POST", "/v1/uploads", json=body)

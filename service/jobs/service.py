@@ -7,7 +7,6 @@ the job's row is committed.
 
 import logging
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer, joinedload, raiseload, sessionmaker
 
@@ -25,7 +24,6 @@ from service.pagination import newest_first
 from service.tenants import quotas
 from service.unit_of_work import after_commit, transaction
 from modelpress.spec.configs import parse_step
-from modelpress.spec.configs.task import misfit, parse_task
 from modelpress.spec.floor import FLOOR_METRICS, unknown_metrics
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
@@ -72,21 +70,12 @@ def _check_referenced_models(*, session: Session, tenant_id: str, model, configs
                               code="student_output_mismatch", step=index)
 
 
-def _checked_task(body: JobCreate, model) -> dict | None:
-    """The job's task with every default filled in; refused when it is not a task, or when it
-    cannot read the model's outputs as recorded at upload (unknown dimensions are let through:
-    the worker checks again on the real shapes)."""
+def _task(body: JobCreate, model) -> dict | None:
+    """The job's own task (checked, defaults filled in), else the one given at its model's upload
+    (checked then), else None: the worker infers it from the output shapes."""
     if body.task is None:
-        return None
-    try:
-        task = parse_task(body.task)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}" for e in exc.errors())
-        raise Invalid(f"task: {problems}", code="invalid_task") from exc
-    problem = misfit(task, [output.get("shape") for output in model.outputs or []])
-    if problem is not None:
-        raise Invalid(f"the task does not fit model {model.id}: {problem}", code="task_does_not_fit_model")
-    return task.model_dump()
+        return model.task
+    return models.checked_task(body.task, model.outputs, model=f"model {model.id}")
 
 
 def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: JobCreate, gpu_queue: bool,
@@ -100,7 +89,7 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code, step=index) from exc
     _check_referenced_models(session=session, tenant_id=tenant_id, model=model, configs=configs)
-    task = _checked_task(body, model)
+    task = _task(body, model)
     if unknown := unknown_metrics(body.floor):
         raise Invalid(f"floor: no task's floor has {', '.join(map(repr, unknown))}; the metrics are {', '.join(FLOOR_METRICS)}",
                       code="invalid_floor")

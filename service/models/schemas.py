@@ -22,6 +22,8 @@ class ModelRead(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     details: dict[str, Any] = {}
+    # The task given at upload, used by the model's jobs that give none; null: inferred per job.
+    task: dict[str, Any] | None = None
     created_at: datetime
 
 

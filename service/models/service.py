@@ -1,11 +1,13 @@
 """Model records: create from an upload, read, list, delete. Keyword-only, no HTTP."""
 
+import json
 from pathlib import Path
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, Invalid, NotFound
 from service.ids import clean_name, new_id
 from service.models.inspect import inspect_model
 from service.models.sandboxed import SandboxedModelReader
@@ -15,17 +17,47 @@ from service.storage import ObjectStore, tenant_prefix
 from service.tenants import quotas
 from service.unit_of_work import after_commit, on_rollback
 from service.uploads import ReceivedUpload
+from modelpress.spec.configs.task import misfit, parse_task
 
 FILE_NAMES = {"onnx": "model.onnx", "torch_export": "model.pt2", "torchscript": "model.pt"}
 
 
+def checked_task(task: dict | None, outputs: list[dict], *, model: str) -> dict | None:
+    """A task (a job's or an upload's) with every default filled in; refused when it is not a task,
+    or when it cannot read the outputs as recorded at upload (unknown dimensions are let through:
+    the worker checks again on the real shapes). `model` names the model in the message."""
+    if task is None:
+        return None
+    try:
+        parsed = parse_task(task)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}" for e in exc.errors())
+        raise Invalid(f"task: {problems}", code="invalid_task") from exc
+    problem = misfit(parsed, [output.get("shape") for output in outputs or []])
+    if problem is not None:
+        raise Invalid(f"the task does not fit {model}: {problem}", code="task_does_not_fit_model")
+    return parsed.model_dump()
+
+
+def _task_field(text: str | None) -> dict | None:
+    """The `task` form field: a task as JSON (its length is bounded as every form field's is)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Invalid(f"task: not JSON: {exc}", code="invalid_task") from exc
+
+
 def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: ReceivedUpload, name: str | None,
-           max_unpacked_bytes: int, reader: SandboxedModelReader | None = None) -> ModelRow:
+           max_unpacked_bytes: int, reader: SandboxedModelReader | None = None, task: str | None = None) -> ModelRow:
     # reader: read the upload in a limited child process (the API does); None: in this process.
+    # task: the `task` form field's text (JSON), checked against the outputs just read.
     if reader is None:
         info = inspect_model(upload.path, max_unpacked_bytes=max_unpacked_bytes)
     else:
         info = reader.inspect(upload.path, max_unpacked_bytes=max_unpacked_bytes)
+    checked = checked_task(_task_field(task), info.outputs, model="the uploaded model")
     model_id = new_id("mdl")
     file_name = "model.zip" if info.details.get("packaging") == "zip" else FILE_NAMES[info.format]
     key = f"{tenant_prefix(tenant_id)}models/{model_id}/{file_name}"
@@ -43,6 +75,7 @@ def create(*, session: Session, store: ObjectStore, tenant_id: str, upload: Rece
         inputs=info.inputs,
         outputs=info.outputs,
         details=info.details,
+        task=checked,
     )
     # The row failed (now or at the request's commit): leave no orphan object behind.
     on_rollback(session, lambda: store.delete_prefix(key.rsplit("/", 1)[0] + "/"))

@@ -19,6 +19,9 @@ class ModelRow(Base):
     inputs: Mapped[list] = mapped_column(JSON)
     outputs: Mapped[list] = mapped_column(JSON)
     details: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The task given at upload (modelpress/spec/configs/task.py), defaults filled in; a job without
+    # its own task uses it. NULL (not JSON null) when none was given: the task is then inferred.
+    task: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at", "id"),)

@@ -15,14 +15,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.post("", status_code=201, response_model=ModelRead, openapi_extra=upload_body(
-    "ONNX (or a .zip of an .onnx and its external data), torch.export .pt2 or TorchScript", name="display name"))
+    "ONNX (or a .zip of an .onnx and its external data), torch.export .pt2 or TorchScript", name="display name",
+    task='what the model is for, as JSON (e.g. {"type": "detection"}); its jobs use it unless they give their own'))
 async def upload_model(request: Request, context: ContextDep, session: SessionDep, caller: WriteCaller):
-    """Multipart: `file` (ONNX, torch.export .pt2 or TorchScript), optional `name`."""
+    """Multipart: `file` (ONNX, torch.export .pt2 or TorchScript), optional `name` and `task` (JSON)."""
     upload = await receive_upload(request, tmp_dir=context.settings.tmp_dir, max_bytes=context.settings.max_model_bytes)
     try:
         row = await run_in_threadpool(
             service.create, session=session, store=context.store, tenant_id=caller.tenant_id,
-            upload=upload, name=upload.fields.get("name"), max_unpacked_bytes=4 * context.settings.max_model_bytes,
+            upload=upload, name=upload.fields.get("name"), task=upload.fields.get("task"), max_unpacked_bytes=4 * context.settings.max_model_bytes,
             reader=context.model_reader,
         )
     finally:

@@ -14,6 +14,7 @@ class UploadCreate(BaseModel):
     part_bytes: int | None = Field(None, gt=0, description="the part size asked for; the server's default when absent")
     name: str | None = Field(None, max_length=255, description="display name, as the `name` form field")
     preprocess: str | None = Field(None, max_length=16 * 1024, description="datasets: JSON, as the `preprocess` form field")
+    task: str | None = Field(None, max_length=16 * 1024, description="models: JSON, as the `task` form field")
 
 
 class UploadComplete(BaseModel):

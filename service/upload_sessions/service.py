@@ -86,7 +86,7 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
                             quota="open_upload_sessions", limit=settings.max_open_upload_sessions)
     upload_id = new_id("upl")
     now = utcnow()
-    fields = {k: v for k, v in {"name": spec.name, "preprocess": spec.preprocess}.items() if v is not None}
+    fields = {k: v for k, v in {"name": spec.name, "preprocess": spec.preprocess, "task": spec.task}.items() if v is not None}
     row = UploadSessionRow(
         id=upload_id, tenant_id=tenant_id, kind=spec.kind, status=OPEN, filename=clean_name(spec.filename),
         fields=fields, size_bytes=spec.size_bytes, sha256=spec.sha256, part_bytes=part_bytes,
@@ -212,7 +212,8 @@ def _create_resource(*, session: Session, store: ObjectStore, settings: Settings
     limit = settings.upload_session_max_bytes
     if row.kind == "model":
         return models.create(session=session, store=store, tenant_id=row.tenant_id, upload=upload,
-                             name=upload.fields.get("name"), max_unpacked_bytes=4 * limit, reader=model_reader)
+                             name=upload.fields.get("name"), task=upload.fields.get("task"), max_unpacked_bytes=4 * limit,
+                             reader=model_reader)
     # The dataset checks bound the archive by max_dataset_bytes: this path's own limit replaces it.
     session_settings = settings.model_copy(update={"max_dataset_bytes": max(settings.max_dataset_bytes, limit)})
     return datasets.create(session=session, store=store, settings=session_settings, tenant_id=row.tenant_id,

@@ -134,7 +134,7 @@ def _task(task: dict | None) -> str:
     """The task the model was judged as (and why), its label-free task figures, and missed floors."""
     if not task:
         return ""
-    how = "inferred: " + task["reason"] if task.get("inferred") else "given with the job"
+    how = "inferred: " + task["reason"] if task.get("inferred") else "given with the job or at its model's upload"
     figures = task.get("fidelity") or {}
     rows = "".join(f"<tr><th>{escape(name)}</th><td>{_fmt(value, 4)}</td></tr>"
                    for name, value in figures.items() if not isinstance(value, dict))
