@@ -51,7 +51,8 @@ class JobCreate(BaseModel):
     # What produced a recipe.json (library versions, source job); recorded, not acted on.
     provenance: dict[str, Any] | None = None
     # What the model is for (modelpress/spec/configs/task.py), which decides how its fidelity is
-    # judged; without it the task is inferred from the output shapes. A plain object here, parsed
+    # judged; without it the model's task from its upload, else one inferred from the output
+    # shapes (JobRead.task shows the task given or taken from the model). A plain object here, parsed
     # when the job is accepted, so that a bad task answers its own code (`invalid_task`).
     task: dict[str, Any] | None = Field(None, json_schema_extra={"description": TASK_DESCRIPTION})
     # The safety floor on the task's fidelity: "default", "off", or bounds by metric name.
