@@ -44,13 +44,22 @@ def _dataset_ref(client: Client, value: str | None) -> str | None:
     return _ref(value, client.upload_dataset, "ds_", "dataset")
 
 
-def _parse_step(text: str) -> dict:
+def _json_object(text: str, flag: str, *, not_json: str, takes: str) -> dict:
+    """A flag's JSON object, or a UsageError that names the flag and what it takes."""
     try:
-        step = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--step is not JSON: {exc}") from exc
-    if not isinstance(step, dict) or "type" not in step:
-        raise UsageError('--step takes a JSON object like {"type": "quantize", "params": {...}}')
+        raise UsageError(f"{flag} {not_json}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} takes {takes}")
+    return value
+
+
+def _parse_step(text: str) -> dict:
+    takes = 'a JSON object like {"type": "quantize", "params": {...}}'
+    step = _json_object(text, "--step", not_json="is not JSON", takes=takes)
+    if "type" not in step:
+        raise UsageError(f"--step takes {takes}")
     return step
 
 
@@ -60,26 +69,16 @@ def _parse_task(text: str | None) -> dict | None:
         return None
     if re.fullmatch(r"[a-z_]+", text):
         return {"type": text}
-    try:
-        task = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--task is neither a task type (e.g. detection) nor JSON: {exc}") from exc
-    if not isinstance(task, dict):
-        raise UsageError('--task takes a type name or a JSON object like {"type": "detection", "decoder": {"kind": "yolo"}}')
-    return task
+    return _json_object(text, "--task", not_json="is neither a task type (e.g. detection) nor JSON",
+                        takes='a type name or a JSON object like {"type": "detection", "decoder": {"kind": "yolo"}}')
 
 
 def _parse_floor(text: str | None):
     """--floor: default, off, or JSON bounds by metric, e.g. '{"top1_agreement": 0.97}'."""
     if text is None or text in ("default", "off"):
         return text
-    try:
-        floor = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--floor is neither default, off nor JSON: {exc}") from exc
-    if not isinstance(floor, dict):
-        raise UsageError('--floor takes default, off or a JSON object like {"top1_agreement": 0.97}')
-    return floor
+    return _json_object(text, "--floor", not_json="is neither default, off nor JSON",
+                        takes='default, off or a JSON object like {"top1_agreement": 0.97}')
 
 
 # The server names the body's fields; the CLI user typed flags.
