@@ -316,7 +316,7 @@ class Client:
         jobs use it unless they give their own. None: each job's task is inferred."""
         fields = {}
         if task is not None:
-            fields["task"] = json.dumps({"type": task} if isinstance(task, str) else dict(task))
+            fields["task"] = json.dumps(_task_body(task))
         return Model.from_json(self._upload("/v1/models", Path(path), name, fields))
 
     def model_for_file(self, path: str | os.PathLike, name: str | None = None) -> Model:
@@ -357,7 +357,7 @@ class Client:
         if steps is not None:
             body["steps"] = [dict(step) for step in steps]
         if task is not None:
-            body["task"] = {"type": task} if isinstance(task, str) else dict(task)
+            body["task"] = _task_body(task)
         if floor is not None:
             body["floor"] = floor if isinstance(floor, str) else dict(floor)
         return Job(self, self._json("POST", "/v1/jobs", json=body))
@@ -542,3 +542,8 @@ class Client:
             partial.replace(target)
             return target
         raise AssertionError("unreachable")
+
+
+def _task_body(task: Mapping[str, Any] | str) -> dict[str, Any]:
+    """A task as the API takes it: a type name ("detection") is the task of that type with its defaults."""
+    return {"type": task} if isinstance(task, str) else dict(task)

@@ -132,7 +132,7 @@ def test_worst_slice_ignores_slices_of_noise_energy():
 
 
 def test_floor_reports_each_shortfall_and_honours_overrides():
-    from worker.engine.tasks.floor import shortfalls
+    from modelpress.spec.floor import shortfalls
     assert shortfalls("ctc", {"exact_match": 0.97}) == []
     assert shortfalls("ctc", {"exact_match": 0.31}) == [
         {"metric": "exact_match", "value": 0.31, "bound": 0.95, "direction": "min"}]

@@ -8,6 +8,7 @@ from worker.engine.data import ImageSet
 from modelpress.spec.errors import EngineError
 from worker.engine.fidelity import fidelity
 from worker.engine.registry import StepResult
+from worker.engine.tasks.floor import overrides_of
 from worker.engine.tasks.measure import task_fidelity
 
 
@@ -29,7 +30,7 @@ def evaluate_job(original: Path, compressed: Path, last_result: StepResult | Non
     if before.get("accuracy") and after.get("accuracy"):
         comparison["accuracy_drop"] = round(before["accuracy"]["top1"] - after["accuracy"]["top1"], 6)
     comparison["fidelity"] = fidelity(reference, outputs)
-    comparison["task"] = task_fidelity(reference, outputs, given=task, floor_overrides=floor if isinstance(floor, dict) else None)
+    comparison["task"] = task_fidelity(reference, outputs, given=task, floor_overrides=overrides_of(floor))
     result = {"original": before, "compressed": after, "comparison": comparison}
     if last_result is not None and last_result.measure is not None:
         progress("layers", 0.9)

@@ -2,10 +2,11 @@
 `fidelity_floor_not_met`), off, or not judged (nothing measured for the task). The bounds and
 their calibration are in modelpress/spec/floor.py, shared with the API's checks."""
 
-from modelpress.spec.floor import DEFAULT_FLOORS, shortfalls  # noqa: F401  (the engine's names for them)
+from modelpress.spec.floor import DEFAULT_FLOORS
 
 
 def overrides_of(floor) -> dict[str, float]:
+    """The bounds a job's floor sets itself (none for \"default\" and \"off\")."""
     return floor if isinstance(floor, dict) else {}
 
 

@@ -5,8 +5,9 @@ worker/engine/tasks/floor.py)."""
 import numpy as np
 
 from modelpress.spec.configs.task import misfit, resolve_task
+from modelpress.spec.floor import shortfalls
 from worker.engine.fidelity import top1_agreement
-from worker.engine.tasks import ctc, detection, embedding, floor, groups, segmentation
+from worker.engine.tasks import ctc, detection, embedding, groups, segmentation
 
 
 def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
@@ -66,4 +67,4 @@ def task_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], give
     figures = measure(task, reference[index].astype(np.float64), candidate[index].astype(np.float64))
     if figures is None:
         return {**result, "fidelity": None, "note": "the output's shape does not fit the task's decoder"}
-    return {**result, "fidelity": figures, "floor_shortfalls": floor.shortfalls(task.type, figures, floor_overrides)}
+    return {**result, "fidelity": figures, "floor_shortfalls": shortfalls(task.type, figures, floor_overrides)}
