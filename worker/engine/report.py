@@ -231,5 +231,12 @@ def _step_summary(step: dict) -> str:
         parts.append(f"guard {guard['criterion']} {verdict} on {guard['holdout_samples']} held-out samples "
                      f"(candidate {guard['candidate_holdout']}, original {guard['original_holdout']})")
         parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in guard["kept_float"]]
+    repair = step.get("repair")
+    if repair and repair.get("needed"):
+        missed = ", ".join(f"{m['metric']} {_fmt(m['value'], 4)} < {m['bound']}" for m in repair["trigger"])
+        tried = [a["attempt"] for a in repair["attempts"] if "tune" in a]
+        outcome = f"repaired by {tried[-1]}" if repair["met"] else "no candidate met it, the best is kept"
+        parts.append(f"below the floor as asked ({missed}): {outcome} ({len(tried)} candidates)")
+        parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in repair["kept_float"]]
     parts += [f"left float: {entry['layer']} ({entry['reason']})" for entry in step.get("float_layers", [])]
     return "; ".join(parts)
