@@ -196,3 +196,12 @@ def test_the_run_takes_fewer_images_when_each_costs_many_macs():
     assert _affordable(0) == MAX_SAMPLES == 16 and _affordable(MAX_RUN_MACS // 16) == 16
     assert _affordable(616_562_688) == 4  # the 8.7 MB detector measured in docs/METRICS.md: 0.29 s
     assert _affordable(MAX_RUN_MACS * 3) == 1 and _affordable(None) == UNKNOWN_COST_SAMPLES
+
+
+def test_the_report_says_when_preflight_or_one_finding_failed():
+    from worker.engine.report import render
+    whole = render({"preflight": {"error": "DecodeError: not a model", "seconds": 0.001}})
+    assert "Preflight" in whole and "not completed: DecodeError: not a model" in whole
+    part = render({"preflight": {"float_ops": [{"op_type": "Exp", "count": 2, "nodes": ["a", "b"]}], "unknown_ops": [],
+                                 "dynamic_dims": [], "macs": {"error": "x"}, "wide_joins": {"error": "y"}, "seconds": 0.01}})
+    assert "Ops left float by the quantizer: Exp ×2" in part and "Not checked (failed): macs, wide_joins" in part
