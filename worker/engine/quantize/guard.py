@@ -12,7 +12,9 @@ both. Two entries:
   data, and fails the job with `fidelity_floor_not_met` if it still misses).
 
 The search, cheapest candidates first, each starting from the best so far:
-1. the method as asked; for static_int8, the other calibration methods next;
+1. the method as asked; for static_int8, 16-bit activations on the joins whose inputs' ranges
+   differ widely (preflight's check on a few images; a calibration cannot mend those), then the
+   other calibration methods;
 2. static_int8 repairs (ladder `REPAIRS`, in order of cost): 16-bit activations for every Concat
    and every graph output (the tensors one 8-bit scale covers worst: a detector's joined pixel
    boxes and 0..1 scores); then cross-layer equalization, AdaRound and sequential bias correction;
@@ -34,7 +36,8 @@ from modelpress.spec.configs import GuardSpec, QuantizeStepConfig
 from modelpress.spec.floor import margin
 from worker.engine.data import ImageSet, split
 from modelpress.spec.errors import EngineError
-from worker.engine.errors import GuardNotMet
+from worker.engine import preflight
+from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers
@@ -44,6 +47,7 @@ from worker.engine.tasks.measure import task_fidelity
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 SENSITIVITY_SAMPLES = 64
+WIDE_JOIN_SAMPLES = 4  # images of the float run that finds wide joins
 # Eval images a floor-driven search judges its candidates on; the job's evaluation then judges the
 # chosen one on all of them.
 REPAIR_SAMPLES = 512
@@ -109,6 +113,24 @@ def _wide_candidates(model_path) -> list[str]:
     graph = onnx.load(str(model_path), load_external_data=False).graph
     outputs = {o.name for o in graph.output}
     return sorted({n.name for n in graph.node if n.name and (n.op_type == "Concat" or outputs & set(n.output))})
+
+
+def _wide_joins(model_path, images: np.ndarray) -> list[str]:
+    """Named Concat/Add nodes whose inputs' ranges differ by preflight.WIDE_JOIN_RATIO or more on a
+    few images; none when the check cannot run (the ladder's later repairs still cover joins)."""
+    try:
+        model = onnx.load(str(model_path))
+        initializers = {t.name for t in model.graph.initializer}
+        inputs = [i.name for i in model.graph.input if i.name not in initializers]
+        if len(inputs) != 1:
+            return []
+        found = preflight.wide_joins(model, inputs[0], images[:WIDE_JOIN_SAMPLES])["joins"]
+    except (JobCancelled, JobSuperseded):
+        raise
+    except Exception:
+        return []
+    names = {n.name for n in model.graph.node if n.name}
+    return [join["node"] for join in found if join["node"] in names]
 
 
 # static_int8 repairs, in order of cost: one more quantization with a few 16-bit tensors, then the
@@ -186,18 +208,28 @@ class _Search:
             return True
         return False
 
-    def calibrations(self, built: tuple[StepResult, dict] | None = None) -> None:
-        """The asked calibration (`built`: already built and judged by the caller), then the others.
-        Only the calibrated schemes have a calibration to search; the others run one candidate."""
+    def first_candidates(self, built: tuple[StepResult, dict] | None = None) -> None:
+        """The method as asked (`built`: already built and judged by the caller); for static_int8,
+        16-bit activations on the joins whose inputs' ranges differ widely (found by one short float
+        run: no calibration can mend those), then the other calibrations. Only the calibrated schemes
+        have a calibration to search; the others run one candidate."""
         config = self.config
         given = getattr(config, "calibration", None)
-        calibrations = [given] + [c for c in CALIBRATIONS if c != given] if config.method == "static_int8" else [given]
-        for index, calibration in enumerate(calibrations):
-            if index == 0 and built is not None:
-                result, score = built
-            else:
-                result, score = self.attempt(_calibration_label(calibration), **_calibration_change(calibration))
-            if result is not None and self.consider((result, score, _calibration_change(calibration), [])):
+        result, score = built or self.attempt(_calibration_label(given), **_calibration_change(given))
+        if result is not None and self.consider((result, score, _calibration_change(given), [])):
+            return
+        if config.method != "static_int8":
+            return
+        joins = _wide_joins(self.ctx.model_path, self.tune.images) if self.best is not None else []
+        if joins:
+            changes = {**self.best[2], "wide_activations": joins}
+            result, score = self.attempt("16-bit wide joins", **changes)
+            if result is not None and self.consider((result, score, changes, [])):
+                return
+        for calibration in (c for c in CALIBRATIONS if c != given):
+            changes = {**(self.best[2] if self.best else {}), "calibration": calibration}
+            result, score = self.attempt(_calibration_label(calibration), **changes)
+            if result is not None and self.consider((result, score, changes, [])):
                 return
 
     def repairs(self) -> None:
@@ -227,7 +259,7 @@ class _Search:
             count *= 2
 
     def search(self, built: tuple[StepResult, dict] | None = None) -> None:
-        self.calibrations(built)
+        self.first_candidates(built)
         if self.best is None:
             raise EngineError("quantization_failed", f"no quantized candidate could be built: {self.attempts}")
         if self.passing is None:
