@@ -33,6 +33,12 @@ def test_defaults_are_filled_in(client, reference):
         "wide_activations": [], "repair": True, "repair_budget_s": 600.0,
     }
     finished, _ = wait_finished(client, job["id"])
+    # Where the time went: the job's phases, and the step's own stages, which add up to its wall time.
+    timings, step = finished["metrics"]["timings"], finished["metrics"]["steps"][0]
+    assert set(timings) == {"load", "preflight", "steps", "evaluate"} and min(timings.values()) >= 0
+    assert {"calibrate", "try uint8 activations", "try int8 activations", "floor check"} <= set(step["timings"])
+    assert abs(sum(step["timings"].values()) - step["seconds"]) <= 0.05 * step["seconds"] + 0.1
+    assert timings["steps"] >= step["seconds"] - 0.1
     # Unlabelled evaluation data: fidelity, no accuracy.
     assert finished["status"] == "succeeded"
     assert "accuracy" not in finished["metrics"]["compressed"]

@@ -194,3 +194,24 @@ def test_the_heartbeat_beats_several_times_within_the_stale_limit(tmp_path):
     for stale in (5, 10, 300):
         progress = Progress(SimpleNamespace(settings=Settings(data_dir=tmp_path, stale_job_after_s=stale)), "job_x", "token")
         assert progress.beat_s <= stale / 3 and progress.beat_s <= HEARTBEAT_S
+
+
+def test_the_stage_clock_adds_up_each_stage_and_groups_the_phases(monkeypatch):
+    from worker.runner import lifecycle
+
+    now = [100.0]
+    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: now[0])
+    clock = lifecycle.StageClock()
+    for stage, spent in (("load", 1.0), ("0:quantize:calibrate", 2.0), ("0:quantize:inspect", 0.5),
+                         ("0:quantize:calibrate", 1.0), ("1:prune:start", 0.25), ("evaluate:original", 3.0)):
+        clock.enter(stage)
+        now[0] += spent
+    # A stage entered twice is added up; the stage running now counts up to now.
+    assert clock.under("0:quantize:") == {"calibrate": 3.0, "inspect": 0.5}
+    assert clock.phases() == {"load": 1.0, "steps": 3.75, "evaluate": 3.0}
+    monkeypatch.setattr(lifecycle.StageClock, "MAX_STAGES", 2)
+    bounded = lifecycle.StageClock()
+    for stage in ("a", "b", "c", "d", "a"):
+        bounded.enter(stage)
+        now[0] += 1.0
+    assert bounded.under("") == {"a": 2.0, "b": 1.0, "other": 2.0}

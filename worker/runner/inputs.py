@@ -83,6 +83,7 @@ def run_preflight(inputs: JobInputs, progress) -> dict:
     """The model's graph read once before the first step (worker/engine/preflight.py): findings
     for metrics["preflight"]; its own failures are recorded there, never the job's."""
     sample = inputs.eval_data.images[:MAX_SAMPLES] if inputs.eval_data is not None else None
+    progress("preflight", LOAD_SHARE)
     checks = preflight(inputs.original, sample)
     progress.log(f"preflight: {preflight_summary(checks)}")
     return checks

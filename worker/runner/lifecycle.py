@@ -58,6 +58,47 @@ class RunnerDeps:
     stopping: threading.Event = field(default_factory=threading.Event)
 
 
+class StageClock:
+    """Seconds spent in each stage a job reported, in the order first seen: the job's and every
+    step's `timings` (where a slow job spends its time, without a profiler)."""
+
+    MAX_STAGES = 200  # distinct labels kept; later ones are added up under "other"
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.current, self.since = None, time.monotonic()
+
+    def enter(self, stage: str) -> None:
+        now = time.monotonic()
+        if self.current is not None:
+            label = self._label(self.current, self.seconds)
+            self.seconds[label] = self.seconds.get(label, 0.0) + now - self.since
+        self.current, self.since = stage, now
+
+    def _label(self, stage: str, seconds: dict) -> str:
+        return stage if stage in seconds or len(seconds) < self.MAX_STAGES else "other"
+
+    def _so_far(self) -> dict[str, float]:
+        seconds = dict(self.seconds)
+        if self.current is not None:  # the stage running now, up to now
+            label = self._label(self.current, seconds)
+            seconds[label] = seconds.get(label, 0.0) + time.monotonic() - self.since
+        return seconds
+
+    def under(self, prefix: str) -> dict[str, float]:
+        """The stages that start with `prefix`, named without it: a step's timings."""
+        return {stage[len(prefix):]: round(seconds, 3) for stage, seconds in self._so_far().items() if stage.startswith(prefix)}
+
+    def phases(self) -> dict[str, float]:
+        """The job's timings by phase: load, preflight, steps (every step's stages), evaluate."""
+        totals: dict[str, float] = {}
+        for stage, seconds in self._so_far().items():
+            phase = stage.split(":", 1)[0]
+            phase = "steps" if phase.isdigit() else phase
+            totals[phase] = totals.get(phase, 0.0) + seconds
+        return {phase: round(seconds, 3) for phase, seconds in totals.items()}
+
+
 class Progress:
     """Stage and percent, throttled, plus the checks every long job needs at each report:
     cancel requested, superseded by another delivery, deadline passed, worker stopping. A heartbeat
@@ -78,6 +119,7 @@ class Progress:
                                        name=f"heartbeat-{job_id}", daemon=True)
         # Ends the job's ONNX Runtime runs in progress when the heartbeat settles a cancel or deadline.
         self.runs = RunStopper()
+        self.clock = StageClock()
 
     def __enter__(self) -> "Progress":
         self.thread.start()
@@ -131,6 +173,8 @@ class Progress:
 
     def __call__(self, stage: str, fraction: float, force: bool = False) -> None:
         changed = stage != self.stage
+        if changed:
+            self.clock.enter(stage)
         self.stage, self.fraction = stage, max(self.fraction, min(1.0, fraction))
         if force or changed or time.monotonic() - self.last_write >= PROGRESS_WRITE_EVERY_S:
             self._write()
@@ -228,6 +272,7 @@ def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, 
     verdict = safety_floor.judge(metrics["comparison"]["task"], floor)
     metrics["floor"] = verdict
     metrics["warnings"] = quality_warnings(metrics)
+    metrics["timings"] = progress.clock.phases()  # up to here: storing the artifacts comes after
     failure = run.failure
     if failure is None and metrics["comparison"]["task"].get("fits") is False:
         failure = TaskDoesNotFitModel(f"the job's task does not fit the model: {metrics['comparison']['task']['note']}")

@@ -83,7 +83,7 @@ def run_steps(job, inputs: JobInputs, store: ObjectStore, progress, work: Path) 
         if len(steps) > 1 and inputs.eval_data is not None:  # a recipe's report shows where each step left the model
             after.update(evaluate.quality(run.current, inputs.eval_data, reference_outputs) or {})
         run.metrics.append({"type": step["type"], "size_bytes": after["size_bytes"], **result.metrics, "after_step": after,
-                            "seconds": seconds})
+                            "seconds": seconds, "timings": progress.clock.under(f"{index}:{step['type']}:")})
         step_progress("done", 1.0)
         progress.log(f"{name}: done")
         if run.failure is not None:

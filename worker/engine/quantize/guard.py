@@ -286,6 +286,7 @@ def floor_repaired(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[
     data = ctx.data.get("eval") or ctx.data.get("calibration")
     if not config.repair or ctx.floor == "off" or data is None:
         return result
+    ctx.progress("floor check", 0.95)
     search = _Search(config, ctx, run, data.head(REPAIR_SAMPLES), Promise(None, ctx.task, ctx.floor), config.repair_budget_s)
     first = search.judge(_calibration_label(getattr(config, "calibration", None)), result)
     if "floor" not in first:  # no floor for this task, or nothing measured: nothing to repair by
@@ -293,7 +294,7 @@ def floor_repaired(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[
     if search.consider((result, first, {}, [])):
         result.metrics["repair"] = {"needed": False, "met": True, "tune_samples": len(search.tune), "attempts": search.attempts}
         return result
-    ctx.progress("the floor is missed: repairing", 0.1)
+    ctx.progress("repair", 0.1)
     search.search(built=(result, first))
     chosen, _, _, summary = search.chosen()
     chosen.metrics["repair"] = {"needed": True, "met": search.passing is not None, "trigger": first["floor"]["shortfalls"],
