@@ -168,6 +168,17 @@ def test_int8_that_collapses_a_detectors_scores_is_repaired_by_itself_and_fails_
     path = tmp_path / "repaired.onnx"
     path.write_bytes(client.get(f"/v1/jobs/{repaired['id']}/artifacts/model.onnx").content)
     assert scores_cosine(path, detector["path"], calibration) >= 0.999
+    # The Pareto set of the candidates built: the chosen one is model.onnx, the collapsed one (smaller,
+    # no slower) is on it too and downloadable by name; each figure is the artifact's own.
+    pareto = {entry["attempt"]: entry for entry in repair["pareto"]}
+    assert pareto["16-bit wide joins"]["artifact"] == "model.onnx"
+    collapsed_entry = pareto["calibration minmax"]
+    assert collapsed_entry["artifact"] == "candidate-0.onnx" and collapsed_entry["meets_on_tune"] is False
+    stored = {a["name"]: a for a in repaired["artifacts"]}
+    assert stored["candidate-0.onnx"]["size_bytes"] == collapsed_entry["size_bytes"] < pareto["16-bit wide joins"]["size_bytes"]
+    other = tmp_path / "candidate-0.onnx"
+    other.write_bytes(client.get(f"/v1/jobs/{repaired['id']}/artifacts/candidate-0.onnx").content)
+    assert scores_cosine(other, detector["path"], calibration) < 0.9  # the collapsed scores, as judged
     # The recipe asks for the repair at once: a replay builds it without searching.
     recipe = json.loads(client.get(f"/v1/jobs/{repaired['id']}/artifacts/recipe.json").content)
     params = recipe["steps"][0]["params"]

@@ -53,8 +53,12 @@ def test_guard_not_met_fails_with_the_best_candidate_downloadable(client, ids, r
                     {"calibration": calib_id, "eval": eval_id})
     job, _ = wait_finished(client, response.json()["id"], timeout=300)
     assert job["status"] == "failed" and job["error"]["code"] == "guard_not_met"
-    assert {a["name"] for a in job["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
-    assert job["metrics"]["steps"][0]["guard"]["met"] is False
+    guard = job["metrics"]["steps"][0]["guard"]
+    # Beside the best candidate, the other candidates of the Pareto set, each by the name it lists.
+    others = {entry["artifact"] for entry in guard["pareto"]} - {None, "model.onnx"}
+    assert {a["name"] for a in job["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json", *others}
+    assert [entry["artifact"] for entry in guard["pareto"]].count("model.onnx") == 1
+    assert guard["met"] is False
     download = client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx")
     assert download.status_code == 200
     # The best candidate is a real int8 model, judged from its file: int8 weights, fewer weight bytes

@@ -265,6 +265,11 @@ def _step_summary(step: dict) -> str:
         parts.append(f"guard {guard['criterion']} {verdict} on {guard['holdout_samples']} held-out samples "
                      f"(candidate {guard['candidate_holdout']}, original {guard['original_holdout']})")
         parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in guard["kept_float"]]
+    for search in (guard, step.get("repair")):
+        if search and search.get("pareto"):
+            parts.append("Pareto set (size, batch-1 ms, artifact): " + ", ".join(
+                f"{entry['attempt']} ({entry['size_bytes']:,d} B, {_fmt(entry['p50_ms_batch_1'])} ms, "
+                f"{entry['artifact'] or 'not stored'})" for entry in search["pareto"]))
     repair = step.get("repair")
     if repair and repair.get("needed"):
         missed = ", ".join(f"{m['metric']} {_fmt(m['value'], 4)} < {m['bound']}" for m in repair["trigger"])

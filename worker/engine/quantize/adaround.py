@@ -29,9 +29,12 @@ REGULARISATION = 0.01
 _ZETA, _GAMMA = 1.1, -0.1  # the stretched sigmoid of the paper: h reaches 0 and 1 exactly
 
 
-def adaround(float_path: Path, quantized_path: Path, images: np.ndarray, workdir: Path, iterations: int = ITERATIONS) -> dict:
+def adaround(float_path: Path, quantized_path: Path, images: np.ndarray, workdir: Path, iterations: int = ITERATIONS,
+             weight_range: tuple[int, int] = (-128, 127)) -> dict:
     """Rewrite the int8 weights of `quantized_path` with learned rounding; report per layer the
-    output MSE with nearest rounding and with AdaRound (on the calibration images)."""
+    output MSE with nearest rounding and with AdaRound (on the calibration images). `weight_range`:
+    the integers the quantizer used (ONNX Runtime's reduce_range keeps weights in -64..64, so that
+    CPUs without VNNI do not saturate their 16-bit sums): a learned rounding never leaves it."""
     images = images[:SAMPLES]
     model = onnx.load(str(quantized_path))
     float_model = onnx.load(str(float_path))
@@ -47,11 +50,11 @@ def adaround(float_path: Path, quantized_path: Path, images: np.ndarray, workdir
         stoppable.check()
         [inputs] = _tensors(model, [layer.node.input[0]], images, workdir / "ada-quantized.onnx").values()
         target = targets[float_nodes[layer.node.name].output[0]]
-        report.append(layer.learn(torch.from_numpy(inputs), torch.from_numpy(target), iterations))
+        report.append(layer.learn(torch.from_numpy(inputs), torch.from_numpy(target), iterations, weight_range))
     onnx.save(model, str(quantized_path))
     before = float(np.mean([r["mse_nearest"] for r in report]))
     after = float(np.mean([r["mse_adaround"] for r in report]))
-    return {"layers": len(report), "iterations": iterations, "mean_mse_nearest": before, "mean_mse_adaround": after,
+    return {"layers": len(report), "iterations": iterations, "weight_range": list(weight_range), "mean_mse_nearest": before, "mean_mse_adaround": after,
             "per_layer": report[:50]}
 
 
@@ -95,7 +98,7 @@ class _Layer:
             shape[self.axis] = -1
         return torch.from_numpy(values.reshape(shape))
 
-    def learn(self, inputs: torch.Tensor, target: torch.Tensor, iterations: int) -> dict:
+    def learn(self, inputs: torch.Tensor, target: torch.Tensor, iterations: int, weight_range: tuple[int, int]) -> dict:
         # Bound each step's cost on wide layers: as many images as fit in ELEMENTS input values.
         keep = max(1, min(len(inputs), ELEMENTS // max(1, inputs[0].numel())))
         inputs, target = inputs[:keep], target[:keep]
@@ -103,7 +106,7 @@ class _Layer:
         weight = torch.from_numpy(self.float_weight)
         bias = None if self.bias is None else torch.from_numpy(self.bias.astype(np.float32))
         floor = torch.floor(weight / scale)
-        low, high = -128 - zero_point, 127 - zero_point
+        low, high = weight_range[0] - zero_point, weight_range[1] - zero_point
 
         def dequantized(rounding):
             return torch.clamp(floor + rounding, low, high) * scale

@@ -21,7 +21,9 @@ The search, cheapest candidates first, each starting from the best so far:
 3. per-layer sensitivity (SQNR of each compute layer's output against the float model) ranks the
    layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A candidate that keeps
    every layer float is not a quantized model and never counts.
-The search stops building candidates when its budget is used up and goes on with the best.
+The search stops building candidates when its budget is used up and goes on with the best. Every
+candidate built is timed once at the end; the Pareto set of (size, latency, the promise's figure)
+is in the metrics, and its members other than the chosen one are stored as `candidate-<i>.onnx`.
 """
 
 import time
@@ -38,7 +40,7 @@ from worker.engine.data import ImageSet, split
 from modelpress.spec.errors import EngineError
 from worker.engine import preflight
 from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
-from worker.engine.evaluate import open_session, run_outputs
+from worker.engine.evaluate import RunSettings, latency, open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, StepResult
@@ -48,6 +50,9 @@ from worker.engine.tasks.measure import task_fidelity
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 SENSITIVITY_SAMPLES = 64
 WIDE_JOIN_SAMPLES = 4  # images of the float run that finds wide joins
+# The Pareto set's speed: a short batch-1 timing of each candidate, once the search is over.
+QUICK_TIMING = RunSettings(warmup_runs=2, min_timed_runs=5, max_timed_runs=50, time_budget_s=0.2)
+MAX_STORED_CANDIDATES = 4  # Pareto candidates stored beside model.onnx
 # Eval images a floor-driven search judges its candidates on; the job's evaluation then judges the
 # chosen one on all of them.
 REPAIR_SAMPLES = 512
@@ -162,6 +167,7 @@ class _Search:
         # The float model's own score: what a guard's accuracy drop is measured from (a floor needs none).
         self.original_tune = promise.score(ctx.model_path, tune, self.float_tune) if promise.guard is not None else {}
         self.attempts: list[dict] = []
+        self.models: dict[int, object] = {}  # attempt index -> the candidate's model file
         self.best, self.passing = None, None
         self.deadline = time.monotonic() + budget_s
         # `activation_type: auto` is decided once, by the first candidate; the others reuse it
@@ -170,6 +176,7 @@ class _Search:
 
     def judge(self, label: str, result: StepResult) -> dict:
         score = self.promise.score(result.model_path, self.tune, self.float_tune)
+        self.models[len(self.attempts)] = result.model_path
         self.attempts.append({"attempt": label, "tune": score, "meets_on_tune": self.promise.meets(score, self.original_tune)})
         if not self.activation_type and getattr(self.config, "activation_type", None) == "auto" \
                 and result.metrics.get("activation_type") in ("uint8", "int8"):
@@ -268,15 +275,45 @@ class _Search:
             self.sensitive_layers_float()
 
     def chosen(self) -> tuple[StepResult, dict, dict, list]:
-        """The passing candidate, else the best, with what it changed (for metrics and recipe)."""
+        """The passing candidate, else the best, with what it changed (for metrics and recipe), and
+        the Pareto set of every candidate built: the others on it become downloadable artifacts."""
         result, score, changes, sensitive = self.passing or self.best
         summary = {
             "calibration": changes.get("calibration"), "repairs": {k: v for k, v in changes.items() if k != "calibration"},
             "kept_float": [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
                            for layer in sensitive],
             "tune_samples": len(self.tune), "attempts": self.attempts,
+            "pareto": self.pareto(result),
         }
         return result, score, changes, summary
+
+    def pareto(self, chosen: StepResult) -> list[dict]:
+        """Candidates no other beats on size, batch-1 latency and the promise's figure at once, the
+        chosen one marked `model.onnx`; up to MAX_STORED_CANDIDATES others stored as candidate-<i>.onnx."""
+        points = []
+        for index, path in self.models.items():
+            attempt = self.attempts[index]
+            timing = latency(open_session(path, threads=1), self.tune.images, 1, QUICK_TIMING)
+            attempt.update({"size_bytes": path.stat().st_size, "p50_ms_batch_1": timing["p50_ms"] if timing else None})
+            points.append((index, path, attempt["size_bytes"], timing["p50_ms"] if timing else float("inf"),
+                           self.promise.value(attempt["tune"])))
+
+        def beaten(point) -> bool:
+            return any(o[2] <= point[2] and o[3] <= point[3] and o[4] >= point[4] and (o[2], o[3], o[4]) != point[2:]
+                       for o in points)
+
+        front = sorted((point for point in points if not beaten(point) or point[1] == chosen.model_path),
+                       key=lambda point: point[4], reverse=True)
+        listed, stored = [], 0
+        for index, path, size, p50, _ in front:
+            name = "model.onnx" if path == chosen.model_path else None
+            if name is None and stored < MAX_STORED_CANDIDATES:
+                name, stored = f"candidate-{index}.onnx", stored + 1
+                chosen.artifacts[name] = path
+            listed.append({"attempt": self.attempts[index]["attempt"], "size_bytes": size,
+                           "p50_ms_batch_1": None if p50 == float("inf") else p50,
+                           "meets_on_tune": self.attempts[index]["meets_on_tune"], "artifact": name})
+        return listed
 
 
 def floor_repaired(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[QuantizeStepConfig, StepContext], StepResult]) -> StepResult:

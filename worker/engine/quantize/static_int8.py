@@ -130,7 +130,9 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     rounding = None
     if getattr(config, "adaround", False):
         ctx.progress("adaround", 0.7)
-        rounding = adaround(prepared, output, images, ctx.workdir)
+        chosen = selection["chosen"] if selection else config.activation_type
+        weights_reduced = reduce_range and chosen == "uint8"  # as build() quantized them
+        rounding = adaround(prepared, output, images, ctx.workdir, weight_range=(-64, 64) if weights_reduced else (-128, 127))
     corrected = None
     if getattr(config, "bias_correction", "off") != "off":
         ctx.progress("bias correction", 0.8)
