@@ -123,3 +123,33 @@ def test_verification_accuracy_matches_a_brute_force_search_and_10_folds_do_not_
     similarity = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert result["verification_accuracy"] == pytest.approx(_brute_force_best(similarity, same), abs=1e-12)
     assert result["verification_accuracy_10fold"] <= result["verification_accuracy"]
+
+
+# --- targets through take / head / split -------------------------------------------------------
+
+def test_targets_follow_the_images_kept_and_boxes_and_pairs_are_reindexed():
+    from worker.engine.data import ImageSet, Targets, split
+
+    targets = Targets(boxes=np.arange(16, dtype=float).reshape(4, 4), box_classes=np.array([0, 1, 2, 3]),
+                      box_images=np.array([0, 2, 2, 3]), masks=np.arange(4)[:, None, None] * np.ones((4, 2, 2), int),
+                      texts=np.array(["a", "b", "c", "d"]), pairs=np.array([[0, 2], [1, 3], [3, 2]]),
+                      pair_same=np.array([True, False, True]))
+    data = ImageSet(np.arange(4, dtype=np.float32)[:, None, None, None], None, targets)
+    kept = data.take(np.array([3, 2]))
+    # Image 3 is now 0, image 2 is now 1: boxes of images 2, 2, 3 remain; of the pairs only (3, 2).
+    np.testing.assert_array_equal(kept.targets.box_images, [1, 1, 0])
+    np.testing.assert_array_equal(kept.targets.box_classes, [1, 2, 3])
+    np.testing.assert_array_equal(kept.targets.pairs, [[0, 1]])
+    np.testing.assert_array_equal(kept.targets.pair_same, [True])
+    np.testing.assert_array_equal(kept.targets.masks[:, 0, 0], [3, 2])
+    assert kept.targets.texts.tolist() == ["d", "c"]
+    head = data.head(3)
+    np.testing.assert_array_equal(head.targets.box_images, [0, 2, 2])
+    np.testing.assert_array_equal(head.targets.pairs, [[0, 2]])
+    assert data.head(10).targets is targets  # the whole set: nothing re-indexed
+    rest, held_out = split(data, eval_fraction=0.5, seed=0)
+    for part in (rest, held_out):  # every box lands with its image: its class is the image's own box classes
+        for box_image, box_class in zip(part.targets.box_images, part.targets.box_classes):
+            original_image = int(part.images[box_image, 0, 0, 0])
+            assert box_class in targets.box_classes[targets.box_images == original_image]
+    assert len(rest.targets.boxes) + len(held_out.targets.boxes) == 4
