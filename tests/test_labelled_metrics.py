@@ -153,3 +153,26 @@ def test_targets_follow_the_images_kept_and_boxes_and_pairs_are_reindexed():
             original_image = int(part.images[box_image, 0, 0, 0])
             assert box_class in targets.box_classes[targets.box_images == original_image]
     assert len(rest.targets.boxes) + len(held_out.targets.boxes) == 4
+
+
+def test_only_the_100_best_detections_of_an_image_are_scored():
+    truth = [(np.array([[0, 0, 10, 10]], float), np.array([0]))]
+    misses = np.tile([[50.0, 50, 60, 60]], (100, 1))
+    # The one hit ranked 101st of the image: left out (AP 0); ranked 100th, with 99 misses above it, it counts:
+    # precision 1/100 at recall 1, so AP = 0.01 at every recall point.
+    last = [(np.vstack([misses, [[0, 0, 10, 10]]]), np.r_[np.full(100, 0.9), 0.1], np.zeros(101, int))]
+    assert detection_map(truth, last)["map50"] == 0.0
+    hundredth = [(np.vstack([misses[:99], [[0, 0, 10, 10]]]), np.r_[np.full(99, 0.9), 0.1], np.zeros(100, int))]
+    assert detection_map(truth, hundredth)["map50"] == pytest.approx(0.01, abs=1e-9)
+
+
+def test_segmentation_with_large_or_sparse_class_ids_matches_the_small_id_path():
+    rng = np.random.default_rng(5)
+    truth, predicted = rng.integers(0, 4, (3, 16, 16)), rng.integers(0, 4, (3, 16, 16))
+    small = segmentation_scores(truth, predicted)
+    # The same masks with classes renamed to ids past the direct-indexing range: the same scores.
+    renamed = np.array([7, 5000, 40_000, 99_999])
+    assert segmentation_scores(renamed[truth], renamed[predicted]) == pytest.approx(small)
+    # Classes absent from both (ids 0..2 of a mask holding only 3 and 4) are not averaged in.
+    assert segmentation_scores(np.full((1, 2, 2), 3), np.full((1, 2, 2), 4))["miou"] == 0.0
+    assert segmentation_scores(np.full((1, 2, 2), 3), np.full((1, 2, 2), 3))["miou"] == 1.0

@@ -13,7 +13,8 @@ from worker.engine.tasks.ctc import string_agreement
 def detection_map(truth: list[tuple[np.ndarray, np.ndarray]],
                   predicted: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
     """COCO box mAP: 101-point interpolated precision, IoU 0.50:0.05:0.95, area "all", 100
-    detections per image (the highest scores), averaged over the classes present in the truth.
+    detections per image (the highest scores, MAX_DETECTIONS_PER_IMAGE), averaged over the classes
+    present in the truth.
 
     `truth` per image: (boxes xyxy (K, 4), classes (K,)); `predicted` per image: (boxes xyxy (M, 4),
     scores (M,), classes (M,)), as detection.decode_yolo returns them. Predicted classes absent from
@@ -34,24 +35,40 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
+# COCO's detection rule: at most this many detections per image, the highest scores.
+MAX_DETECTIONS_PER_IMAGE = 100
+
+
+def _annotations(boxes, labels, image_id: int, first_id: int, scores=None) -> list[dict]:
+    xywh = _xywh(boxes)
+    labels = np.asarray(labels).ravel()
+    if scores is not None:
+        order = np.argsort(-np.asarray(scores, np.float64).ravel(), kind="stable")[:MAX_DETECTIONS_PER_IMAGE]
+        xywh, labels, scores = xywh[order], labels[order], np.asarray(scores, np.float64).ravel()[order]
+    annotations = []
+    for k, (box, label) in enumerate(zip(xywh.tolist(), labels.tolist())):
+        annotation = {"id": first_id + k, "image_id": image_id, "category_id": int(label), "bbox": box,
+                      "area": box[2] * box[3], "iscrowd": 0}
+        if scores is not None:
+            annotation["score"] = float(scores[k])
+        annotations.append(annotation)
+    return annotations
+
+
 def _coco_box_stats(truth, predicted) -> np.ndarray:
     from faster_coco_eval import COCO, COCOeval_faster
 
-    annotations, detections, classes = [], [], set()
+    truth_annotations, detections = [], []
     for image_id, ((boxes, labels), (pred_boxes, scores, pred_labels)) in enumerate(zip(truth, predicted, strict=True)):
-        for box, label in zip(_xywh(boxes), np.asarray(labels).ravel()):
-            classes.add(int(label))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": box.tolist(), "area": float(box[2] * box[3]), "iscrowd": 0})
-        for box, score, label in zip(_xywh(pred_boxes), np.asarray(scores).ravel(), np.asarray(pred_labels).ravel()):
-            detections.append({"image_id": image_id, "category_id": int(label), "bbox": box.tolist(),
-                               "score": float(score)})
-    dataset = {"images": [{"id": i} for i in range(len(truth))], "annotations": annotations,
-               "categories": [{"id": c} for c in sorted(classes)]}
+        truth_annotations += _annotations(boxes, labels, image_id, len(truth_annotations) + 1)
+        detections += _annotations(pred_boxes, pred_labels, image_id, len(detections) + 1, scores)
+    images = [{"id": i} for i in range(len(truth))]
+    categories = [{"id": c} for c in sorted({a["category_id"] for a in truth_annotations})]
     with contextlib.redirect_stdout(io.StringIO()):  # the library reports its progress on stdout
-        ground_truth = COCO(dataset)
-        evaluator = COCOeval_faster(ground_truth, ground_truth.loadRes(detections), iouType="bbox",
-                                    print_function=lambda *args, **kwargs: None)
+        # Both sets built directly (loadRes would only recompute the areas and ids given here).
+        ground_truth = COCO({"images": images, "annotations": truth_annotations, "categories": categories})
+        results = COCO({"images": images, "annotations": detections, "categories": categories})
+        evaluator = COCOeval_faster(ground_truth, results, iouType="bbox", print_function=lambda *args, **kwargs: None)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -68,10 +85,19 @@ def segmentation_scores(truth: np.ndarray, predicted: np.ndarray, ignore_index: 
     truth, predicted = truth[valid].astype(np.int64), predicted[valid].astype(np.int64)
     if truth.size == 0:
         return {"miou": None, "pixel_accuracy": None}
-    # One confusion matrix over the classes seen: intersection on its diagonal, union = row + column - diagonal.
-    classes, codes = np.unique(np.concatenate([truth, predicted]), return_inverse=True)
-    count = len(classes)
-    confusion = np.bincount(codes[: truth.size] * count + codes[truth.size :], minlength=count * count).reshape(count, count)
+    # One confusion matrix: intersection on its diagonal, union = row + column - diagonal. Class ids
+    # index it directly when they are small (the usual masks; no sort), else their ranks do.
+    largest = int(max(truth.max(), predicted.max()))
+    if truth.min() >= 0 and predicted.min() >= 0 and largest < 4096:
+        count = largest + 1
+        codes_truth, codes_predicted = truth, predicted
+    else:
+        _, codes = np.unique(np.concatenate([truth, predicted]), return_inverse=True)
+        count = int(codes.max()) + 1
+        codes_truth, codes_predicted = codes[: truth.size], codes[truth.size :]
+    confusion = np.bincount(codes_truth * count + codes_predicted, minlength=count * count).reshape(count, count)
+    seen = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0  # present in the truth or the prediction
+    confusion = confusion[seen][:, seen]
     intersection = np.diag(confusion).astype(np.float64)
     union = confusion.sum(axis=0) + confusion.sum(axis=1) - intersection
     return {"miou": float(np.mean(intersection / union)), "pixel_accuracy": float(intersection.sum() / truth.size)}
