@@ -323,6 +323,26 @@ def test_pairs_beyond_the_images_the_evaluation_runs_are_refused_at_job_creation
     assert "image 2000" in body["detail"]
 
 
+def test_labels_that_fit_only_the_shapes_known_at_upload_get_a_note_not_wrong_figures(client, tmp_path):
+    import torch
+
+    from tests.test_wide_activations import ConcatHead
+
+    # ConcatHead's output dimensions are unknown until it runs (a Concat): the box class 9 passes at
+    # creation; the worker, on the real (N, 4 + C, A) output, finds it past the classes scored.
+    path = tmp_path / "concat.onnx"
+    _export(ConcatHead(), torch.zeros(1, 1, 8, 8), path)
+    rows = _outputs(path, np.zeros((1, 1, 8, 8), np.float32)).shape[1]
+    assert rows - 4 <= 9
+    images = np.random.default_rng(0).random((N, 1, 8, 8), dtype=np.float32)
+    dataset = upload_dataset(client, _npz(tmp_path / "boxes.npz", images=images, boxes=np.array([[1.0, 1, 5, 5]]),
+                                          box_classes=np.array([9]), box_images=np.array([0])))
+    job, _ = _run_job(client, upload_model(client, path)["id"], dataset["id"], {"type": "detection"}, tmp_path)
+    scored = job["metrics"]["task_metrics"]
+    assert scored["original"] is None and "class id 9" in scored["note"]
+    assert "class id 9" in client.get(f"/v1/jobs/{job['id']}/artifacts/report.html").text
+
+
 def test_labels_of_another_task_are_not_read(client, tmp_path):
     # Masks beside a detection job: not its labels, so no refusal and no task metrics.
     model = _detector(tmp_path / "detector.onnx")

@@ -141,6 +141,9 @@ def _task_metrics(scored: dict | None) -> str:
     """The task metric of both models against the labels, and the drop (positive: worse)."""
     if not scored:
         return ""
+    if scored.get("note"):
+        return (f'<h2>Task metrics against the labels ({escape(scored["task"])})</h2>'
+                f'<p id="task-metrics-note">{escape(scored["note"])}</p>')
     rows = "".join(_row(label, scored["original"].get(name), scored["compressed"].get(name),
                         f"drop {scored['drop'][name]:+.4f}" if name in scored["drop"] else "")
                    for name, label in TASK_METRIC_NAMES.items() if name in scored["original"])

@@ -36,7 +36,8 @@ def evaluate_job(original: Path, compressed: Path, last_result: StepResult | Non
     if comparison["task"].get("fits") is not False:
         # The targets of the images both models ran on (a fixed-batch model leaves a short tail out).
         targets = eval_data.head(min(settings.max_eval_samples, len(reference[0]))).targets
-        result["task_metrics"] = task_metrics(comparison["task"]["task"], reference, outputs, targets)
+        result["task_metrics"] = task_metrics(comparison["task"]["task"], reference, outputs, targets,
+                                              input_shape=[None, *eval_data.images.shape[1:]])
     if last_result is not None and last_result.measure is not None:
         progress("layers", 0.9)
         result.update(last_result.measure(eval_data.images))

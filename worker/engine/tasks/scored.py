@@ -4,7 +4,7 @@
 import numpy as np
 
 from modelpress.spec.configs.task import parse_task
-from modelpress.spec.labels import text_ids
+from modelpress.spec.labels import IGNORE_INDEX, labels_misfit, text_ids
 from worker.engine.data import Targets
 from worker.engine.tasks import ctc, detection, labelled, segmentation
 
@@ -57,17 +57,43 @@ def _embedding(task, output: np.ndarray, targets: Targets) -> dict | None:
     return labelled.verification_accuracy(output, targets.pairs, targets.pair_same)
 
 
+def label_summary(targets: Targets) -> dict:
+    """What modelpress/spec/labels.py's fit check reads, from the arrays (the upload stored the same
+    for the whole dataset): the worker checks again on the shapes the model really has."""
+    summary = {}
+    if targets.boxes is not None and len(targets.boxes):
+        boxes = targets.boxes
+        summary["boxes"] = {"max_class": int(targets.box_classes.max()), "min_x": float(boxes[:, 0].min()),
+                            "min_y": float(boxes[:, 1].min()), "max_x": float(boxes[:, 2].max()), "max_y": float(boxes[:, 3].max())}
+    if targets.masks is not None:
+        classes = targets.masks[targets.masks != IGNORE_INDEX]
+        summary["masks"] = {"height": targets.masks.shape[1], "width": targets.masks.shape[2],
+                            "max_class": int(classes.max()) if classes.size else None}
+    if targets.label_sequences is not None:
+        summary["sequences"] = {"ids": sorted(int(i) for i in np.unique(targets.label_sequences[targets.label_sequences >= 0]))}
+    if targets.texts is not None:
+        summary["texts"] = {"characters": "".join(sorted(set("".join(targets.texts.tolist()))))}
+    return summary
+
+
 SCORES = {"detection": _detection, "segmentation": _segmentation, "ctc": _ctc, "embedding": _embedding}
 
 
-def task_metrics(task: dict, reference: list[np.ndarray], candidate: list[np.ndarray], targets: Targets) -> dict | None:
+def task_metrics(task: dict, reference: list[np.ndarray], candidate: list[np.ndarray], targets: Targets,
+                 input_shape: list[int]) -> dict | None:
     """{"task", "original", "compressed", "drop"} when the targets hold labels of the task's kind
-    (and the output fits its decoder), else None. `targets` are those of the images both ran on."""
+    (and the output fits its decoder), else None. `targets` are those of the images both ran on;
+    labels that do not fit the outputs' real shapes (unknown at job creation) give a `note` instead."""
     parsed = parse_task(task)
     score = SCORES.get(parsed.type)
     index = (parsed.outputs or [0])[0]
     if score is None or index >= len(reference):
         return None
+    problem = labels_misfit(parsed, label_summary(targets), count=len(reference[index]), input_shape=input_shape,
+                            output_shapes=[list(output.shape) for output in reference])
+    if problem is not None:
+        return {"task": parsed.type, "original": None, "compressed": None, "drop": {},
+                "note": f"the labels do not fit the model's outputs: {problem}"}
     before = score(parsed, reference[index].astype(np.float64), targets)
     if before is None:
         return None
