@@ -9,11 +9,11 @@ from collections.abc import Callable
 import numpy as np
 
 from modelpress.spec import labels as spec
+from modelpress.spec.configs.task import MAX_CLASSES
 from modelpress.spec.errors import Invalid
 
 INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}
 FLOAT_DTYPES = {"float16", "float32", "float64"}
-MAX_CLASSES = 100_000
 # Distinct characters across all texts: an alphabet, not a corpus.
 MAX_TEXT_CHARACTERS = 10_000
 
@@ -42,7 +42,7 @@ def _read(archive, name: str) -> np.ndarray:
         raise _refuse(f"'{name}' cannot be read: {exc}") from exc
 
 
-def _small(archive, infos, name: str, header, *, dtypes: set[str], shape: tuple, limit: int) -> np.ndarray:
+def _small(archive, name: str, header, *, dtypes: set[str], shape: tuple, limit: int) -> np.ndarray:
     """An array whose shape must be `shape` (None: any length up to `limit`), read whole."""
     found, dtype = _header(archive, name, header)
     if dtype.name not in dtypes:
@@ -66,11 +66,11 @@ def _together(infos, names: tuple[str, ...]) -> bool:
     return bool(present)
 
 
-def _boxes(archive, infos, header, count: int) -> dict:
-    boxes = _small(archive, infos, "boxes", header, dtypes=FLOAT_DTYPES | INT_DTYPES, shape=(None, 4), limit=spec.MAX_BOXES)
+def _boxes(archive, header, count: int) -> dict:
+    boxes = _small(archive, "boxes", header, dtypes=FLOAT_DTYPES | INT_DTYPES, shape=(None, 4), limit=spec.MAX_BOXES)
     total = len(boxes)
-    classes = _small(archive, infos, "box_classes", header, dtypes=INT_DTYPES, shape=(total,), limit=spec.MAX_BOXES)
-    images = _small(archive, infos, "box_images", header, dtypes=INT_DTYPES, shape=(total,), limit=spec.MAX_BOXES)
+    classes = _small(archive, "box_classes", header, dtypes=INT_DTYPES, shape=(total,), limit=spec.MAX_BOXES)
+    images = _small(archive, "box_images", header, dtypes=INT_DTYPES, shape=(total,), limit=spec.MAX_BOXES)
     if total == 0:
         return {"count": 0, "max_class": -1, "min_x": 0.0, "min_y": 0.0, "max_x": 0.0, "max_y": 0.0}
     boxes = boxes.astype(np.float64)
@@ -115,11 +115,11 @@ def _masks(archive, infos, header, scan: Scan, count: int, max_pixels: int) -> d
     return {"height": int(height), "width": int(width), "max_class": seen["max"] if seen["max"] >= 0 else None}
 
 
-def _sequences(archive, infos, header, count: int) -> dict:
+def _sequences(archive, header, count: int) -> dict:
     found, _ = _header(archive, "label_sequences", header)
     if len(found) == 2 and found[1] > spec.MAX_SEQUENCE_LENGTH:
         raise _refuse(f"'label_sequences' are {found[1]} long; at most {spec.MAX_SEQUENCE_LENGTH} are accepted")
-    sequences = _small(archive, infos, "label_sequences", header, dtypes=INT_DTYPES, shape=(count, None),
+    sequences = _small(archive, "label_sequences", header, dtypes=INT_DTYPES, shape=(count, None),
                        limit=count).astype(np.int64)
     if sequences.size and (sequences.min() < -1 or sequences.max() >= MAX_CLASSES):
         raise _refuse(f"'label_sequences' holds ids outside 0..{MAX_CLASSES - 1} (and -1, the padding)")
@@ -132,7 +132,7 @@ def _sequences(archive, infos, header, count: int) -> dict:
             "ids": sorted(int(i) for i in np.unique(sequences[~padding]))}
 
 
-def _texts(archive, infos, header, count: int) -> dict:
+def _texts(archive, header, count: int) -> dict:
     found, dtype = _header(archive, "texts", header)
     if dtype.kind != "U":
         raise _refuse(f"'texts' has dtype {dtype}; use numpy unicode strings (np.array(texts), dtype '<U…')")
@@ -148,9 +148,9 @@ def _texts(archive, infos, header, count: int) -> dict:
             "characters": "".join(sorted(characters))}
 
 
-def _pairs(archive, infos, header, count: int) -> dict:
-    pairs = _small(archive, infos, "pairs", header, dtypes=INT_DTYPES, shape=(None, 2), limit=spec.MAX_PAIRS)
-    same = _small(archive, infos, "pair_same", header, dtypes=INT_DTYPES | {"bool"}, shape=(len(pairs),),
+def _pairs(archive, header, count: int) -> dict:
+    pairs = _small(archive, "pairs", header, dtypes=INT_DTYPES, shape=(None, 2), limit=spec.MAX_PAIRS)
+    same = _small(archive, "pair_same", header, dtypes=INT_DTYPES | {"bool"}, shape=(len(pairs),),
                   limit=spec.MAX_PAIRS)
     if len(pairs) == 0:
         raise _refuse("'pairs' is empty")
@@ -166,15 +166,15 @@ def inspect_labels(archive: zipfile.ZipFile, infos: dict, *, header, scan: Scan,
     """The summary of each task label kind present, by kind (modelpress/spec/labels.py TASK_OF_KIND)."""
     found = {}
     if _together(infos, ("boxes", "box_classes", "box_images")):
-        found["boxes"] = _boxes(archive, infos, header, count)
+        found["boxes"] = _boxes(archive, header, count)
     if "masks.npy" in infos:
         found["masks"] = _masks(archive, infos, header, scan, count, max_pixels)
     if "label_sequences.npy" in infos and "texts.npy" in infos:
         raise _refuse("give label_sequences or texts, not both")
     if "label_sequences.npy" in infos:
-        found["sequences"] = _sequences(archive, infos, header, count)
+        found["sequences"] = _sequences(archive, header, count)
     if "texts.npy" in infos:
-        found["texts"] = _texts(archive, infos, header, count)
+        found["texts"] = _texts(archive, header, count)
     if _together(infos, ("pairs", "pair_same")):
-        found["pairs"] = _pairs(archive, infos, header, count)
+        found["pairs"] = _pairs(archive, header, count)
     return found
