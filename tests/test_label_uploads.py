@@ -63,3 +63,43 @@ def test_bad_labels_are_refused_with_invalid_labels(client, arrays, words):
     body = assert_problem(_upload(client, **arrays), 422, "invalid_labels")
     assert words in body["detail"]
     assert client.get("/v1/datasets").json()["items"] == []
+
+
+def _coco_zip(annotations):
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    buffer, image = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(image, format="PNG")
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a/one.png", image.getvalue())
+        archive.writestr("annotations.json", annotations if isinstance(annotations, str) else json.dumps(annotations))
+    return buffer.getvalue()
+
+
+GOOD_IMAGE = [{"id": 1, "file_name": "one.png"}]
+
+
+@pytest.mark.parametrize("annotations, words", [
+    ("{not json", "not JSON"),
+    ({"images": GOOD_IMAGE}, "lists 'images' and 'annotations'"),
+    ({"images": [{"id": 1, "file_name": "two.png"}], "annotations": []}, "'two.png' is not an image in the zip"),
+    ({"images": GOOD_IMAGE, "annotations": [{"image_id": 2, "bbox": [0, 0, 1, 1], "category_id": 0}]}, "image_id 2"),
+    ({"images": GOOD_IMAGE, "annotations": [{"image_id": 1, "bbox": [0, 0, 1], "category_id": 0}]}, "four numbers"),
+    ({"images": GOOD_IMAGE, "annotations": [{"image_id": 1, "bbox": [0, 0, 0, 1], "category_id": 0}]}, "empty"),
+    ({"images": GOOD_IMAGE, "annotations": [{"image_id": 1, "bbox": [15, 0, 6, 5], "category_id": 0}]}, "leaves its 20x10 image"),
+    ({"images": GOOD_IMAGE, "annotations": [{"image_id": 1, "bbox": [0, 0, 5, 5], "category_id": -1}]}, "category_id"),
+])
+def test_bad_coco_annotations_in_an_image_zip_are_refused_with_invalid_labels(client, annotations, words):
+    response = client.post("/v1/datasets", files={"file": ("coco.zip", _coco_zip(annotations))})
+    body = assert_problem(response, 422, "invalid_labels")
+    assert words in body["detail"]
+
+
+def test_coco_annotations_in_an_image_zip_are_summed_up(client):
+    annotations = {"images": GOOD_IMAGE, "annotations": [{"image_id": 1, "bbox": [2, 1, 6, 5], "category_id": 4}]}
+    response = client.post("/v1/datasets", files={"file": ("coco.zip", _coco_zip(annotations))})
+    assert response.status_code == 201, response.text
+    assert response.json()["labels"] == {"boxes": {"count": 1, "max_class": 4, "in_image": True}}

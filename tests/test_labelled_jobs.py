@@ -350,3 +350,40 @@ def test_labels_of_another_task_are_not_read(client, tmp_path):
     dataset = upload_dataset(client, _npz(tmp_path / "masks.npz", images=images, masks=np.zeros((N, 3, 3), np.uint8)))
     response = _post(client, upload_model(client, model)["id"], dataset["id"], {"type": "detection"})
     assert response.status_code == 202, response.text
+
+
+def _image_zip(path, pixels, annotations):
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, image in enumerate(pixels):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            archive.writestr(f"img{index:03d}.png", buffer.getvalue())
+        archive.writestr("annotations.json", json.dumps(annotations))
+    return path
+
+
+def test_coco_boxes_in_an_image_zip_are_scaled_with_the_images_and_scored(client, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(RNG_SEED)
+    pixels = rng.integers(0, 256, (N, 32, 32), dtype=np.uint8)
+    boxes, box_classes, box_images = _boxes(rng, N, size=32)  # in the 32x32 images' own pixels
+    annotations = {"images": [{"id": 100 + i, "file_name": f"img{i:03d}.png"} for i in range(N)],
+                   "annotations": [{"image_id": 100 + int(i), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "category_id": int(c)}
+                                   for b, c, i in zip(boxes.tolist(), box_classes, box_images)]}
+    dataset = upload_dataset(client, _image_zip(tmp_path / "coco.zip", pixels, annotations))
+    assert dataset["label_kinds"] == ["boxes"] and dataset["labels"]["boxes"] == {"count": 3 * N, "max_class": 2, "in_image": True}
+    model = _detector(tmp_path / "detector.onnx")
+    job, artifact = _run_job(client, upload_model(client, model)["id"], dataset["id"], {"type": "detection"}, tmp_path)
+    # The job resizes each 32x32 image to the model's 16x16 (bilinear): the boxes halve with them.
+    images = np.stack([np.asarray(Image.fromarray(p).resize((16, 16), Image.Resampling.BILINEAR), np.float32) / np.float32(255)
+                       for p in pixels])[:, None]
+    truth = [(boxes[box_images == i] / 2, box_classes[box_images == i]) for i in range(N)]
+    expected = [_reference_map(truth, _decode(_outputs(path, images))) for path in (model, artifact)]
+    _assert_reported(job, *expected, ["map50", "map50_95"])
+    assert job["metrics"]["task_metrics"]["original"]["truth_boxes"] == 3 * N

@@ -14,7 +14,7 @@ import numpy as np
 
 from modelpress.spec.configs import PreprocessSpec, parse_preprocess
 from modelpress.spec.errors import EngineError
-from modelpress.spec.imagefiles import image_entries
+from modelpress.spec.imagefiles import ANNOTATIONS_FILE, coco_boxes, image_entries
 from modelpress.spec.shapes import InputLayout, check_dataset_fits, check_fits, model_layout
 
 
@@ -81,8 +81,7 @@ def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: di
     spec nor the model says (a TorchScript model carries no input shape)."""
     spec = parse_preprocess(preprocess)
     if dataset_format == "image_zip":
-        images, labels = _decode_image_zip(path, spec, model_layout(model_shape), role, channels_hint)
-        targets = Targets()
+        images, labels, targets = _decode_image_zip(path, spec, model_layout(model_shape), role, channels_hint)
         shape = list(images.shape)
         check_dataset_fits([shape[0], shape[1], shape[2], shape[3]], "NCHW", {}, model_shape, role=role, input_name=input_name)
         uint8 = True
@@ -152,28 +151,35 @@ def _normalize(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def _decode_image_zip(path: Path, spec: PreprocessSpec, target: InputLayout | None, role: str,
-                      channels_hint: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+                      channels_hint: int | None) -> tuple[np.ndarray, np.ndarray | None, Targets]:
     from PIL import Image
 
     mode = {"gray": "L", "rgb": "RGB", "bgr": "RGB"}.get(spec.channels or "", None)
     if mode is None:
         channels = target.channels if target is not None and target.channels else channels_hint
         mode = "L" if channels == 1 else "RGB"
-    arrays = []
+    arrays, sizes, placements = [], {}, []
     with zipfile.ZipFile(path) as archive:
         files, _, labels = image_entries(archive.namelist())
         for name in files:
             try:
                 with archive.open(name) as handle, Image.open(handle) as image:
                     image = image.convert(mode)
+                    sizes[name] = image.size
+                    scale, offset = (1.0, 1.0), (0, 0)
                     if spec.resize is not None or (target is not None and target.height and not spec.center_crop):
-                        image = _resize(image, spec, target)
+                        resized = _resize(image, spec, target)
+                        scale = (resized.width / image.width, resized.height / image.height)
+                        image = resized
                     if spec.center_crop:
+                        offset = ((image.width - spec.center_crop[1]) // 2, (image.height - spec.center_crop[0]) // 2)
                         image = _center_crop(image, spec.center_crop)
+                    placements.append((scale, offset, image.size))
                     pixels = np.asarray(image, dtype=np.uint8)
             except (OSError, ValueError) as exc:
                 raise EngineError("invalid_dataset", f"{name} in the {role} dataset cannot be decoded: {exc}") from exc
             arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+        targets = _zip_boxes(archive, files, sizes, placements) if ANNOTATIONS_FILE in archive.namelist() else Targets()
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise EngineError("dataset_shape_mismatch", f"the {role} dataset's images differ in size after preprocessing "
@@ -181,7 +187,23 @@ def _decode_image_zip(path: Path, spec: PreprocessSpec, target: InputLayout | No
     images = np.stack(arrays)
     if spec.channels == "bgr":
         images = images[:, ::-1]
-    return images, None if labels is None else np.asarray(labels, np.int64)
+    return images, None if labels is None else np.asarray(labels, np.int64), targets
+
+
+def _zip_boxes(archive: zipfile.ZipFile, files: list[str], sizes: dict, placements: list) -> Targets:
+    """The COCO boxes of an image zip, moved with their images: scaled by the resize, shifted by
+    the crop and clipped to it (a box the crop leaves empty is dropped)."""
+    per_file = coco_boxes(archive.read(ANNOTATIONS_FILE), files, sizes)
+    boxes, classes, owners = [], [], []
+    for index, (name, ((sx, sy), (left, top), (width, height))) in enumerate(zip(files, placements)):
+        for x1, y1, x2, y2, cls in per_file[name]:
+            box = np.clip([x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top], 0, [width, height, width, height])
+            if box[2] > box[0] and box[3] > box[1]:
+                boxes.append(box)
+                classes.append(cls)
+                owners.append(index)
+    return Targets(boxes=np.array(boxes, np.float64).reshape(-1, 4), box_classes=np.array(classes, np.int64),
+                   box_images=np.array(owners, np.int64))
 
 
 def _resize(image, spec: PreprocessSpec, target: InputLayout | None):
