@@ -105,18 +105,16 @@ def _looks_out_of_memory(returncode: int, err: bytes) -> bool:
     return b"bad_alloc" in err or b"MemoryError" in err or b"out of memory" in err.lower()
 
 
-# The source tree this process runs from. The child imports its code from here, not from wherever the
-# installed package points: a second checkout sharing the environment (a worktree) would otherwise
-# inspect uploads with the other checkout's code.
-SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+# The folder that holds this process' `service` package: the child imports its entry from here, so
+# it runs exactly the parent's code, whatever checkout the installed distribution points at.
+_CODE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def python_module(module: str, *args: str) -> list[str]:
-    """argv for `python -m module args` with this interpreter and this source tree, isolated from
-    the user's site and env."""
-    start = (f"import runpy, sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
-             f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
-    return [sys.executable, "-I", "-c", start, *args]
+    """argv for `python -m module args` with this interpreter, isolated from the user's site and env
+    (-I: no PYTHON* variables, no user site, no current folder on the path)."""
+    launch = f"import runpy, sys; sys.path.insert(0, {_CODE_ROOT!r}); runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-I", "-c", launch, *args]
 
 
 class WarmSandbox:

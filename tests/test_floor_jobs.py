@@ -119,10 +119,20 @@ def detector(client, tmp_path, reference):
     path = tmp_path / "detector.onnx"
     torch.onnx.export(ConcatHead().eval(), torch.zeros(1, 1, 8, 8), str(path), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
-    return {"model": upload_model(client, path)["id"], "calibration": upload_dataset(client, reference.calib_npz)["id"]}
+    return {"model": upload_model(client, path)["id"], "calibration": upload_dataset(client, reference.calib_npz)["id"], "path": path}
 
 
-def test_int8_that_collapses_a_detectors_scores_fails_the_floor_and_16_bit_scores_pass(client, detector):
+def scores_cosine(model_path, original_path, images) -> float:
+    """The score rows' cosine to the original's, computed here in ONNX Runtime (an independent check)."""
+    def rows(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: images})[0][:, 4:].astype(np.float64).ravel()
+    a, b = rows(model_path), rows(original_path)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_int8_that_collapses_a_detectors_scores_is_repaired_by_itself_and_fails_the_floor_without_repair(
+        client, detector, reference, tmp_path):
     # One 8-bit scale for pixel boxes (0..640) and 0..1 scores: every score becomes 0 or 2.5
     # (tests/test_wide_activations.py). The whole output's cosine stays high; the score rows' does not.
     def run(**params):
@@ -132,11 +142,32 @@ def test_int8_that_collapses_a_detectors_scores_fails_the_floor_and_16_bit_score
         assert response.status_code == 202, response.text
         return wait_finished(client, response.json()["id"])[0]
 
-    collapsed = run()
+    calibration = np.load(reference.calib_npz)["images"].astype(np.float32) / 255.0
+
+    collapsed = run(repair=False)  # the model as asked
     assert collapsed["status"] == "failed" and collapsed["error"]["code"] == "fidelity_floor_not_met"
     floor = collapsed["metrics"]["floor"]
     assert floor["task"] == "detection" and "scores_cosine" in [m["metric"] for m in floor["shortfalls"]]
     assert collapsed["metrics"]["comparison"]["fidelity"][0]["cosine_mean"] > 0.99  # what the old check saw
-    widened = run(wide_activations=["Concat"])
-    assert widened["status"] == "succeeded", widened["error"]
-    assert widened["metrics"]["floor"]["met"] is True
+    assert "repair" not in collapsed["metrics"]["steps"][0]
+
+    repaired = run()  # the default: below the floor as asked, so the repair ladder runs
+    assert repaired["status"] == "succeeded", repaired["error"]
+    assert repaired["metrics"]["floor"]["met"] is True
+    repair = repaired["metrics"]["steps"][0]["repair"]
+    assert repair["needed"] is True and repair["met"] is True
+    assert "scores_cosine" in [m["metric"] for m in repair["trigger"]]
+    tried = [a["attempt"] for a in repair["attempts"] if "tune" in a]
+    # The calibrations cannot help (the range is the boxes'); the cheapest repair, 16-bit joins, does.
+    assert tried == ["calibration minmax", "calibration percentile", "calibration entropy", "16-bit joins and outputs"]
+    assert repair["repairs"]["wide_activations"] and "equalize" not in repair["repairs"]
+    # Independently: the stored model's score rows against the original's, in ONNX Runtime
+    # (0.02 collapsed, 1.0000 in 16 bits: tests/test_wide_activations.py).
+    path = tmp_path / "repaired.onnx"
+    path.write_bytes(client.get(f"/v1/jobs/{repaired['id']}/artifacts/model.onnx").content)
+    assert scores_cosine(path, detector["path"], calibration) >= 0.999
+    # The recipe asks for the repair at once: a replay builds it without searching.
+    recipe = json.loads(client.get(f"/v1/jobs/{repaired['id']}/artifacts/recipe.json").content)
+    params = recipe["steps"][0]["params"]
+    assert params["wide_activations"] == repair["repairs"]["wide_activations"]
+    assert "Below the floor as asked".lower() in client.get(f"/v1/jobs/{repaired['id']}/artifacts/report.html").text.lower()

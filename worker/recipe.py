@@ -1,8 +1,8 @@
 """recipe.json: the job's POST body with what the job decided by measurement written in as values.
 
 A step can leave a choice to the run: `activation_type: auto` times uint8 against int8, an accuracy
-guard picks a calibration and the layers kept float, `target_macs` / `target_params` search for a
-ratio. Those outcomes depend on the machine's load (timing) or cost a search, so the recipe records
+guard (or the repair of a result below the job's floor) picks a calibration, repairs and the layers
+kept float, `target_macs` / `target_params` search for a ratio. Those outcomes depend on the machine's load (timing) or cost a search, so the recipe records
 the decided value, not the question: posting it back builds the same model bit for bit on the same
 versions. Seeds are already explicit (every default is filled in when the job is accepted).
 """
@@ -24,14 +24,17 @@ def decided_steps(steps: list[dict], step_metrics: list[dict]) -> tuple[list[dic
         if step["type"] == "quantize":
             if params.get("activation_type") == "auto" and measured.get("activation_type") in ("uint8", "int8"):
                 decide(index, params, "activation_type", measured["activation_type"])
-            guard = measured.get("guard")
-            if guard and guard.get("met"):
-                # The guard's first attempt is the asked calibration with the asked exclusions: with
+            # A guard's search, or the repair of a result below the job's floor, that found a passing candidate.
+            for search in (measured.get("guard"), measured.get("repair")):
+                if not (search and search.get("met") and "calibration" in search):  # a repair not needed has none
+                    continue
+                # The search's first attempt is the asked calibration with the asked exclusions: with
                 # the decided ones it builds the passing candidate at once, and still checks the promise.
-                decide(index, params, "calibration", guard["calibration"])
-                for name, value in guard.get("repairs", {}).items():
+                if search["calibration"] is not None:
+                    decide(index, params, "calibration", search["calibration"])
+                for name, value in search.get("repairs", {}).items():
                     decide(index, params, name, value)
-                kept_float = [layer["layer"] for layer in guard.get("kept_float", [])]
+                kept_float = [layer["layer"] for layer in search.get("kept_float", [])]
                 decide(index, params, "exclude", [*params.get("exclude", []),
                                                   *(name for name in kept_float if name not in params.get("exclude", []))])
         elif step["type"] == "prune" and measured.get("ratio_found") is not None:

@@ -51,3 +51,14 @@ def shortfalls(task_type: str, fidelity: dict, overrides: dict[str, float] | Non
         if not ok:
             missed.append({"metric": metric, "value": value, "bound": bound, "direction": direction})
     return missed
+
+
+def margin(task_type: str, fidelity: dict, overrides: dict[str, float] | None = None) -> float | None:
+    """How far the fidelity lies above its floor: the smallest slack over the floor's metrics
+    (negative when one is missed, -inf when one is not measured); None when the task has no floor.
+    A search ranks candidates that all miss the floor by it."""
+    slacks = []
+    for metric, direction, default in DEFAULT_FLOORS.get(task_type, []):
+        bound, value = (overrides or {}).get(metric, default), fidelity.get(metric)
+        slacks.append(float("-inf") if value is None else (value - bound if direction == "min" else bound - value))
+    return min(slacks) if slacks else None

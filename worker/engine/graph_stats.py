@@ -42,25 +42,41 @@ _NUMERIC = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.D
             onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
-def _with_batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """A copy whose graph inputs have the shapes given (by input name), and batch 1 where an input
+    not given has a dynamic first dimension."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     initializers = {t.name for t in model.graph.initializer}
     for value in model.graph.input:
         if value.name in initializers:
             continue
         dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
+        if value.name in (input_shapes or {}):
+            del dims[:]
+            for size in input_shapes[value.name]:
+                dims.add().dim_value = int(size)
+        elif dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = 1
     return model
 
 
-def count_macs(model: onnx.ModelProto) -> int | None:
-    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at batch 1; None if shapes
-    cannot be inferred."""
+def infer(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """Shape inference on the model with those input shapes (batch 1 by default); raises when it fails."""
+    return shape_inference.infer_shapes(with_input_shapes(model, input_shapes), data_prop=True)
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int | None:
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at batch 1 (or at the input
+    shapes given, for dimensions the graph leaves dynamic); None if shapes cannot be inferred."""
     try:
-        inferred = shape_inference.infer_shapes(_with_batch_one(model), data_prop=True)
+        inferred = infer(model, input_shapes)
     except Exception:
         return None
+    return macs_of(inferred)
+
+
+def macs_of(inferred: onnx.ModelProto) -> int | None:
+    """count_macs on a model whose shapes are already inferred."""
     shapes: dict[str, list[int]] = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = value.type.tensor_type.shape.dim

@@ -28,6 +28,11 @@ class StepContext:
     load_model: Callable[[str], Path] | None = None
     # Where a training step keeps its checkpoint so a re-delivered job resumes (training.Checkpoints).
     checkpoints: Any = None
+    # The job's task (None: inferred from the outputs) and safety floor. A step that can search
+    # (static_int8's repair ladder) judges its candidates by them. The runner passes the job's
+    # ("default" when the job gives none); a direct caller of a handler opts in.
+    task: dict | None = None
+    floor: Any = "off"
 
 
 @dataclass

@@ -90,7 +90,7 @@ body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 60r
 table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem .8rem; border-bottom: 1px solid #dde2ea; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0; }} figcaption {{ font-weight: 600; }}
 .warnings {{ border: 2px solid #c62828; background: #fdecea; color: #8e1b1b; padding: .6rem 1rem; border-radius: 4px; }}
-tr.warn td, tr.warn th {{ color: #c62828; font-weight: 700; }}
+tr.warn td, tr.warn th, li.warn {{ color: #c62828; font-weight: 700; }}
 .label {{ font-size: 12px; fill: #1d2330; }} .value {{ font-size: 12px; fill: #1d2330; }} small {{ color: #667085; font-weight: 400; }}
 </style></head><body>
 <h1>Compression report</h1>
@@ -107,6 +107,7 @@ tr.warn td, tr.warn th {{ color: #c62828; font-weight: 700; }}
 <tbody>{fidelity_rows}</tbody></table>
 {_task(comparison.get('task'))}
 {_task_metrics(metrics.get('task_metrics'))}
+{_preflight(metrics.get('preflight'))}
 {f'<h2>Per-layer error (SQNR, dB; lowest first)</h2><table id="layers"><thead><tr><th>layer</th><th>op</th><th>SQNR dB</th></tr></thead><tbody>{layer_rows}</tbody></table>' if layers else ''}
 <h2>Steps</h2><ol>{steps}</ol>
 {''.join(_step_details(index, step) for index, step in enumerate(metrics.get("steps", [])))}
@@ -167,6 +168,39 @@ def _task(task: dict | None) -> str:
     return (f'<h2>Task: {escape(task["task"]["type"])}</h2><p id="task-reason">{escape(how)}</p>'
             f'<table id="task-fidelity"><tbody>{rows}{groups}</tbody></table>'
             + (f'<div class="warnings" role="alert"><strong>Below the task floor</strong><ul>{missed}</ul></div>' if missed else ""))
+
+
+def _preflight(checks: dict | None) -> str:
+    """What the graph showed before the steps ran: wide joins first (they break 8-bit results)."""
+    if not checks:
+        return ""
+    if "error" in checks:
+        return f'<h2>Preflight</h2><p id="preflight">not completed: {escape(checks["error"])}</p>'
+    items = []
+    joins = checks.get("wide_joins")
+    for join in (joins.get("joins") or []) if isinstance(joins, dict) and "error" not in joins else []:
+        feeds = f", feeds output {', '.join(join['feeds_outputs'])}" if join["feeds_outputs"] else ""
+        items.append(f'<li class="warn">{escape(join["op_type"])} <code>{escape(join["node"])}</code>: input ranges differ '
+                     f'{_fmt(join["ratio"], 1)}x{escape(feeds)}. {escape(join["hint"])}</li>')
+    for key, words in (("float_ops", "left float by the quantizer"), ("unknown_ops", "outside the ONNX domain")):
+        found = checks.get(key)
+        if isinstance(found, list) and found:
+            listed = ", ".join(f"{escape(op.get('domain', '') + ('.' if op.get('domain') else '') + op['op_type'])} ×{op['count']}"
+                               for op in found)
+            items.append(f"<li>Ops {words}: {listed}</li>")
+    dims = checks.get("dynamic_dims")
+    if isinstance(dims, list) and dims:
+        listed = ", ".join(f"{escape(d['tensor'])}[{d['axis']}]" for d in dims)
+        items.append(f"<li>Dynamic dimensions: {listed}</li>")
+    macs = checks.get("macs")
+    if isinstance(macs, dict) and "error" not in macs:
+        items.append(f"<li>MACs at batch 1: {_fmt(macs.get('batch_1'))} (input {escape(str(macs.get('input_shape')))}, "
+                     f"from the {escape(str(macs.get('shape_from')))})</li>")
+    errors = [key for key, value in checks.items() if isinstance(value, dict) and "error" in value]
+    if errors:
+        items.append(f"<li>Not checked (failed): {escape(', '.join(errors))}</li>")
+    return (f'<h2>Preflight</h2><ul id="preflight">{"".join(items) or "<li>nothing found</li>"}</ul>'
+            f'<p><small>{_fmt(checks.get("seconds"), 3)} s, before the first step</small></p>')
 
 
 def _warnings(warnings: list[dict]) -> str:
@@ -253,5 +287,12 @@ def _step_summary(step: dict) -> str:
         parts.append(f"guard {guard['criterion']} {verdict} on {guard['holdout_samples']} held-out samples "
                      f"(candidate {guard['candidate_holdout']}, original {guard['original_holdout']})")
         parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in guard["kept_float"]]
+    repair = step.get("repair")
+    if repair and repair.get("needed"):
+        missed = ", ".join(f"{m['metric']} {_fmt(m['value'], 4)} < {m['bound']}" for m in repair["trigger"])
+        tried = [a["attempt"] for a in repair["attempts"] if "tune" in a]
+        outcome = f"repaired by {tried[-1]}" if repair["met"] else "no candidate met it, the best is kept"
+        parts.append(f"below the floor as asked ({missed}): {outcome} ({len(tried)} candidates)")
+        parts += [f"kept float: {entry['layer']} ({entry['reason']})" for entry in repair["kept_float"]]
     parts += [f"left float: {entry['layer']} ({entry['reason']})" for entry in step.get("float_layers", [])]
     return "; ".join(parts)

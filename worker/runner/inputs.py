@@ -10,6 +10,7 @@ from service.jobs.runner_api import ClaimedJob, StoredModel
 from worker.engine.data import ImageSet, load_dataset, split
 from worker.engine import evaluate
 from worker.engine.formats import to_onnx
+from worker.engine.preflight import MAX_SAMPLES, preflight, preflight_summary
 
 LOAD_SHARE = 0.05  # of the job's progress bar
 
@@ -76,3 +77,12 @@ def load_inputs(job: ClaimedJob, deps, progress, work: Path) -> JobInputs:
         return runnable(to_onnx(local, row.format, folder, example, packed=(row.details or {}).get("packaging") == "zip"))
 
     return JobInputs(model, original, data, eval_data, load_model)
+
+
+def run_preflight(inputs: JobInputs, progress) -> dict:
+    """The model's graph read once before the first step (worker/engine/preflight.py): findings
+    for metrics["preflight"]; its own failures are recorded there, never the job's."""
+    sample = inputs.eval_data.images[:MAX_SAMPLES] if inputs.eval_data is not None else None
+    checks = preflight(inputs.original, sample)
+    progress.log(f"preflight: {preflight_summary(checks)}")
+    return checks

@@ -24,7 +24,7 @@ from worker.engine.tasks import floor as safety_floor
 from worker.engine.stoppable import RunStopper, stopping_with
 from worker.runner.artifacts import METRICS_SCHEMA_VERSION, finite, write_and_store
 from worker.runner.evaluation import evaluate_job
-from worker.runner.inputs import LOAD_SHARE, load_inputs
+from worker.runner.inputs import LOAD_SHARE, load_inputs, run_preflight
 from worker.runner.steps import STEPS_SHARE, run_steps
 from worker.quality_warnings import quality_warnings
 from worker.workdirs import make_workdir
@@ -209,6 +209,7 @@ def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, 
     """Inputs -> steps -> evaluation -> artifacts; the metrics, and the broken promise if one was:
     a guard not met, else a given task that does not fit the outputs, else the safety floor missed."""
     inputs = load_inputs(job, deps, progress, work)
+    checks = run_preflight(inputs, progress)
     run = run_steps(job, inputs, deps.store, progress, work)
     task, floor = job.spec.get("task"), job.spec.get("floor", "default")
     evaluation = evaluate_job(inputs.original, run.current, run.last_result, inputs.eval_data, deps.settings.bench_threads,
@@ -221,6 +222,7 @@ def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, 
         "eval_dataset": data_spec.get("eval") or (split_spec and f"{split_spec['dataset']} (held-out {split_spec['eval_fraction']:.0%})")
         or data_spec.get("calibration"),
         **evaluation,
+        "preflight": checks,
         "steps": run.metrics,
     })
     verdict = safety_floor.judge(metrics["comparison"]["task"], floor)

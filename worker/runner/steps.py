@@ -73,7 +73,8 @@ def run_steps(job, inputs: JobInputs, store: ObjectStore, progress, work: Path) 
             result = handler_for(config)(config, StepContext(
                 model_path=run.current, original_path=inputs.original, workdir=step_dir, data=inputs.data,
                 progress=step_progress, load_model=inputs.load_model,
-                checkpoints=StoredCheckpoint(store, f"{saved}/training.pt", step_dir)))
+                checkpoints=StoredCheckpoint(store, f"{saved}/training.pt", step_dir),
+                task=job.spec.get("task"), floor=job.spec.get("floor", "default")))
         except GuardNotMet as exc:
             result, run.failure = exc.result, exc
         seconds = round(time.monotonic() - started, 3)  # the step alone, before its after-step measurement

@@ -88,6 +88,11 @@ class StaticInt8Config(Int8ExportFields):
     # ONNX Runtime runs on CPU): for tensors one 8-bit scale cannot cover, such as a detector's
     # concatenation of pixel boxes and 0..1 scores. Their consumers then compute in float.
     wide_activations: list[str] = Field(default_factory=list, max_length=1000)
+    # Without a guard: when the result misses the job's safety floor (its task fidelity against
+    # the step's input model), the guard's repair ladder runs by itself, judged by the floor, for
+    # at most `repair_budget_s`; the best candidate is kept either way (worker/engine/quantize/guard.py).
+    repair: bool = True
+    repair_budget_s: float = Field(600.0, gt=0, le=86_400)
     needs_data: ClassVar[frozenset[str]] = frozenset({"calibration"})
 
 

@@ -7,7 +7,7 @@ it did and the user can override it. Torch-free: the API validates with it, the 
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 # Bounds: no task names more classes, anchors or outputs than this.
 MAX_CLASSES = 100_000
@@ -45,7 +45,18 @@ class BoxesScoresDecoder(BaseModel):
     boxes_output: int = Field(default=0, ge=0, lt=MAX_OUTPUTS)
     scores_output: int = Field(default=1, ge=0, lt=MAX_OUTPUTS)
     box_format: Literal["xywh", "xyxy"] = "xyxy"
+    # Applied to the scores output before decoding: "softmax" over the classes (its last axis).
     score_activation: Literal["none", "sigmoid", "softmax"] = "none"
+    # A class column that means "no object" (SSD's class 0): never a detection, and left out of
+    # the score cosine (its near-1 probabilities on empty anchors would hide collapsed classes).
+    # Must be below C, checked against the scores output's shape (`misfit`).
+    background_class: int | None = Field(default=None, ge=0, lt=MAX_CLASSES)
+
+    @model_validator(mode="after")
+    def _two_outputs(self) -> "BoxesScoresDecoder":
+        if self.boxes_output == self.scores_output:
+            raise ValueError("boxes_output and scores_output must name two different outputs")
+        return self
 
 
 class DetectionTask(_Task):
@@ -145,11 +156,7 @@ def misfit(task: BaseModel, output_shapes: list[tuple | list | None]) -> str | N
     shape = output_shapes[first] if first < count else None
     rank = None if shape is None else len(shape)
     if task.type == "detection" and task.decoder.kind == "boxes_scores":
-        for role in ("boxes_output", "scores_output"):
-            index = getattr(task.decoder, role)
-            if index >= count:
-                return f"the boxes_scores decoder's {role} is {index}, but the model has {count} output(s)"
-        return None
+        return _boxes_scores_misfit(task.decoder, output_shapes)
     expected = {"detection": 3, "ctc": 3}.get(task.type)
     if task.type == "segmentation":
         expected = 4 if task.layout == "logits" else 3
@@ -163,4 +170,30 @@ def misfit(task: BaseModel, output_shapes: list[tuple | list | None]) -> str | N
         if isinstance(rows, int) and 0 < rows < needed:
             return (f"a yolo decoder ({task.decoder.layout}) needs at least {needed} rows (4 box, "
                     f"{'objectness, ' if task.decoder.objectness else ''}scores), but output {first} has {rows}")
+    return None
+
+
+def _boxes_scores_misfit(decoder: BoxesScoresDecoder, output_shapes: list) -> str | None:
+    """Boxes (N, A, 4) and scores (N, A, C) with the same A, and a background class below C: each
+    checked where the dimension is known."""
+    count = len(output_shapes)
+    for role in ("boxes_output", "scores_output"):
+        index = getattr(decoder, role)
+        if index >= count:
+            return f"the boxes_scores decoder's {role} is {index}, but the model has {count} output(s)"
+    boxes, scores = output_shapes[decoder.boxes_output], output_shapes[decoder.scores_output]
+    if boxes is not None and (len(boxes) != 3 or _ranked(boxes)[2] not in (4, None)):
+        return f"the boxes output ({decoder.boxes_output}) must be (N, A, 4), but it has shape {list(boxes)}"
+    if scores is not None and len(scores) != 3:
+        return f"the scores output ({decoder.scores_output}) must be (N, A, C), but it has shape {list(scores)}"
+    if boxes is not None and scores is not None:
+        anchors = _ranked(boxes)[1], _ranked(scores)[1]
+        if None not in anchors and anchors[0] != anchors[1]:
+            return f"the boxes output has {anchors[0]} anchors and the scores output {anchors[1]}"
+    classes = None if scores is None or len(scores) != 3 else _ranked(scores)[2]
+    if decoder.background_class is not None and classes is not None:
+        if decoder.background_class >= classes:
+            return f"background_class is {decoder.background_class}, but the scores output has {classes} class(es)"
+        if classes == 1:
+            return "background_class leaves no class to detect: the scores output has 1 class"
     return None

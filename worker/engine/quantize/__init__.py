@@ -2,7 +2,8 @@
 
 static_int8.py, dynamic_int8.py, fp16.py (ONNX Runtime's tools), weight_only.py and codebook.py
 (our own graph rewrites, weights.py), qat.py (training through training.fit, then the static_int8
-export); guard.py wraps any of them in an accuracy promise. This module picks the scheme's
+export); guard.py wraps any of them in an accuracy promise, and repairs a static_int8 result that misses the
+job's safety floor. This module picks the scheme's
 function by config class and does what every scheme shares.
 """
 
@@ -15,6 +16,7 @@ from worker.engine.errors import GuardNotMet
 from worker.engine.quantize.codebook import codebook
 from worker.engine.quantize.dynamic_int8 import dynamic_int8
 from worker.engine.quantize.fp16 import fp16
+from worker.engine.quantize.guard import floor_repaired, guarded
 from worker.engine.quantize.layers import per_layer_report
 from worker.engine.quantize.ops import count_compute_nodes, is_quantized
 from worker.engine.quantize.qat import qat
@@ -34,13 +36,16 @@ def quantize(config: QuantizeStepConfig, ctx: StepContext) -> StepResult:
     if is_quantized(model):
         raise EngineError("already_quantized", "the model already holds quantized operators; it is not quantized again")
     method = METHODS[type(config)]
-    try:
-        if config.guard is None:
-            result = method(config, ctx, model)
-        else:
-            from worker.engine.quantize.guard import guarded
+    def run(cfg: QuantizeStepConfig, sub_ctx: StepContext) -> StepResult:
+        return method(cfg, sub_ctx, model)
 
-            result = guarded(config, ctx, lambda cfg, sub_ctx: method(cfg, sub_ctx, model))
+    try:
+        if config.guard is not None:
+            result = guarded(config, ctx, run)
+        elif isinstance(config, StaticInt8Config):
+            result = floor_repaired(config, ctx, run)
+        else:
+            result = run(config, ctx)
     except GuardNotMet as exc:  # the best candidate is still stored and measured
         _add_layer_report(exc.result, ctx.model_path)
         raise

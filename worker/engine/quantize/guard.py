@@ -1,26 +1,37 @@
-"""The accuracy guard of the `quantize` step: search for the most quantized model that keeps the
-promise, and never report the promise kept on the data the search tuned on.
+"""The search of the `quantize` step for the most quantized model that keeps a promise, and never
+reporting the promise kept on the data the search tuned on.
 
-1. The eval data is split: a tune part for the search, a held-out part for the final check.
-2. The method runs as asked; for static_int8, the other calibration methods are tried next.
-3. static_int8 still not met: the repairs, cheapest first (ladder `REPAIRS`): cross-layer
-   equalization, AdaRound and sequential bias correction together; then 16-bit activations for
-   every Concat and every graph output (the tensors one 8-bit scale covers worst).
-4. Still not met: per-layer sensitivity (SQNR of each compute layer's output against the float
-   model) ranks the layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A
-   candidate that keeps every layer float is not a quantized model and never counts.
-5. The passing candidate is checked on the held-out part. If it fails there, or nothing passed,
-   the step raises GuardNotMet carrying the best candidate, which the job still stores.
-The search stops building candidates when `guard.budget_s` is used up and goes on with the best.
+The promise (`Promise`) is the step's accuracy guard (top-1 criteria), the job's safety floor (the
+task fidelity against the step's input model: worker/engine/tasks/, modelpress/spec/floor.py), or
+both. Two entries:
+- `guarded`: a step with a guard. The eval data is split: a tune part for the search, a held-out
+  part for the final check; a promise not kept there raises GuardNotMet with the best candidate.
+- `floor_repaired`: static_int8 without a guard, in a job whose floor is on. The model as asked is
+  judged against the floor on the eval data; only when it misses does the search below run, and
+  its best candidate is the result either way (the job's own evaluation judges it on all the eval
+  data, and fails the job with `fidelity_floor_not_met` if it still misses).
+
+The search, cheapest candidates first, each starting from the best so far:
+1. the method as asked; for static_int8, the other calibration methods next;
+2. static_int8 repairs (ladder `REPAIRS`, in order of cost): 16-bit activations for every Concat
+   and every graph output (the tensors one 8-bit scale covers worst: a detector's joined pixel
+   boxes and 0..1 scores); then cross-layer equalization, AdaRound and sequential bias correction;
+3. per-layer sensitivity (SQNR of each compute layer's output against the float model) ranks the
+   layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A candidate that keeps
+   every layer float is not a quantized model and never counts.
+The search stops building candidates when its budget is used up and goes on with the best.
 """
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 
-from modelpress.spec.configs import QuantizeStepConfig
+from modelpress.spec.configs import GuardSpec, QuantizeStepConfig
+from modelpress.spec.floor import margin
 from worker.engine.data import ImageSet, split
 from modelpress.spec.errors import EngineError
 from worker.engine.errors import GuardNotMet
@@ -28,24 +39,55 @@ from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers
 from worker.engine.registry import StepContext, StepResult
+from worker.engine.tasks.floor import overrides_of
+from worker.engine.tasks.measure import task_fidelity
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 SENSITIVITY_SAMPLES = 64
+# Eval images a floor-driven search judges its candidates on; the job's evaluation then judges the
+# chosen one on all of them.
+REPAIR_SAMPLES = 512
 
 
-def _score(path, data: ImageSet, reference: np.ndarray) -> dict:
-    logits = run_outputs(open_session(path, threads=1), data.images)[0]
-    score = {"top1_agreement": top1_agreement(reference, logits)}
-    if data.labels is not None:
-        score["accuracy"] = float(np.mean(logits.argmax(1) == data.labels[: len(logits)]))
-    return score
+@dataclass(frozen=True)
+class Promise:
+    """What a candidate is judged by: the accuracy guard (top-1 criteria on the first output), the
+    job's safety floor (its task's fidelity figures against the float model), or both."""
+
+    guard: GuardSpec | None
+    task: dict | None = None
+    floor: Any = "off"
+
+    def score(self, path, data: ImageSet, reference: list[np.ndarray]) -> dict:
+        outputs = run_outputs(open_session(path, threads=1), data.images)
+        score: dict = {}
+        if self.guard is not None:
+            score["top1_agreement"] = top1_agreement(reference[0], outputs[0])
+            if data.labels is not None:
+                score["accuracy"] = float(np.mean(outputs[0].argmax(1) == data.labels[: len(outputs[0])]))
+        if self.floor != "off":
+            overrides = overrides_of(self.floor)
+            task = task_fidelity(reference, outputs, given=self.task, floor_overrides=overrides)
+            slack = None if task.get("fidelity") is None else margin(task["task"]["type"], task["fidelity"], overrides)
+            if slack is not None:  # a task with a floor, measured: else the floor judges nothing here
+                score["floor"] = {"task": task["task"]["type"], "margin": slack, "shortfalls": task["floor_shortfalls"]}
+        return score
+
+    def meets(self, score: dict, original: dict) -> bool:
+        floor_met = "floor" not in score or not score["floor"]["shortfalls"]
+        return floor_met and (self.guard is None or _guard_meets(score, original, self.guard))
+
+    def value(self, score: dict) -> tuple:
+        """Higher is better: a candidate meeting the floor first, then the guard's figure, then the
+        floor's margin."""
+        floor = score.get("floor")
+        floor_met, slack = (True, 0.0) if floor is None else (not floor["shortfalls"], floor["margin"])
+        guard_value = 0.0 if self.guard is None else (
+            score["top1_agreement"] if self.guard.min_top1_agreement is not None else score["accuracy"])
+        return floor_met, guard_value, slack
 
 
-def _value(score: dict, guard) -> float:
-    return score["top1_agreement"] if guard.min_top1_agreement is not None else score["accuracy"]
-
-
-def _meets(score: dict, original: dict, guard) -> bool:
+def _guard_meets(score: dict, original: dict, guard: GuardSpec) -> bool:
     if guard.min_top1_agreement is not None:
         return score["top1_agreement"] >= guard.min_top1_agreement
     if guard.min_accuracy is not None:
@@ -57,6 +99,10 @@ def _calibration_change(calibration: str | None) -> dict:
     return {} if calibration is None else {"calibration": calibration}
 
 
+def _calibration_label(calibration: str | None) -> str:
+    return f"calibration {calibration}" if calibration else "as asked"
+
+
 def _wide_candidates(model_path) -> list[str]:
     """Concats and the nodes that produce graph outputs: where tensors of very different ranges
     meet, or where the result is read as it is."""
@@ -65,10 +111,11 @@ def _wide_candidates(model_path) -> list[str]:
     return sorted({n.name for n in graph.node if n.name and (n.op_type == "Concat" or outputs & set(n.output))})
 
 
-# static_int8 repairs, in order of cost; each adds to the one before.
+# static_int8 repairs, in order of cost: one more quantization with a few 16-bit tensors, then the
+# weight repairs (AdaRound learns every layer's rounding).
 REPAIRS = (
-    ("equalize, AdaRound, bias correction", lambda model_path: {"equalize": True, "adaround": True, "bias_correction": "sequential"}),
     ("16-bit joins and outputs", lambda model_path: {"wide_activations": _wide_candidates(model_path)}),
+    ("equalize, AdaRound, bias correction", lambda model_path: {"equalize": True, "adaround": True, "bias_correction": "sequential"}),
 )
 
 
@@ -86,28 +133,40 @@ class _Search:
     """The candidates tried so far, scored on the tuning data; `best` and `passing` are tuples
     (result, score, the changes to the asked config, sensitive layers)."""
 
-    def __init__(self, config: QuantizeStepConfig, ctx: StepContext, run, tune: ImageSet):
-        self.config, self.ctx, self.run, self.tune = config, ctx, run, tune
-        self.guard = config.guard
-        self.float_tune = run_outputs(open_session(ctx.model_path, threads=1), tune.images)[0]
-        self.original_tune = _score(ctx.model_path, tune, self.float_tune)
+    def __init__(self, config: QuantizeStepConfig, ctx: StepContext, run, tune: ImageSet, promise: Promise, budget_s: float):
+        self.config, self.ctx, self.run, self.tune, self.promise = config, ctx, run, tune, promise
+        self.budget_s = budget_s
+        self.float_tune = run_outputs(open_session(ctx.model_path, threads=1), tune.images)
+        # The float model's own score: what a guard's accuracy drop is measured from (a floor needs none).
+        self.original_tune = promise.score(ctx.model_path, tune, self.float_tune) if promise.guard is not None else {}
         self.attempts: list[dict] = []
         self.best, self.passing = None, None
-        self.deadline = time.monotonic() + self.guard.budget_s
+        self.deadline = time.monotonic() + budget_s
+        # `activation_type: auto` is decided once, by the first candidate; the others reuse it
+        # instead of timing both types again.
+        self.activation_type: dict = {}
+
+    def judge(self, label: str, result: StepResult) -> dict:
+        score = self.promise.score(result.model_path, self.tune, self.float_tune)
+        self.attempts.append({"attempt": label, "tune": score, "meets_on_tune": self.promise.meets(score, self.original_tune)})
+        if not self.activation_type and getattr(self.config, "activation_type", None) == "auto" \
+                and result.metrics.get("activation_type") in ("uint8", "int8"):
+            self.activation_type = {"activation_type": result.metrics["activation_type"]}
+        return score
 
     def attempt(self, label: str, **changes) -> tuple[StepResult | None, dict | None]:
         """One candidate, scored on the tuning data; a candidate that fails to build is recorded
         and the search goes on. Past the budget, candidates are listed as not tried."""
         ctx, attempts = self.ctx, self.attempts
         if time.monotonic() > self.deadline and self.best is not None:
-            attempts.append({"attempt": label, "skipped": f"the guard's budget of {self.guard.budget_s:g} s is used up"})
+            attempts.append({"attempt": label, "skipped": f"the search's budget of {self.budget_s:g} s is used up"})
             return None, None
         workdir = ctx.workdir / f"attempt-{len(attempts)}"
         workdir.mkdir()
         fraction = min(0.9, 0.1 + 0.1 * len(attempts))
         ctx.progress(f"guard: {label}", fraction)
         try:  # the attempt's own progress reports still check cancel, deadline and worker stop
-            result = self.run(self.config.model_copy(update={"guard": None, **changes}),
+            result = self.run(self.config.model_copy(update={"guard": None, **self.activation_type, **changes}),
                               StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data,
                                           lambda stage, _: ctx.progress(f"guard: {label}: {stage}", fraction)))
         except EngineError as exc:
@@ -116,36 +175,36 @@ class _Search:
         if not quantized_layers(result.model_path) and self.config.method not in ("fp16", "dynamic_int8"):
             attempts.append({"attempt": label, "error": {"code": "nothing_quantized", "message": "every layer stayed float"}})
             return None, None
-        score = _score(result.model_path, self.tune, self.float_tune)
-        attempts.append({"attempt": label, "tune": score, "meets_on_tune": _meets(score, self.original_tune, self.guard)})
-        return result, score
+        return result, self.judge(label, result)
 
     def consider(self, candidate: tuple) -> bool:
-        """Keep the candidate if it is the best so far; True when it meets the guard on tune."""
-        if self.best is None or _value(candidate[1], self.guard) > _value(self.best[1], self.guard):
+        """Keep the candidate if it is the best so far; True when it keeps the promise on tune."""
+        if self.best is None or self.promise.value(candidate[1]) > self.promise.value(self.best[1]):
             self.best = candidate
-        if _meets(candidate[1], self.original_tune, self.guard):
+        if self.promise.meets(candidate[1], self.original_tune):
             self.passing = candidate
             return True
         return False
 
-    def calibrations(self) -> None:
-        # Only the calibrated schemes have a calibration to search; the others run one candidate.
+    def calibrations(self, built: tuple[StepResult, dict] | None = None) -> None:
+        """The asked calibration (`built`: already built and judged by the caller), then the others.
+        Only the calibrated schemes have a calibration to search; the others run one candidate."""
         config = self.config
         given = getattr(config, "calibration", None)
         calibrations = [given] + [c for c in CALIBRATIONS if c != given] if config.method == "static_int8" else [given]
-        for calibration in calibrations:
-            result, score = self.attempt(f"calibration {calibration}" if calibration else "as asked",
-                                         **_calibration_change(calibration))
+        for index, calibration in enumerate(calibrations):
+            if index == 0 and built is not None:
+                result, score = built
+            else:
+                result, score = self.attempt(_calibration_label(calibration), **_calibration_change(calibration))
             if result is not None and self.consider((result, score, _calibration_change(calibration), [])):
                 return
 
     def repairs(self) -> None:
         if self.config.method != "static_int8":
             return
-        changes = dict(self.best[2])
         for label, change in REPAIRS:
-            changes = {**changes, **change(self.ctx.model_path)}
+            changes = {**self.best[2], **change(self.ctx.model_path)}  # on top of the best so far
             result, score = self.attempt(label, **changes)
             if result is not None and self.consider((result, score, changes, [])):
                 return
@@ -167,38 +226,70 @@ class _Search:
                 return
             count *= 2
 
+    def search(self, built: tuple[StepResult, dict] | None = None) -> None:
+        self.calibrations(built)
+        if self.best is None:
+            raise EngineError("quantization_failed", f"no quantized candidate could be built: {self.attempts}")
+        if self.passing is None:
+            self.repairs()
+        if self.passing is None:
+            self.sensitive_layers_float()
+
+    def chosen(self) -> tuple[StepResult, dict, dict, list]:
+        """The passing candidate, else the best, with what it changed (for metrics and recipe)."""
+        result, score, changes, sensitive = self.passing or self.best
+        summary = {
+            "calibration": changes.get("calibration"), "repairs": {k: v for k, v in changes.items() if k != "calibration"},
+            "kept_float": [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
+                           for layer in sensitive],
+            "tune_samples": len(self.tune), "attempts": self.attempts,
+        }
+        return result, score, changes, summary
+
+
+def floor_repaired(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[QuantizeStepConfig, StepContext], StepResult]) -> StepResult:
+    """The model as asked, unless it misses the job's safety floor on the eval data: then the search's
+    best candidate, with `metrics.repair` saying what was tried (see the module's docstring)."""
+    result = run(config, ctx)
+    data = ctx.data.get("eval") or ctx.data.get("calibration")
+    if not config.repair or ctx.floor == "off" or data is None:
+        return result
+    search = _Search(config, ctx, run, data.head(REPAIR_SAMPLES), Promise(None, ctx.task, ctx.floor), config.repair_budget_s)
+    first = search.judge(_calibration_label(getattr(config, "calibration", None)), result)
+    if "floor" not in first:  # no floor for this task, or nothing measured: nothing to repair by
+        return result
+    if search.consider((result, first, {}, [])):
+        result.metrics["repair"] = {"needed": False, "met": True, "tune_samples": len(search.tune), "attempts": search.attempts}
+        return result
+    ctx.progress("the floor is missed: repairing", 0.1)
+    search.search(built=(result, first))
+    chosen, _, _, summary = search.chosen()
+    chosen.metrics["repair"] = {"needed": True, "met": search.passing is not None, "trigger": first["floor"]["shortfalls"],
+                                **summary}
+    return chosen
+
 
 def guarded(config: QuantizeStepConfig, ctx: StepContext, run: Callable[[QuantizeStepConfig, StepContext], StepResult]) -> StepResult:
     guard = config.guard
     data = _check_data(guard, ctx.data.get("eval"))
     tune, holdout = split(data, eval_fraction=guard.holdout_fraction, seed=0)
-    search = _Search(config, ctx, run, tune)
-    search.calibrations()
-    if search.best is None:
-        raise EngineError("quantization_failed", f"no quantized candidate could be built: {search.attempts}")
-    if search.passing is None:
-        search.repairs()
-    if search.passing is None:
-        search.sensitive_layers_float()
+    search = _Search(config, ctx, run, tune, Promise(guard, ctx.task, ctx.floor), guard.budget_s)
+    search.search()
     return _check_holdout(search, holdout)
 
 
 def _check_holdout(search: _Search, holdout: ImageSet) -> StepResult:
     """The chosen candidate on the held-out data, which the search never saw."""
-    guard, model_path = search.guard, search.ctx.model_path
-    float_holdout = run_outputs(open_session(model_path, threads=1), holdout.images)[0]
-    original_holdout = _score(model_path, holdout, float_holdout)
-    result, _, changes, sensitive = search.passing or search.best
-    kept_float = [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
-                  for layer in sensitive]
-    holdout_score = _score(result.model_path, holdout, float_holdout)
-    met = search.passing is not None and _meets(holdout_score, original_holdout, guard)
+    guard, model_path, promise = search.config.guard, search.ctx.model_path, search.promise
+    float_holdout = run_outputs(open_session(model_path, threads=1), holdout.images)
+    original_holdout = promise.score(model_path, holdout, float_holdout)
+    result, _, _, summary = search.chosen()
+    holdout_score = promise.score(result.model_path, holdout, float_holdout)
+    met = search.passing is not None and promise.meets(holdout_score, original_holdout)
     result.metrics.update({
         "guard": {
-            "criterion": guard.model_dump(exclude_none=True), "met": met, "calibration": changes.get("calibration"),
-            "repairs": {k: v for k, v in changes.items() if k != "calibration"},
-            "kept_float": kept_float, "tune_samples": len(search.tune), "holdout_samples": len(holdout),
-            "original_holdout": original_holdout, "candidate_holdout": holdout_score, "attempts": search.attempts,
+            "criterion": guard.model_dump(exclude_none=True), "met": met, **summary, "holdout_samples": len(holdout),
+            "original_holdout": original_holdout, "candidate_holdout": holdout_score,
         }
     })
     if not met:

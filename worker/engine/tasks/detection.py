@@ -10,17 +10,41 @@ MAP_CONFIDENCE = 0.001
 def decode_yolo(output: np.ndarray, *, channels_first: bool = True, box_format: str = "xywh",
                 objectness: bool = False, confidence: float = 0.5) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image: (boxes xyxy (K, 4), scores (K,), classes (K,)) of anchors at or above `confidence`."""
-    rows = output if channels_first else np.swapaxes(output, 1, 2)  # (N, 4+[1]+C, A)
+    rows = (output if channels_first else np.swapaxes(output, 1, 2)).astype(np.float64)  # (N, 4+[1]+C, A)
+    scores = rows[:, 5 if objectness else 4:]
+    if objectness:
+        scores = scores * rows[:, 4:5]
+    return decode_boxes_scores(np.swapaxes(rows[:, :4], 1, 2), np.swapaxes(scores, 1, 2), box_format=box_format,
+                               confidence=confidence)
+
+
+def score_probabilities(scores: np.ndarray, activation: str = "none") -> np.ndarray:
+    """Scores (..., C) as the decoder reads them: as given, sigmoid per class, or softmax over the classes."""
+    scores = scores.astype(np.float64)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-scores))
+    if activation == "softmax":
+        shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def decode_boxes_scores(boxes: np.ndarray, scores: np.ndarray, *, box_format: str = "xyxy", confidence: float = 0.5,
+                        background_class: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Boxes (N, A, 4) and class probabilities (N, A, C), per image: (boxes xyxy (K, 4), scores (K,),
+    classes (K,)) of the anchors whose best class scores at or above `confidence`. The background
+    class, if any, is never a detection (its column is left out of the best class; ids keep their place)."""
+    scores = scores.astype(np.float64)
+    if background_class is not None:
+        scores = scores.copy()
+        scores[..., background_class] = -np.inf
     decoded = []
-    for image in rows.astype(np.float64):
-        boxes, scores = image[:4].T, image[5 if objectness else 4:]
-        if objectness:
-            scores = scores * image[4]
-        best = scores.max(axis=0)
-        classes = scores.argmax(axis=0)
+    for image_boxes, image_scores in zip(boxes.astype(np.float64), scores, strict=True):
+        best = image_scores.max(axis=1)
+        classes = image_scores.argmax(axis=1)
         keep = np.argsort(-best)[:MAX_DETECTIONS]
         keep = keep[best[keep] >= confidence]
-        decoded.append((_as_xyxy(boxes[keep], box_format), best[keep], classes[keep]))
+        decoded.append((_as_xyxy(image_boxes[keep], box_format), best[keep], classes[keep]))
     return decoded
 
 

@@ -17,7 +17,7 @@ def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
 def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
     decoder = task.decoder
     if decoder.kind != "yolo" or ref.ndim != 3:
-        return None  # boxes_scores reads two outputs: not measured yet
+        return None  # boxes_scores reads two outputs: _boxes_scores
     channels_first = decoder.layout == "channels_first"
     rows = ref.shape[1] if channels_first else ref.shape[2]
     if rows < (6 if decoder.objectness else 5):
@@ -33,6 +33,24 @@ def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
     per_group = groups.group_fidelity(ref, cand, groups.yolo_groups(rows, decoder.objectness), axis=1 if channels_first else 2)
     return {**agreement, "map50": scored["map50"], "map50_95": scored["map50_95"],
             "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
+
+
+def _boxes_scores(task, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict | None:
+    """SSD-style: the decoder's boxes (N, A, 4) and scores (N, A, C) outputs, each its own group.
+    The score group is read as the decoder reads it (activated, the background column left out)."""
+    decoder = task.decoder
+    ref_boxes, cand_boxes = reference[decoder.boxes_output], candidate[decoder.boxes_output]
+    ref_scores, cand_scores = (detection.score_probabilities(outputs[decoder.scores_output], decoder.score_activation)
+                               for outputs in (reference, candidate))
+    if ref_boxes.ndim != 3 or ref_boxes.shape[2] != 4 or ref_scores.ndim != 3 or ref_scores.shape[:2] != ref_boxes.shape[:2]:
+        return None
+    options = {"box_format": decoder.box_format, "confidence": task.confidence, "background_class": decoder.background_class}
+    agreement = detection.detection_agreement(detection.decode_boxes_scores(ref_boxes, ref_scores, **options),
+                                              detection.decode_boxes_scores(cand_boxes, cand_scores, **options), iou=task.iou)
+    classes = np.arange(ref_scores.shape[2]) != decoder.background_class
+    per_group = {**groups.group_fidelity(ref_boxes, cand_boxes, {"boxes": slice(None)}, axis=2),
+                 **groups.group_fidelity(ref_scores, cand_scores, {"scores": classes}, axis=2)}
+    return {**agreement, "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
 
 
 def _segmentation(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
@@ -67,9 +85,12 @@ def task_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], give
     if problem is not None:  # only a given task can miss: an inferred one is read off these shapes
         return {**result, "fidelity": None, "fits": False, "note": problem}
     measure = MEASURES.get(task.type)
-    if measure is None or index >= len(reference):
+    if task.type == "detection" and task.decoder.kind == "boxes_scores":  # reads two outputs, not one
+        figures = _boxes_scores(task, [r.astype(np.float64) for r in reference], [c.astype(np.float64) for c in candidate])
+    elif measure is None or index >= len(reference):
         return {**result, "fidelity": None}
-    figures = measure(task, reference[index].astype(np.float64), candidate[index].astype(np.float64))
+    else:
+        figures = measure(task, reference[index].astype(np.float64), candidate[index].astype(np.float64))
     if figures is None:
         return {**result, "fidelity": None, "note": "the output's shape does not fit the task's decoder"}
     return {**result, "fidelity": figures, "floor_shortfalls": shortfalls(task.type, figures, floor_overrides)}
