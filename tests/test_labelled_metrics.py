@@ -176,3 +176,26 @@ def test_segmentation_with_large_or_sparse_class_ids_matches_the_small_id_path()
     # Classes absent from both (ids 0..2 of a mask holding only 3 and 4) are not averaged in.
     assert segmentation_scores(np.full((1, 2, 2), 3), np.full((1, 2, 2), 4))["miou"] == 0.0
     assert segmentation_scores(np.full((1, 2, 2), 3), np.full((1, 2, 2), 3))["miou"] == 1.0
+
+
+def test_a_boxes_scores_detector_is_scored_against_boxes_with_and_without_labels():
+    from worker.engine.data import Targets
+    from worker.engine.tasks.measure import task_fidelity
+    from worker.engine.tasks.scored import task_metrics
+
+    # One image, three anchors: boxes (1, 3, 4) xyxy, scores (1, 3, 3) with class 0 the background.
+    boxes = np.array([[[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]], float)
+    scores = np.array([[[0.1, 0.9, 0.0], [0.1, 0.0, 0.8], [0.9, 0.05, 0.05]]])
+    task = {"type": "detection", "decoder": {"kind": "boxes_scores", "background_class": 0}}
+    targets = Targets(boxes=np.array([[0, 0, 10, 10], [20, 20, 30, 30.0]]), box_classes=np.array([1, 1]),
+                      box_images=np.array([0, 0]))
+    scored = task_metrics(task, [boxes, scores], [boxes, scores], targets, input_shape=[None, 3, 64, 64])
+    # Class 1 has two truths; its one detection (0.9, the first box) finds one: 51/101 (COCO's recall points).
+    # The second box is read as class 2 (0.8), a class not in the truth; the third anchor is background.
+    assert scored["original"]["map50"] == pytest.approx(51 / 101, abs=1e-9) and scored["drop"]["map50"] == 0.0
+    moved = boxes.copy()
+    moved[0, 0] += 100  # the class-1 detection misses
+    figures = task_fidelity([boxes, scores], [moved, scores], given=task)["fidelity"]
+    # Label-free, the original's confident detections are the truth: class 1 (lost, AP 0) and class 2 (kept, AP 1).
+    assert figures["map50"] == pytest.approx(0.5, abs=1e-9) and figures["lost"] == 1
+    assert task_fidelity([boxes, scores], [boxes, scores], given=task)["fidelity"]["map50"] == 1.0

@@ -15,17 +15,35 @@ LARGER_IS_BETTER = {"map50": True, "map50_95": True, "map75": True, "miou": True
                     "verification_accuracy_10fold": True}
 
 
-def _detection(task, output: np.ndarray, targets: Targets) -> dict | None:
+def _decoded(task, outputs: list[np.ndarray]) -> list | None:
+    """The model's detections down to the mAP cut, as its decoder reads them (None: shapes that do not fit)."""
     decoder = task.decoder
-    if targets.boxes is None or decoder.kind != "yolo" or output.ndim != 3:
+    if decoder.kind == "yolo":
+        output = outputs[(task.outputs or [0])[0]]
+        if output.ndim != 3:
+            return None
+        return detection.decode_yolo(output, channels_first=decoder.layout == "channels_first", box_format=decoder.box_format,
+                                     objectness=decoder.objectness, confidence=detection.MAP_CONFIDENCE)
+    if max(decoder.boxes_output, decoder.scores_output) >= len(outputs):
         return None
-    truth = [(targets.boxes[targets.box_images == i], targets.box_classes[targets.box_images == i]) for i in range(len(output))]
-    predicted = detection.decode_yolo(output, channels_first=decoder.layout == "channels_first", box_format=decoder.box_format,
-                                      objectness=decoder.objectness, confidence=detection.MAP_CONFIDENCE)
+    boxes = outputs[decoder.boxes_output]
+    scores = detection.score_probabilities(outputs[decoder.scores_output], decoder.score_activation)
+    if boxes.ndim != 3 or boxes.shape[2] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
+        return None
+    return detection.decode_boxes_scores(boxes, scores, box_format=decoder.box_format, confidence=detection.MAP_CONFIDENCE,
+                                         background_class=decoder.background_class)
+
+
+def _detection(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
+    predicted = None if targets.boxes is None else _decoded(task, outputs)
+    if predicted is None:
+        return None
+    truth = [(targets.boxes[targets.box_images == i], targets.box_classes[targets.box_images == i]) for i in range(len(predicted))]
     return labelled.detection_map(truth, predicted)
 
 
-def _segmentation(task, output: np.ndarray, targets: Targets) -> dict | None:
+def _segmentation(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
+    output = outputs[(task.outputs or [0])[0]]
     if targets.masks is None or output.ndim != (4 if task.layout == "logits" else 3):
         return None
     predicted = segmentation.masks(output, task.layout)
@@ -43,7 +61,8 @@ def truth_sequences(task, targets: Targets) -> list[tuple[int, ...]] | None:
     return None
 
 
-def _ctc(task, output: np.ndarray, targets: Targets) -> dict | None:
+def _ctc(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
+    output = outputs[(task.outputs or [0])[0]]
     truth = truth_sequences(task, targets)
     if truth is None or output.ndim != 3:
         return None
@@ -51,10 +70,10 @@ def _ctc(task, output: np.ndarray, targets: Targets) -> dict | None:
     return labelled.ctc_scores(truth, predicted)
 
 
-def _embedding(task, output: np.ndarray, targets: Targets) -> dict | None:
+def _embedding(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
     if targets.pairs is None:
         return None
-    return labelled.verification_accuracy(output, targets.pairs, targets.pair_same)
+    return labelled.verification_accuracy(outputs[(task.outputs or [0])[0]], targets.pairs, targets.pair_same)
 
 
 def label_summary(targets: Targets) -> dict:
@@ -94,10 +113,10 @@ def task_metrics(task: dict, reference: list[np.ndarray], candidate: list[np.nda
     if problem is not None:
         return {"task": parsed.type, "original": None, "compressed": None, "drop": {},
                 "note": f"the labels do not fit the model's outputs: {problem}"}
-    before = score(parsed, reference[index].astype(np.float64), targets)
+    before = score(parsed, [output.astype(np.float64) for output in reference], targets)
     if before is None:
         return None
-    after = score(parsed, candidate[index].astype(np.float64), targets)
+    after = score(parsed, [output.astype(np.float64) for output in candidate], targets)
     drop = {}
     for name, larger in LARGER_IS_BETTER.items():
         if before.get(name) is not None and after.get(name) is not None:
