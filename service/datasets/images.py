@@ -13,7 +13,7 @@ from service.datasets.inspect import DatasetInfo
 from modelpress.spec.errors import Invalid  # not service.errors: this runs in the sandboxed child
 from service.models.inspect import check_archive_names
 from modelpress.spec.errors import EngineError
-from modelpress.spec.imagefiles import image_entries
+from modelpress.spec.imagefiles import ANNOTATIONS_FILE, MAX_ANNOTATIONS_BYTES, coco_boxes, image_entries
 
 CHANNELS = {"1": 1, "L": 1, "LA": 1, "I;16": 1, "P": 3, "RGB": 3, "RGBA": 3, "CMYK": 3, "YCbCr": 3}
 
@@ -32,7 +32,7 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
     if len(files) > max_samples:
         raise Invalid(f"the zip holds {len(files)} images; at most {max_samples} are accepted", code="invalid_dataset")
 
-    sizes, channels, decoded_bytes = set(), set(), 0
+    sizes, channels, decoded_bytes, image_sizes = set(), set(), 0, {}
     for name in files:
         try:
             with archive.open(name) as handle, Image.open(handle) as image:
@@ -41,6 +41,7 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
                     raise _bomb(name, f"its header declares {width}x{height} pixels", max_image_pixels)
                 image.verify()
                 sizes.add((height, width))
+                image_sizes[name] = (width, height)
                 channels.add(CHANNELS.get(image.mode, 3))
                 # Decoded pixels are bounded too: PNG compresses a blank image ~1000:1.
                 decoded_bytes += width * height * CHANNELS.get(image.mode, 3)
@@ -58,7 +59,21 @@ def inspect_image_zip(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: 
         count=len(files), shape=[len(files), channels.pop() if len(channels) == 1 else 3, height, width],
         dtype="uint8", layout="files", has_labels=classes is not None,
         num_classes=len(classes) if classes else None, format="image_zip", classes=classes,
+        labels=_annotations(archive, files, image_sizes) if ANNOTATIONS_FILE in names else None,
     )
+
+
+def _annotations(archive: zipfile.ZipFile, files: list[str], sizes: dict) -> dict:
+    """The summary of the COCO boxes: in their images' own pixels (checked against each image), so
+    the extent a job checks is the image's whatever the resize (`in_image`)."""
+    if archive.getinfo(ANNOTATIONS_FILE).file_size > MAX_ANNOTATIONS_BYTES:
+        raise Invalid(f"{ANNOTATIONS_FILE} is larger than {MAX_ANNOTATIONS_BYTES} bytes", code="invalid_labels")
+    try:
+        boxes = coco_boxes(archive.read(ANNOTATIONS_FILE), files, sizes)
+    except EngineError as exc:
+        raise Invalid(exc.message, code=exc.code) from exc
+    classes = [box[4] for found in boxes.values() for box in found]
+    return {"boxes": {"count": len(classes), "max_class": max(classes, default=-1), "in_image": True}}
 
 
 def _bomb(name: str, size: str, max_image_pixels: int) -> Invalid:

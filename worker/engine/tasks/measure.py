@@ -7,7 +7,7 @@ import numpy as np
 from modelpress.spec.configs.task import misfit, resolve_task
 from modelpress.spec.floor import shortfalls
 from worker.engine.fidelity import top1_agreement
-from worker.engine.tasks import ctc, detection, embedding, groups, segmentation
+from worker.engine.tasks import ctc, detection, embedding, groups, labelled, segmentation
 
 
 def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
@@ -24,10 +24,15 @@ def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
         return None
     options = {"channels_first": channels_first, "box_format": decoder.box_format,
                "objectness": decoder.objectness, "confidence": task.confidence}
-    agreement = detection.detection_agreement(detection.decode_yolo(ref, **options),
-                                              detection.decode_yolo(cand, **options), iou=task.iou)
+    confident = detection.decode_yolo(ref, **options)
+    agreement = detection.detection_agreement(confident, detection.decode_yolo(cand, **options), iou=task.iou)
+    # mAP of the compressed model's ranked detections, the original's confident ones as the truth:
+    # COCO ranks the low-score tail too, so the candidate is decoded at a low cut.
+    ranked = detection.decode_yolo(cand, **{**options, "confidence": detection.MAP_CONFIDENCE})
+    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in confident], ranked)
     per_group = groups.group_fidelity(ref, cand, groups.yolo_groups(rows, decoder.objectness), axis=1 if channels_first else 2)
-    return {**agreement, "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
+    return {**agreement, "map50": scored["map50"], "map50_95": scored["map50_95"],
+            "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
 
 
 def _boxes_scores(task, reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict | None:
@@ -40,12 +45,16 @@ def _boxes_scores(task, reference: list[np.ndarray], candidate: list[np.ndarray]
     if ref_boxes.ndim != 3 or ref_boxes.shape[2] != 4 or ref_scores.ndim != 3 or ref_scores.shape[:2] != ref_boxes.shape[:2]:
         return None
     options = {"box_format": decoder.box_format, "confidence": task.confidence, "background_class": decoder.background_class}
-    agreement = detection.detection_agreement(detection.decode_boxes_scores(ref_boxes, ref_scores, **options),
-                                              detection.decode_boxes_scores(cand_boxes, cand_scores, **options), iou=task.iou)
+    confident = detection.decode_boxes_scores(ref_boxes, ref_scores, **options)
+    agreement = detection.detection_agreement(confident, detection.decode_boxes_scores(cand_boxes, cand_scores, **options),
+                                              iou=task.iou)
+    ranked = detection.decode_boxes_scores(cand_boxes, cand_scores, **{**options, "confidence": detection.MAP_CONFIDENCE})
+    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in confident], ranked)
     classes = np.arange(ref_scores.shape[2]) != decoder.background_class
     per_group = {**groups.group_fidelity(ref_boxes, cand_boxes, {"boxes": slice(None)}, axis=2),
                  **groups.group_fidelity(ref_scores, cand_scores, {"scores": classes}, axis=2)}
-    return {**agreement, "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
+    return {**agreement, "map50": scored["map50"], "map50_95": scored["map50_95"],
+            "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
 
 
 def _segmentation(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
