@@ -23,7 +23,7 @@ import onnx
 from modelpress.spec.configs import QuantizeStepConfig
 from worker.engine.data import ImageSet, split
 from modelpress.spec.errors import EngineError
-from worker.engine.errors import GuardNotMet
+from worker.engine.errors import GuardNotMet, TimeLimitExceeded
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers
@@ -110,6 +110,8 @@ class _Search:
             result = self.run(self.config.model_copy(update={"guard": None, **changes}),
                               StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data,
                                           lambda stage, _: ctx.progress(f"guard: {label}: {stage}", fraction)))
+        except TimeLimitExceeded:  # the job's deadline, not this candidate's failure
+            raise
         except EngineError as exc:
             attempts.append({"attempt": label, "error": {"code": exc.code, "message": exc.message[:300]}})
             return None, None
