@@ -22,6 +22,7 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 # The only variables a child sees: enough for Python and the C libraries to start, nothing secret.
 _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
@@ -104,9 +105,16 @@ def _looks_out_of_memory(returncode: int, err: bytes) -> bool:
     return b"bad_alloc" in err or b"MemoryError" in err or b"out of memory" in err.lower()
 
 
+# The folder that holds this process' `service` package: the child imports its entry from here, so
+# it runs exactly the parent's code, whatever checkout the installed distribution points at.
+_CODE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
 def python_module(module: str, *args: str) -> list[str]:
-    """argv for `python -m module args` with this interpreter, isolated from the user's site and env."""
-    return [sys.executable, "-I", "-m", module, *args]
+    """argv for `python -m module args` with this interpreter, isolated from the user's site and env
+    (-I: no PYTHON* variables, no user site, no current folder on the path)."""
+    launch = f"import runpy, sys; sys.path.insert(0, {_CODE_ROOT!r}); runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-I", "-c", launch, *args]
 
 
 class WarmSandbox:
