@@ -64,11 +64,13 @@ def wait_ready(worker: Process, timeout: float = 120) -> None:
 
 
 @contextmanager
-def own_worker(template: Process, name: str):
+def own_worker(template: Process, name: str, env: dict | None = None):
     """A Celery worker of the test's own, and no other: the stack's first worker is stopped, so no
-    job of this test can go to a worker it does not control (whatever ran before)."""
+    job of this test can go to a worker it does not control (whatever ran before). `env`: settings
+    of this worker only (a shorter job time limit)."""
     template.stop()
-    worker = template.restarted(name)
+    worker = template.restarted(name) if env is None else \
+        Process(name, template.args, {**template.env, **env}, template.log_dir, template.cwd)
     try:
         wait_ready(worker)
         yield worker

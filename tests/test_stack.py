@@ -67,25 +67,33 @@ def test_job_queued_while_no_worker_runs_waits_and_then_runs(stack, reference):
         assert finished["status"] == "succeeded", finished["error"]
 
 
-# Its waits: a worker start (120 s at most), the step's start (60 s), a second worker (120 s), the job (600 s).
+def _epoch(stage: str) -> int:
+    return int(stage.split("epoch ")[1].split("/")[0]) if ":distill:epoch " in stage else 0
+
+
+# Its waits: a worker start (120 s at most), training's start (120 s), a second worker (120 s), the job (600 s).
 @pytest.mark.timeout(960)
 def test_worker_killed_mid_job_is_taken_over_by_another_worker(stack, reference):
-    """SIGKILL the whole worker mid-step: its heartbeat goes stale, the next worker's reaper re-queues
-    the job, and it runs again from the start to success (attempt 2), with no half-written artifact."""
+    """SIGKILL the whole worker inside a real training step (torch, mid-epoch): its heartbeat goes
+    stale, the next worker's reaper re-queues the job, and it runs again to success (attempt 2),
+    each epoch once, with no half-written artifact. (Resuming from a checkpoint further in:
+    test_worker_killed_mid_training_resumes_from_its_checkpoint.)"""
     http, template, _ = stack
     with own_worker(template, "worker-3") as first:
         model = upload_model(http, reference.onnx)
-        data = upload_dataset(http, reference.calib_npz)
-        job = http.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 4}}],
-                                           "data": {"eval": data["id"]}}).json()
-        wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["stage"] == "0:wait:waiting", 60, "the step to start")
+        train = upload_dataset(http, reference.train_npz)
+        steps = [{"type": "distill", "params": {"epochs": 2, "batch_size": 64}}]
+        job = http.post("/v1/jobs", json={"model_id": model["id"], "steps": steps, "data": {"train": train["id"]},
+                                          "floor": "off"}).json()
+        wait_for(lambda: _epoch(http.get(f"/v1/jobs/{job['id']}").json()["stage"]) >= 1, 120, "training to start", interval=0.05)
         first.kill()
         assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
     with own_worker(template, "worker-4"):
         finished, _ = wait_finished(http, job["id"])
         assert finished["status"] == "succeeded", finished["error"]
         assert finished["attempts"] == 2
-        assert {a["name"] for a in finished["artifacts"]} == {"model.onnx", "metrics.json", "report.html", "recipe.json"}
+        assert [entry["epoch"] for entry in finished["metrics"]["steps"][0]["training"]["history"]] == [1, 2]
+        assert sorted(a["name"] for a in finished["artifacts"]) == ["metrics.json", "model.onnx", "recipe.json", "report.html"]
 
 
 # Its waits: a worker start (120 s at most), the step's start (60 s), the cancel (120 s).
@@ -115,10 +123,6 @@ def test_cancel_of_a_running_job_on_celery(stack, reference):
         finished = http.get(f"/v1/jobs/{job['id']}").json()
         assert (finished["status"], finished["stage"], finished["attempts"], finished["artifacts"]) == ("cancelled", "cancelled", 1, [])
         assert_problem(http.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
-
-
-def _epoch(stage: str) -> int:
-    return int(stage.split("epoch ")[1].split("/")[0]) if ":distill:epoch " in stage else 0
 
 
 # Its waits: a worker start (120 s at most), 3 epochs (300 s), a second worker (120 s), the job (600 s).

@@ -26,13 +26,20 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 settings.load_plugins()
 
+# After the runner's deadline: Celery's soft limit raises wherever Python resumes, even inside
+# ONNX Runtime's quantizer, which would report it as that tool's failure.
+SOFT_LIMIT_GRACE_S = 30
+
 app = Celery("modelpress", broker=settings.broker_url or "memory://")
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue="cpu",
-    task_soft_time_limit=settings.job_time_limit_s,
+    # The runner's own deadline (Progress: at every progress check, and from the heartbeat, which
+    # stops the job's ONNX Runtime runs) ends a job at job_time_limit_s and settles it; Celery's
+    # limits are backstops for a step stuck where neither reaches (one long torch op).
+    task_soft_time_limit=settings.job_time_limit_s + SOFT_LIMIT_GRACE_S,
     task_time_limit=settings.job_time_limit_s + 120,
     # The visibility timeout keeps the broker from handing a job to a second worker while the first
     # is still within its limit; the key prefix (when set) keeps deployments on one Redis apart.

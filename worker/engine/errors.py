@@ -25,6 +25,15 @@ class TaskDoesNotFitModel(EngineError):
         super().__init__("task_does_not_fit_model", message)
 
 
+class TimeLimitExceeded(EngineError):
+    """The job ran past its time limit (settings.job_time_limit_s): raised at a progress check, or by
+    a run the heartbeat stopped. An EngineError (the job fails with this code); a step that records
+    its candidates' errors and goes on (the guard) lets this one through."""
+
+    def __init__(self, limit_s: float):
+        super().__init__("time_limit_exceeded", f"the job ran past its limit of {limit_s:g} s")
+
+
 class JobCancelled(Exception):
     """Raised at a progress check once a cancel was requested."""
 

@@ -10,7 +10,10 @@ time-limit EngineError) instead of the runtime's own error, and later runs raise
 The stopper of the job being run is found through a context variable set by the runner
 (`stopping_with`), so the engine's functions need no extra parameter. ORT's own tools that call
 `session.run` themselves (the static-int8 calibrator) cannot take our RunOptions: their data
-readers call `check()` between batches instead, which bounds them to one batch.
+readers check between batches instead (static_int8's reader reports the job's progress, which
+checks), which bounds them to one batch. Torch loops (training, AdaRound, statistics and gradient
+passes) call `check()` once per batch or iteration for the same reason: a torch op cannot be
+interrupted, so a stop waits at most for the batch in progress.
 """
 
 import contextvars

@@ -25,6 +25,7 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
+from worker.engine import stoppable
 from worker.engine.formats import constants_to_initializers
 from worker.engine.onnx_torch import OnnxModule, onnx_to_torch
 from worker.engine.registry import beside
@@ -77,6 +78,7 @@ def _record(module: OnnxModule, norms: "ConvNorms", images: np.ndarray, device: 
     module.output_hook, norms.recording, norms.normalise_while_recording = norms, {}, normalise
     with torch.no_grad():
         for start in range(0, min(samples, len(images)), 64):
+            stoppable.check()  # between batches: a torch forward cannot be stopped
             module(torch.from_numpy(images[start : min(start + 64, samples)]).to(device))
     recorded, norms.recording, module.output_hook = norms.recording, None, hook
     statistics = {}

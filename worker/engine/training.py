@@ -38,7 +38,7 @@ from worker.engine.data import ImageSet
 from worker.engine.evaluate import open_session, run_outputs
 from worker.engine.formats import untie_weights
 from worker.engine.onnx_torch import OnnxModule, onnx_to_torch, save_weights
-from worker.engine import train_norm
+from worker.engine import stoppable, train_norm
 
 MAX_EVAL_SAMPLES = 2000
 
@@ -163,6 +163,7 @@ def _score(module: nn.Module, data: ImageSet | None, reference: np.ndarray | Non
     predictions = []
     with torch.no_grad():
         for start in range(0, len(data), 256):
+            stoppable.check()  # a torch forward cannot be stopped: check between batches
             out = module(torch.from_numpy(data.images[start : start + 256]).to(device))
             predictions.append((out[0] if isinstance(out, tuple) else out).argmax(1).cpu().numpy())
     module.train()

@@ -19,7 +19,7 @@ from service.jobs.runner_api import ClaimedJob, Heartbeat, JobStatus
 from service.ops.context import bound
 from service.storage import ObjectStore
 from modelpress.spec.errors import EngineError
-from worker.engine.errors import FidelityFloorNotMet, JobCancelled, JobSuperseded, TaskDoesNotFitModel
+from worker.engine.errors import FidelityFloorNotMet, JobCancelled, JobSuperseded, TaskDoesNotFitModel, TimeLimitExceeded
 from worker.engine.tasks import floor as safety_floor
 from worker.engine.stoppable import RunStopper, stopping_with
 from worker.runner.artifacts import METRICS_SCHEMA_VERSION, finite, write_and_store
@@ -31,7 +31,10 @@ from worker.workdirs import make_workdir
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 10.0
+# Also how soon a cancel reaches a step inside a long library call (an ONNX Runtime run, ORT's
+# calibrator between batches, a torch loop's stoppable.check): within one beat. One small UPDATE
+# per beat per running job.
+HEARTBEAT_S = 2.0
 PROGRESS_WRITE_EVERY_S = 1.0
 EVALUATE_SHARE = 0.15  # of the job's progress bar, after loading and the steps
 
@@ -146,8 +149,8 @@ class Progress:
                     self.runs.stop(JobCancelled)
                 elif time.monotonic() > self.deadline:
                     self._settle(JobStatus.FAILED, error_code="time_limit_exceeded",
-                                 error_message=self._time_limit_message())
-                    self.runs.stop(lambda: EngineError("time_limit_exceeded", self._time_limit_message()))
+                                 error_message=self._time_limit().message)
+                    self.runs.stop(self._time_limit)
                 elif self.verdict is Heartbeat.SUPERSEDED:  # another delivery owns the job: this one's runs are waste
                     self.runs.stop(JobSuperseded)
             except Exception:  # a missed heartbeat is retried at the next beat
@@ -166,10 +169,10 @@ class Progress:
         if self.deps.stopping.is_set():
             raise WorkerStopping()
         if time.monotonic() > self.deadline:
-            raise EngineError("time_limit_exceeded", self._time_limit_message())
+            raise self._time_limit()
 
-    def _time_limit_message(self) -> str:
-        return f"the job ran past its limit of {self.deps.settings.job_time_limit_s} s"
+    def _time_limit(self) -> TimeLimitExceeded:
+        return TimeLimitExceeded(self.deps.settings.job_time_limit_s)
 
     def __call__(self, stage: str, fraction: float, force: bool = False) -> None:
         changed = stage != self.stage

@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 from onnx import numpy_helper
 
+from worker.engine import stoppable
 from worker.engine.prune.groups import ChannelGraph, Slice
 
 TAYLOR_SAMPLES = 512  # calibration samples whose gradients the Taylor criterion sums
@@ -132,6 +133,7 @@ class TaylorImportance(Importance):
         images = torch.from_numpy(data.images[:TAYLOR_SAMPLES])
         labels = None if data.labels is None else torch.from_numpy(data.labels[:TAYLOR_SAMPLES])
         for start in range(0, len(images), TAYLOR_BATCH):
+            stoppable.check()  # between batches: a torch forward/backward cannot be stopped
             batch = images[start : start + TAYLOR_BATCH].to(device)
             logits = module(batch)
             logits = logits[0] if isinstance(logits, tuple) else logits

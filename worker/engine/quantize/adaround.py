@@ -121,6 +121,7 @@ class _Layer:
         v = torch.nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))
         optimiser = torch.optim.Adam([v], lr=1e-2)
         for step in range(iterations):
+            stoppable.check()  # a layer's iterations add up to seconds: stop between them
             h = torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
             beta = 20 - (20 - 2) * step / max(1, iterations - 1)
             loss = torch.mean((apply_layer(self.node, inputs, dequantized(h), bias) - target) ** 2) + \
@@ -150,7 +151,7 @@ def _tensors(model: onnx.ModelProto, names: list[str], images: np.ndarray, path:
     input_name, output_names = session.get_inputs()[0].name, [o.name for o in session.get_outputs()]
     chunks: dict[str, list] = {name: [] for name in names}
     for start in range(0, len(images) - batch + 1, batch):
-        values = dict(zip(output_names, session.run(None, {input_name: images[start:start + batch]}), strict=True))
+        values = dict(zip(output_names, stoppable.run(session, {input_name: images[start:start + batch]}), strict=True))
         for name in names:
             chunks[name].append(values[name])
     return {name: np.concatenate(chunks[name]).astype(np.float32) for name in names}

@@ -114,7 +114,7 @@ def _channel_means_of(model: onnx.ModelProto, names: list[str], images: np.ndarr
     sums: dict[str, np.ndarray] = {}
     runs = 0
     for start in range(0, len(images) - batch + 1, batch):
-        values = dict(zip(output_names, session.run(None, {input_name: images[start:start + batch]}), strict=True))
+        values = dict(zip(output_names, stoppable.run(session, {input_name: images[start:start + batch]}), strict=True))
         for name in names:
             mean = values[name].mean(axis=tuple(i for i in range(values[name].ndim) if i != 1))
             sums[name] = sums.get(name, 0) + mean

@@ -39,7 +39,7 @@ from modelpress.spec.floor import margin
 from worker.engine.data import ImageSet, split
 from modelpress.spec.errors import EngineError
 from worker.engine import preflight
-from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded
+from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded, TimeLimitExceeded
 from worker.engine.evaluate import RunSettings, latency, open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers
@@ -130,7 +130,7 @@ def _wide_joins(model_path, images: np.ndarray) -> list[str]:
         if len(inputs) != 1:
             return []
         found = preflight.wide_joins(model, inputs[0], images[:WIDE_JOIN_SAMPLES])["joins"]
-    except (JobCancelled, JobSuperseded):
+    except (JobCancelled, JobSuperseded, TimeLimitExceeded):
         raise
     except Exception:
         return []
@@ -198,6 +198,8 @@ class _Search:
             result = self.run(self.config.model_copy(update={"guard": None, **self.activation_type, **changes}),
                               StepContext(ctx.model_path, ctx.original_path, workdir, ctx.data,
                                           lambda stage, _: ctx.progress(f"guard: {label}: {stage}", fraction)))
+        except TimeLimitExceeded:  # the job's deadline, not this candidate's failure
+            raise
         except EngineError as exc:
             attempts.append({"attempt": label, "error": {"code": exc.code, "message": exc.message[:300]}})
             return None, None

@@ -4,6 +4,7 @@ runs in int8 after its graph optimisation (a QDQ pair that ORT cannot fuse leave
 fp32, which is slower than no quantization). qat exports through it with learned ranges.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +26,41 @@ CALIBRATION_BATCH = 16
 
 
 class _CalibrationReader:
-    """Feeds calibration batches to ORT's calibrator (duck-types CalibrationDataReader)."""
+    """Feeds calibration batches to ORT's calibrator (duck-types CalibrationDataReader).
 
-    def __init__(self, input_name: str, images: np.ndarray, batch: int):
+    ORT's calibrator makes its own InferenceSession and runs it without our RunOptions, so the
+    job's stop cannot end a run there: the reader reports progress before every batch instead,
+    which is the job's check (cancel, deadline, worker stopping), and so bounds a stop to one
+    batch. What that check raised is kept in `stopped`: ORT's quantizer lets it through, but the
+    step must re-raise it as it was, not as the quantizer's failure."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch: int, progress: Callable[[float], None]):
         # Equal batches only: a fixed-batch model cannot take a short last batch, and ORT's
         # histogram calibrators (percentile, entropy) stack the batches' outputs.
         usable = len(images) - len(images) % batch
         self.batches = [images[i : i + batch] for i in range(0, usable, batch)]
         self.input_name = input_name
         self.position = 0
+        self.progress = progress
+        self.stopped: BaseException | None = None
 
     def get_next(self):
-        stoppable.check()  # ORT's calibrator runs the model itself, without our RunOptions: stop between batches
+        try:
+            stoppable.check()  # a stop the heartbeat settled
+            self.progress(self.position / max(1, len(self.batches)))
+        except BaseException as exc:
+            self.stopped = exc
+            raise
         if self.position >= len(self.batches):
             return None
         self.position += 1
         return {self.input_name: self.batches[self.position - 1]}
 
-    def rewind(self):
+    def rewind(self, progress: Callable[[float], None] | None = None):
+        """Back to the first batch; `progress`: how the next pass reports (its stage and share)."""
         self.position = 0
+        if progress is not None:
+            self.progress = progress
 
 
 def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelProto | None = None, *,
@@ -78,7 +95,8 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     batch = fixed or min(CALIBRATION_BATCH, len(images))
     if fixed and len(images) < fixed:
         raise EngineError("dataset_too_small", f"the model takes batches of {fixed}; calibration has {len(images)} images")
-    reader = _CalibrationReader(session.get_inputs()[0].name, images, batch)
+    # The entropy ranges' pass reports as "calibrate"; each quantize_static pass as build() says.
+    reader = _CalibrationReader(session.get_inputs()[0].name, images, batch, lambda done: ctx.progress("calibrate", 0.2))
     del session
 
     ctx.progress("calibrate", 0.2)
@@ -107,9 +125,10 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     # (reduce_range) avoid it. With VNNI (this project's CPUs) the full range is safe.
     reduce_range = not environment(1)["vnni"]
 
-    def build(activation_type: str) -> Path:
+    def build(activation_type: str, stage: str = "calibrate", start: float = 0.2, width: float = 0.45) -> Path:
+        """The QDQ model; ORT's calibration pass in it reports as `stage`, from `start` over `width`."""
         output = ctx.workdir / f"quantized-{activation_type}.onnx"
-        reader.rewind()
+        reader.rewind(lambda done: ctx.progress(stage, start + width * done))
         try:
             quantize_static(
                 str(prepared), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
@@ -118,6 +137,8 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
                 reduce_range=reduce_range and activation_type == "uint8",
             )
         except Exception as exc:
+            if reader.stopped is not None:  # the job's stop, raised by the reader inside ORT's calibration
+                raise reader.stopped from None
             raise EngineError("quantization_failed", f"ONNX Runtime could not quantize the model: {str(exc)[:1500]}") from exc
         return output
 
@@ -168,8 +189,9 @@ def select_fastest(build, float_model: Path, images: np.ndarray, ctx: StepContex
     reference = run_outputs(open_session(float_model, threads=1), sample)[0]
     candidates = []
     for index, activation_type in enumerate(("uint8", "int8")):
-        ctx.progress(f"try {activation_type} activations", 0.3 + 0.25 * index)
-        path = build(activation_type)
+        stage, start = f"try {activation_type} activations", 0.3 + 0.25 * index
+        ctx.progress(stage, start)
+        path = build(activation_type, stage, start, 0.15)  # its calibration, then timing and scoring
         session = open_session(path, threads=1)
         batch = fixed_batch(session) or 32
         timing = latency(session, sample, batch, RunSettings(time_budget_s=0.5, max_timed_runs=50))
