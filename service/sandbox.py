@@ -22,6 +22,7 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 # The only variables a child sees: enough for Python and the C libraries to start, nothing secret.
 _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
@@ -104,9 +105,18 @@ def _looks_out_of_memory(returncode: int, err: bytes) -> bool:
     return b"bad_alloc" in err or b"MemoryError" in err or b"out of memory" in err.lower()
 
 
+# The source tree this process runs from. The child imports its code from here, not from wherever the
+# installed package points: a second checkout sharing the environment (a worktree) would otherwise
+# inspect uploads with the other checkout's code.
+SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
 def python_module(module: str, *args: str) -> list[str]:
-    """argv for `python -m module args` with this interpreter, isolated from the user's site and env."""
-    return [sys.executable, "-I", "-m", module, *args]
+    """argv for `python -m module args` with this interpreter and this source tree, isolated from
+    the user's site and env."""
+    start = (f"import runpy, sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
+             f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-I", "-c", start, *args]
 
 
 class WarmSandbox:

@@ -90,6 +90,24 @@ def test_detection_agreement_counts_a_moved_box_as_lost_and_keeps_the_rest():
     assert agreement["max_score_error"] == pytest.approx(0.1, abs=1e-6)
 
 
+def test_label_free_detection_map_takes_the_originals_confident_boxes_as_truth():
+    from worker.engine.tasks.measure import task_fidelity
+
+    rng = np.random.default_rng(4)
+    reference = _yolo_output(rng)
+    reference[0, 4:] = np.where(reference[0, 4:] >= 0.9, reference[0, 4:], 0.0)  # no low-score tail
+    same = task_fidelity([reference], [reference.copy()], given={"type": "detection"})["fidelity"]
+    assert same["map50"] == 1.0 and same["map50_95"] == 1.0
+    moved = reference.copy()
+    moved[0, 0, 17] += 500  # the class-1 box goes far away: that class's AP is 0, the others' 1
+    figures = task_fidelity([reference], [moved], given={"type": "detection"})["fidelity"]
+    assert figures["map50"] == pytest.approx(2 / 3, abs=1e-9) and figures["map50_95"] == pytest.approx(2 / 3, abs=1e-9)
+    faint = reference.copy()
+    faint[0, 4:] *= 0.01  # every score 0.009: below the 0.5 cut (all lost) but still ranked for mAP
+    figures = task_fidelity([reference], [faint], given={"type": "detection"})["fidelity"]
+    assert figures["lost"] == 3 and figures["map50"] == 1.0
+
+
 # --- segmentation, CTC, embedding -------------------------------------------------------------
 
 def test_mask_agreement_matches_hand_counted_pixels():

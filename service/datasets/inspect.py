@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from modelpress.spec.errors import Invalid  # not service.errors: this runs in the sandboxed child too
+from service.datasets.labels import inspect_labels
 
 IMAGE_DTYPES = {"uint8", "float32", "float16", "float64"}
 LABEL_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}
@@ -33,6 +34,8 @@ class DatasetInfo:
     num_classes: int | None
     format: str = "npz"
     classes: list[str] | None = None
+    # Task labels beyond class ids, a summary per kind (service/datasets/labels.py).
+    labels: dict | None = None
 
 
 def inspect_dataset(path: Path, *, max_bytes: int, max_samples: int, max_image_pixels: int, layout: str | None = None) -> DatasetInfo:
@@ -78,21 +81,24 @@ def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...],
     return shape, dtype
 
 
-def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype) -> None:
+def _read_through(archive: zipfile.ZipFile, member: str, dtype: np.dtype, visit=None) -> None:
     """Read the array once, in chunks: the zip's CRC check catches corrupt data now, not in a job,
-    and float pixels are checked to be finite (NaN or Inf would poison calibration and every metric)."""
+    and float pixels are checked to be finite (NaN or Inf would poison calibration and every metric).
+    `visit`, if given, sees every chunk's values (the label checks of masks)."""
     with archive.open(member) as f:
         version = np.lib.format.read_magic(f)
         (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
         leftover, unpacked = b"", f.tell()
         while chunk := f.read(1 << 20):
             unpacked += len(chunk)
-            if dtype.kind != "f":
+            if dtype.kind != "f" and visit is None:
                 continue
             data = leftover + chunk
             usable = len(data) - len(data) % dtype.itemsize
             values, leftover = np.frombuffer(data[:usable], dtype=dtype), data[usable:]
-            if not np.isfinite(values).all():
+            if visit is not None:
+                visit(values)
+            if dtype.kind == "f" and not np.isfinite(values).all():
                 raise Invalid(f"'{member[:-4]}' holds NaN or infinite values", code="non_finite_images")
     # Reading stops at the declared size (the CRC then fails), but a member may also end before it:
     # an archive whose directory lies about a size is refused, not trusted in part.
@@ -155,5 +161,7 @@ def inspect_npz(archive: zipfile.ZipFile, *, max_bytes: int, max_samples: int, m
             raise Invalid(f"'labels' holds class index {int(labels.max())}; at most {MAX_CLASSES - 1} is accepted",
                           code="invalid_labels")
         num_classes = int(labels.max()) + 1
+    task_labels = inspect_labels(archive, infos, header=_npy_header, scan=_read_through, count=int(count),
+                                 max_pixels=max_image_pixels)
     return DatasetInfo(count=int(count), shape=[int(s) for s in shape], dtype=dtype.name, layout=layout,
-                       has_labels=has_labels, num_classes=num_classes)
+                       has_labels=has_labels, num_classes=num_classes, labels=task_labels or None)

@@ -1,7 +1,9 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from modelpress.spec.labels import kinds
 
 
 class DatasetRead(BaseModel):
@@ -24,7 +26,16 @@ class DatasetRead(BaseModel):
     num_classes: int | None
     classes: list[str] | None = None
     preprocess: dict[str, Any] = {}
+    # Task labels beyond class ids, a summary per kind (README "Labelled datasets"); None: none.
+    labels: dict[str, Any] | None = None
     created_at: datetime
+
+    @computed_field
+    @property
+    def label_kinds(self) -> list[str]:
+        """The labels the dataset carries: "classes" (the `labels` array), "boxes", "masks",
+        "sequences", "texts", "pairs"; empty when it is unlabelled."""
+        return kinds(self.has_labels, self.labels)
 
 
 class DatasetList(BaseModel):

@@ -55,7 +55,7 @@ def create(*, session: Session, store: ObjectStore, settings: Settings, tenant_i
         id=dataset_id, tenant_id=tenant_id, name=clean_name(name or Path(upload.filename).stem or dataset_id),
         format=info.format, size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key,
         count=info.count, shape=info.shape, dtype=info.dtype, layout=info.layout,
-        has_labels=info.has_labels, num_classes=info.num_classes, classes=info.classes,
+        has_labels=info.has_labels, num_classes=info.num_classes, classes=info.classes, labels=info.labels,
         preprocess=spec.model_dump(exclude_defaults=True),
     )
     # The row failed (now or at the request's commit): leave no orphan object behind.

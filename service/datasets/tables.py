@@ -25,6 +25,9 @@ class DatasetRow(Base):
     # Class names of an image-folder dataset, in label order.
     classes: Mapped[list | None] = mapped_column(JSON, nullable=True)
     preprocess: Mapped[dict] = mapped_column(JSON, default=dict)
+    # Task labels beyond class ids: a summary per kind (boxes, masks, sequences, texts, pairs) that a
+    # job's fit check reads (modelpress/spec/labels.py). NULL when the dataset carries none.
+    labels: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)

@@ -25,6 +25,7 @@ from service.tenants import quotas
 from service.unit_of_work import after_commit, transaction
 from modelpress.spec.configs import parse_step
 from modelpress.spec.floor import FLOOR_METRICS, unknown_metrics
+from modelpress.spec.labels import labels_misfit
 from modelpress.spec.errors import EngineError
 from modelpress.spec.presets import PRESETS
 from modelpress.spec.shapes import check_dataset_fits
@@ -113,6 +114,13 @@ def create(*, session: Session, dispatcher: Dispatcher, tenant_id: str, body: Jo
                                role=role, input_name=image_input["name"] if image_input else "input")
         except EngineError as exc:
             raise Invalid(exc.message, code=exc.code) from exc
+    output_shapes = [output.get("shape") for output in model.outputs or []]
+    for role, dataset in rows.items():
+        problem = labels_misfit(task, dataset.labels, count=dataset.count, input_shape=image_input["shape"] if image_input else None,
+                                output_shapes=output_shapes)
+        if problem is not None:
+            raise Invalid(f"the {role} dataset's labels do not fit the task on model {model.id}: {problem}",
+                          code="labels_do_not_fit_task", role=role)
     for role in sorted(set().union(*(c.required_labels() for c in configs))):
         dataset = rows.get(role) or rows.get("split")
         if dataset is not None and not dataset.has_labels:

@@ -7,7 +7,7 @@ dataset changes these the same way wherever the dataset is used.
 """
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +18,60 @@ from modelpress.spec.imagefiles import image_entries
 from modelpress.spec.shapes import InputLayout, check_dataset_fits, check_fits, model_layout
 
 
+# Task label arrays of an .npz (modelpress/spec/labels.py), read as they were validated at upload.
+TARGET_ARRAYS = ("boxes", "box_classes", "box_images", "masks", "label_sequences", "texts", "pairs", "pair_same")
+
+
+@dataclass
+class Targets:
+    """Task labels beyond class ids; each None when the dataset has none. Boxes and pairs name
+    images by index, so taking a subset of images re-indexes them (and drops those of images left out)."""
+
+    boxes: np.ndarray | None = None  # (K, 4) float64 xyxy in input pixels
+    box_classes: np.ndarray | None = None  # (K,) int64
+    box_images: np.ndarray | None = None  # (K,) int64, the image each box belongs to
+    masks: np.ndarray | None = None  # (N, H, W) int64 class ids, 255 = ignore
+    label_sequences: np.ndarray | None = None  # (N, L) int64, padded with -1
+    texts: np.ndarray | None = None  # (N,) unicode
+    pairs: np.ndarray | None = None  # (P, 2) int64 image indices
+    pair_same: np.ndarray | None = None  # (P,) bool
+
+    def take(self, indices: np.ndarray, count: int) -> "Targets":
+        """The targets of images `indices` (of `count`), in that order."""
+        position = np.full(count, -1, np.int64)
+        position[indices] = np.arange(len(indices))
+        taken = replace(self, **{name: getattr(self, name)[indices] for name in ("masks", "label_sequences", "texts")
+                                 if getattr(self, name) is not None})
+        if self.boxes is not None:
+            kept = position[self.box_images] >= 0
+            taken = replace(taken, boxes=self.boxes[kept], box_classes=self.box_classes[kept],
+                            box_images=position[self.box_images[kept]])
+        if self.pairs is not None:
+            moved = position[self.pairs]
+            kept = (moved >= 0).all(axis=1)
+            taken = replace(taken, pairs=moved[kept], pair_same=self.pair_same[kept])
+        return taken
+
+
 @dataclass
 class ImageSet:
     images: np.ndarray  # float32, laid out like the model input (batch first)
     labels: np.ndarray | None  # int64 class indices, or None for unlabelled data
+    targets: Targets = field(default_factory=Targets)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def head(self, n: int) -> "ImageSet":
-        return ImageSet(self.images[:n], None if self.labels is None else self.labels[:n])
+        # Slices, not a take: views of the images, no copy.
+        kept = min(n, len(self))
+        return ImageSet(self.images[:n], None if self.labels is None else self.labels[:n],
+                        self.targets if kept == len(self) else self.targets.take(np.arange(kept), len(self)))
 
     def take(self, indices: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[indices], None if self.labels is None else self.labels[indices])
+        indices = np.asarray(indices, np.int64)
+        return ImageSet(self.images[indices], None if self.labels is None else self.labels[indices],
+                        self.targets.take(indices, len(self)))
 
 
 def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: dict | None,
@@ -41,11 +82,12 @@ def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: di
     spec = parse_preprocess(preprocess)
     if dataset_format == "image_zip":
         images, labels = _decode_image_zip(path, spec, model_layout(model_shape), role, channels_hint)
+        targets = Targets()
         shape = list(images.shape)
         check_dataset_fits([shape[0], shape[1], shape[2], shape[3]], "NCHW", {}, model_shape, role=role, input_name=input_name)
         uint8 = True
     else:
-        images, labels = _load_npz(path, role)
+        images, labels, targets = _load_npz(path, role)
         layout = spec.layout or layout
         check_fits(list(images.shape), layout, model_shape, role=role, input_name=input_name)
         uint8 = images.dtype == np.uint8
@@ -61,7 +103,7 @@ def load_dataset(path: Path, *, dataset_format: str, layout: str, preprocess: di
     target = model_layout(model_shape)
     if target is not None and target.channels_last:
         images = images.transpose(0, 2, 3, 1)
-    return ImageSet(np.ascontiguousarray(images), labels)
+    return ImageSet(np.ascontiguousarray(images), labels, targets)
 
 
 def split(data: ImageSet, *, eval_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -71,14 +113,22 @@ def split(data: ImageSet, *, eval_fraction: float, seed: int) -> tuple[ImageSet,
     return data.take(np.sort(order[held_out:])), data.take(np.sort(order[:held_out]))
 
 
-def _load_npz(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_npz(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None, Targets]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             images = archive["images"]
             labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
+            found = {name: archive[name] for name in TARGET_ARRAYS if name in archive.files}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise EngineError("invalid_dataset", f"the {role} dataset cannot be read: {exc}") from exc
-    return images, labels
+    for name, array in found.items():
+        if name == "boxes":
+            found[name] = array.astype(np.float64)
+        elif name == "pair_same":
+            found[name] = array.astype(bool)
+        elif name != "texts":
+            found[name] = array.astype(np.int64)
+    return images, labels, Targets(**found)
 
 
 def _to_nchw(images: np.ndarray, layout: str) -> np.ndarray:

@@ -20,6 +20,7 @@ from worker.engine.device import gpu_name, pick_device
 from worker.engine.fidelity import accuracy, fidelity
 from worker.engine.graph_stats import graph_stats
 from modelpress.spec.errors import EngineError
+from modelpress.spec.labels import MAX_EVAL_SAMPLES
 
 LARGE_BATCH = 32
 
@@ -27,7 +28,7 @@ LARGE_BATCH = 32
 @dataclass
 class RunSettings:
     threads: int = 1
-    max_eval_samples: int = 2000
+    max_eval_samples: int = MAX_EVAL_SAMPLES
     warmup_runs: int = 3
     min_timed_runs: int = 10
     max_timed_runs: int = 200

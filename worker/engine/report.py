@@ -106,6 +106,7 @@ tr.warn td, tr.warn th {{ color: #c62828; font-weight: 700; }}
 <table id="fidelity"><thead><tr><th>output</th><th>top-1 agreement</th><th>cosine (mean)</th><th>max abs error</th><th>KL(softmax)</th><th>worst slice</th></tr></thead>
 <tbody>{fidelity_rows}</tbody></table>
 {_task(comparison.get('task'))}
+{_task_metrics(metrics.get('task_metrics'))}
 {f'<h2>Per-layer error (SQNR, dB; lowest first)</h2><table id="layers"><thead><tr><th>layer</th><th>op</th><th>SQNR dB</th></tr></thead><tbody>{layer_rows}</tbody></table>' if layers else ''}
 <h2>Steps</h2><ol>{steps}</ol>
 {''.join(_step_details(index, step) for index, step in enumerate(metrics.get("steps", [])))}
@@ -128,6 +129,24 @@ def _quality(entry: dict | None) -> str:
     if entry.get("top1_agreement") is not None:
         parts.append(f"agreement {_fmt(entry['top1_agreement'], 4)}")
     return escape(", ".join(parts))
+
+
+TASK_METRIC_NAMES = {"map50": "mAP@0.5", "map50_95": "mAP@0.5:0.95", "map75": "mAP@0.75", "miou": "mIoU",
+                     "pixel_accuracy": "pixel accuracy", "exact_match": "exact match", "cer": "CER",
+                     "verification_accuracy": "verification accuracy (best threshold)",
+                     "verification_accuracy_10fold": "verification accuracy (10 folds)"}
+
+
+def _task_metrics(scored: dict | None) -> str:
+    """The task metric of both models against the labels, and the drop (positive: worse)."""
+    if not scored:
+        return ""
+    rows = "".join(_row(label, scored["original"].get(name), scored["compressed"].get(name),
+                        f"drop {scored['drop'][name]:+.4f}" if name in scored["drop"] else "")
+                   for name, label in TASK_METRIC_NAMES.items() if name in scored["original"])
+    return (f'<h2>Task metrics against the labels ({escape(scored["task"])})</h2>'
+            '<table id="task-metrics"><thead><tr><th></th><th>original</th><th>compressed</th><th>change</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
 
 
 def _task(task: dict | None) -> str:

@@ -10,6 +10,7 @@ from worker.engine.fidelity import fidelity
 from worker.engine.registry import StepResult
 from worker.engine.tasks.floor import overrides_of
 from worker.engine.tasks.measure import task_fidelity
+from worker.engine.tasks.scored import task_metrics
 
 
 def evaluate_job(original: Path, compressed: Path, last_result: StepResult | None, eval_data: ImageSet | None,
@@ -32,6 +33,10 @@ def evaluate_job(original: Path, compressed: Path, last_result: StepResult | Non
     comparison["fidelity"] = fidelity(reference, outputs)
     comparison["task"] = task_fidelity(reference, outputs, given=task, floor_overrides=overrides_of(floor))
     result = {"original": before, "compressed": after, "comparison": comparison}
+    if comparison["task"].get("fits") is not False:
+        # The targets of the images both models ran on (a fixed-batch model leaves a short tail out).
+        targets = eval_data.head(min(settings.max_eval_samples, len(reference[0]))).targets
+        result["task_metrics"] = task_metrics(comparison["task"]["task"], reference, outputs, targets)
     if last_result is not None and last_result.measure is not None:
         progress("layers", 0.9)
         result.update(last_result.measure(eval_data.images))

@@ -3,6 +3,8 @@
 import numpy as np
 
 MAX_DETECTIONS = 300  # per image, after the confidence cut: bounds the O(n*m) matching
+# The cut for detections ranked by mAP (COCO scores the low tail too; MAX_DETECTIONS still bounds them).
+MAP_CONFIDENCE = 0.001
 
 
 def decode_yolo(output: np.ndarray, *, channels_first: bool = True, box_format: str = "xywh",

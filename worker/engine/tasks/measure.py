@@ -7,7 +7,7 @@ import numpy as np
 from modelpress.spec.configs.task import misfit, resolve_task
 from modelpress.spec.floor import shortfalls
 from worker.engine.fidelity import top1_agreement
-from worker.engine.tasks import ctc, detection, embedding, groups, segmentation
+from worker.engine.tasks import ctc, detection, embedding, groups, labelled, segmentation
 
 
 def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
@@ -24,10 +24,15 @@ def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
         return None
     options = {"channels_first": channels_first, "box_format": decoder.box_format,
                "objectness": decoder.objectness, "confidence": task.confidence}
-    agreement = detection.detection_agreement(detection.decode_yolo(ref, **options),
-                                              detection.decode_yolo(cand, **options), iou=task.iou)
+    confident = detection.decode_yolo(ref, **options)
+    agreement = detection.detection_agreement(confident, detection.decode_yolo(cand, **options), iou=task.iou)
+    # mAP of the compressed model's ranked detections, the original's confident ones as the truth:
+    # COCO ranks the low-score tail too, so the candidate is decoded at a low cut.
+    ranked = detection.decode_yolo(cand, **{**options, "confidence": detection.MAP_CONFIDENCE})
+    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in confident], ranked)
     per_group = groups.group_fidelity(ref, cand, groups.yolo_groups(rows, decoder.objectness), axis=1 if channels_first else 2)
-    return {**agreement, "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
+    return {**agreement, "map50": scored["map50"], "map50_95": scored["map50_95"],
+            "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
 
 
 def _segmentation(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
