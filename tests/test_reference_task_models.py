@@ -134,6 +134,12 @@ def test_a_default_int8_job_reports_fidelity_of_the_right_task(client, task_mode
     assert task["inferred"] is False and task["task"]["type"] == TASK_TYPES[name]
     assert floor["mode"] == "default" and floor["task"] == TASK_TYPES[name] and isinstance(floor["met"], bool)
     # The job's status follows the floor: succeeded when met, failed with its code when missed.
+    # Measured (python -m bench.tasks --tiny): all four meet the default floor. The segmenter
+    # (pixel_agreement 0.9993 against 0.98) and the embedder (mean_cosine 0.9998 against 0.99) by
+    # far; the detector (recall 0.969 against 0.95) and the recognizer (exact_match 0.96 against
+    # 0.95: two strings of 200) too narrowly to promise, and the detector's floor is being reworked.
+    if name in ("segmenter", "embedder"):
+        assert floor["met"] is True, floor
     if floor["met"]:
         assert job["status"] == "succeeded", job["error"]
     else:
