@@ -63,9 +63,11 @@ migrate: $(BASE_STAMP)
 # Debian's dataset-fashion-mnist package.
 bench: $(BENCH_STAMP)
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
+	test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || apt-get install -y fonts-dejavu-core
 	$(PY) -m bench.quantize
 	$(PY) -m bench.prune
 	$(PY) -m bench.distill
+	$(PY) -m bench.tasks
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -25,6 +25,13 @@ if ! command -v chromium >/dev/null 2>&1; then
     || echo "could not install chromium; the report rendering test will fail" >&2
 fi
 
+# The reference CTC recognizer (bench/task_models.py) is trained on lines rendered with DejaVu fonts.
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  echo "installing fonts-dejavu-core"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null) \
+    || echo "could not install fonts-dejavu-core; tests/test_reference_task_models.py will fail" >&2
+fi
+
 for _ in $(seq 1 30); do
   if pg_up && redis_up; then
     echo "PostgreSQL and Redis are up"
