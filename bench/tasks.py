@@ -27,34 +27,18 @@ from worker.engine.tasks import ctc, detection, labelled, segmentation
 from worker.engine.tasks.measure import task_fidelity
 from worker.engine.tasks.scored import truth_sequences
 
-NMS_IOU = 0.7  # Ultralytics' validation NMS threshold
 LABELLED_METRIC = {"detection": "map50", "ctc": "exact_match", "segmentation": "miou", "embedding": "verification_accuracy"}
 METRIC_NAMES = {"map50": "mAP@0.5", "exact_match": "exact match", "miou": "mIoU", "verification_accuracy": "verification acc."}
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float = NMS_IOU) -> np.ndarray:
-    """Indices kept by class-wise greedy non-maximum suppression, highest score first."""
-    keep = []
-    for cls in np.unique(classes):
-        members = np.flatnonzero(classes == cls)
-        members = members[np.argsort(-scores[members])]
-        while len(members):
-            keep.append(members[0])
-            overlap = detection.iou_matrix(boxes[members[:1]], boxes[members[1:]])[0]
-            members = members[1:][overlap < iou]
-    return np.asarray(sorted(keep, key=lambda i: -scores[i]), np.int64)
-
-
 def labelled_scores(task: dict, output: np.ndarray, targets: Targets) -> dict:
     """The task metric against the labels, with worker.engine.tasks.labelled's functions. Detections
-    go through NMS first, as a detector's users (Ultralytics' val) score them."""
+    go through the task's class-wise NMS first (`nms_iou`, 0.7 as Ultralytics' val), as the job does."""
     parsed = parse_task(task)
     if parsed.type == "detection":
         truth = [(targets.boxes[targets.box_images == i], targets.box_classes[targets.box_images == i]) for i in range(len(output))]
-        predicted = []
-        for boxes, scores, classes in detection.decode_yolo(output, box_format=parsed.decoder.box_format, confidence=detection.MAP_CONFIDENCE):
-            kept = nms(boxes, scores, classes)
-            predicted.append((boxes[kept], scores[kept], classes[kept]))
+        predicted = detection.decode_yolo(output, box_format=parsed.decoder.box_format, confidence=detection.MAP_CONFIDENCE,
+                                          nms_iou=parsed.nms_iou)
         return labelled.detection_map(truth, predicted)
     if parsed.type == "segmentation":
         return labelled.segmentation_scores(targets.masks, segmentation.masks(output, parsed.layout))

@@ -162,13 +162,21 @@ def _reference_map(truth, detections, thresholds=np.linspace(0.5, 0.95, 10)):
     return {"map50": per_threshold[0], "map50_95": float(np.mean(per_threshold))}
 
 
-def _decode(output, cut=0.001):
+def _decode(output, cut=0.001, nms_iou=0.7):
+    """Anchors at or above the cut, then class-wise NMS as the task's default `nms_iou` asks: by
+    score, a box overlapping a kept box of its class by more than nms_iou is dropped."""
     decoded = []
     for image in output:
         scores, classes = image[4:].max(axis=0), image[4:].argmax(axis=0)
         keep = scores >= cut
         cx, cy, w, h = image[:4, keep]
-        decoded.append((np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1), scores[keep], classes[keep]))
+        boxes, scores, classes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1), scores[keep], classes[keep]
+        kept = []
+        for i in np.argsort(-scores, kind="stable"):
+            if all(classes[j] != classes[i] or _iou(boxes[i], boxes[j]) <= nms_iou for j in kept):
+                kept.append(i)
+        kept = np.asarray(kept, dtype=np.int64)
+        decoded.append((boxes[kept].reshape(-1, 4), scores[kept], classes[kept]))
     return decoded
 
 

@@ -65,6 +65,10 @@ class DetectionTask(_Task):
     # A detection counts as high-confidence (its loss fails the floor) at or above this score.
     confidence: float = Field(default=0.5, gt=0.0, lt=1.0)
     iou: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Class-wise non-maximum suppression at this IoU before detections are ranked for mAP (labelled
+    # and label-free), as Ultralytics' validation does: a raw YOLO-style output holds several anchors
+    # per object. null: the outputs are already suppressed.
+    nms_iou: float | None = Field(default=0.7, gt=0.0, le=1.0)
 
 
 class SegmentationTask(_Task):

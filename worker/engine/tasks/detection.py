@@ -5,17 +5,20 @@ import numpy as np
 MAX_DETECTIONS = 300  # per image, after the confidence cut: bounds the O(n*m) matching
 # The cut for detections ranked by mAP (COCO scores the low tail too; MAX_DETECTIONS still bounds them).
 MAP_CONFIDENCE = 0.001
+PRE_NMS_DETECTIONS = 3000  # per image, best first, that non-maximum suppression looks at
 
 
-def decode_yolo(output: np.ndarray, *, channels_first: bool = True, box_format: str = "xywh",
-                objectness: bool = False, confidence: float = 0.5) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image: (boxes xyxy (K, 4), scores (K,), classes (K,)) of anchors at or above `confidence`."""
+def decode_yolo(output: np.ndarray, *, channels_first: bool = True, box_format: str = "xywh", objectness: bool = False,
+                confidence: float = 0.5, nms_iou: float | None = None,
+                score_activation: str = "none") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image: (boxes xyxy (K, 4), scores (K,), classes (K,)) of anchors at or above `confidence`;
+    `score_activation` "sigmoid" for heads that export logits (objectness included)."""
     rows = (output if channels_first else np.swapaxes(output, 1, 2)).astype(np.float64)  # (N, 4+[1]+C, A)
-    scores = rows[:, 5 if objectness else 4:]
+    scores = score_probabilities(rows[:, 5 if objectness else 4:], score_activation)
     if objectness:
-        scores = scores * rows[:, 4:5]
+        scores = scores * score_probabilities(rows[:, 4:5], score_activation)
     return decode_boxes_scores(np.swapaxes(rows[:, :4], 1, 2), np.swapaxes(scores, 1, 2), box_format=box_format,
-                               confidence=confidence)
+                               confidence=confidence, nms_iou=nms_iou)
 
 
 def score_probabilities(scores: np.ndarray, activation: str = "none") -> np.ndarray:
@@ -30,10 +33,12 @@ def score_probabilities(scores: np.ndarray, activation: str = "none") -> np.ndar
 
 
 def decode_boxes_scores(boxes: np.ndarray, scores: np.ndarray, *, box_format: str = "xyxy", confidence: float = 0.5,
-                        background_class: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                        background_class: int | None = None, nms_iou: float | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Boxes (N, A, 4) and class probabilities (N, A, C), per image: (boxes xyxy (K, 4), scores (K,),
     classes (K,)) of the anchors whose best class scores at or above `confidence`. The background
-    class, if any, is never a detection (its column is left out of the best class; ids keep their place)."""
+    class, if any, is never a detection (its column is left out of the best class; ids keep their place).
+    `nms_iou`: class-wise non-maximum suppression at that IoU first (a raw YOLO-style output holds
+    several anchors per object; deployments and COCO evaluation suppress them)."""
     scores = scores.astype(np.float64)
     if background_class is not None:
         scores = scores.copy()
@@ -42,10 +47,25 @@ def decode_boxes_scores(boxes: np.ndarray, scores: np.ndarray, *, box_format: st
     for image_boxes, image_scores in zip(boxes.astype(np.float64), scores, strict=True):
         best = image_scores.max(axis=1)
         classes = image_scores.argmax(axis=1)
-        keep = np.argsort(-best)[:MAX_DETECTIONS]
+        keep = np.argsort(-best)[:MAX_DETECTIONS if nms_iou is None else PRE_NMS_DETECTIONS]
         keep = keep[best[keep] >= confidence]
-        decoded.append((_as_xyxy(image_boxes[keep], box_format), best[keep], classes[keep]))
+        image_boxes = _as_xyxy(image_boxes[keep], box_format)
+        if nms_iou is not None:
+            kept = _suppressed(image_boxes, classes[keep], nms_iou)
+            image_boxes, keep = image_boxes[kept], keep[kept]
+        decoded.append((image_boxes, best[keep], classes[keep]))
     return decoded
+
+
+def _suppressed(boxes: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy class-wise NMS of boxes already ranked by score, at most MAX_DETECTIONS."""
+    remaining, kept = np.arange(len(boxes)), []
+    while len(remaining) and len(kept) < MAX_DETECTIONS:
+        top, rest = remaining[0], remaining[1:]
+        kept.append(top)
+        overlap = iou_matrix(boxes[top:top + 1], boxes[rest])[0]
+        remaining = rest[(overlap <= iou) | (classes[rest] != classes[top])]
+    return np.asarray(kept, dtype=np.int64)
 
 
 def _as_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:

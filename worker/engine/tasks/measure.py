@@ -23,13 +23,15 @@ def _detection(task, ref: np.ndarray, cand: np.ndarray) -> dict | None:
     if rows < (6 if decoder.objectness else 5):
         return None
     options = {"channels_first": channels_first, "box_format": decoder.box_format,
-               "objectness": decoder.objectness, "confidence": task.confidence}
+               "objectness": decoder.objectness, "confidence": task.confidence, "score_activation": decoder.score_activation}
     confident = detection.decode_yolo(ref, **options)
     agreement = detection.detection_agreement(confident, detection.decode_yolo(cand, **options), iou=task.iou)
-    # mAP of the compressed model's ranked detections, the original's confident ones as the truth:
-    # COCO ranks the low-score tail too, so the candidate is decoded at a low cut.
-    ranked = detection.decode_yolo(cand, **{**options, "confidence": detection.MAP_CONFIDENCE})
-    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in confident], ranked)
+    # mAP of the compressed model's ranked detections, the original's confident ones as the truth,
+    # both suppressed as a deployment would: COCO ranks the low-score tail too, so the candidate is
+    # decoded at a low cut.
+    truth = detection.decode_yolo(ref, **{**options, "nms_iou": task.nms_iou})
+    ranked = detection.decode_yolo(cand, **{**options, "confidence": detection.MAP_CONFIDENCE, "nms_iou": task.nms_iou})
+    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in truth], ranked)
     per_group = groups.group_fidelity(ref, cand, groups.yolo_groups(rows, decoder.objectness), axis=1 if channels_first else 2)
     return {**agreement, "map50": scored["map50"], "map50_95": scored["map50_95"],
             "groups": per_group, "scores_cosine": per_group["scores"]["cosine"]}
@@ -48,8 +50,10 @@ def _boxes_scores(task, reference: list[np.ndarray], candidate: list[np.ndarray]
     confident = detection.decode_boxes_scores(ref_boxes, ref_scores, **options)
     agreement = detection.detection_agreement(confident, detection.decode_boxes_scores(cand_boxes, cand_scores, **options),
                                               iou=task.iou)
-    ranked = detection.decode_boxes_scores(cand_boxes, cand_scores, **{**options, "confidence": detection.MAP_CONFIDENCE})
-    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in confident], ranked)
+    truth = detection.decode_boxes_scores(ref_boxes, ref_scores, **{**options, "nms_iou": task.nms_iou})
+    ranked = detection.decode_boxes_scores(cand_boxes, cand_scores, **{**options, "confidence": detection.MAP_CONFIDENCE,
+                                                                      "nms_iou": task.nms_iou})
+    scored = labelled.detection_map([(boxes, classes) for boxes, _, classes in truth], ranked)
     classes = np.arange(ref_scores.shape[2]) != decoder.background_class
     per_group = {**groups.group_fidelity(ref_boxes, cand_boxes, {"boxes": slice(None)}, axis=2),
                  **groups.group_fidelity(ref_scores, cand_scores, {"scores": classes}, axis=2)}

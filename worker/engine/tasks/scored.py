@@ -23,7 +23,8 @@ def _decoded(task, outputs: list[np.ndarray]) -> list | None:
         if output.ndim != 3:
             return None
         return detection.decode_yolo(output, channels_first=decoder.layout == "channels_first", box_format=decoder.box_format,
-                                     objectness=decoder.objectness, confidence=detection.MAP_CONFIDENCE)
+                                     objectness=decoder.objectness, confidence=detection.MAP_CONFIDENCE, nms_iou=task.nms_iou,
+                                     score_activation=decoder.score_activation)
     if max(decoder.boxes_output, decoder.scores_output) >= len(outputs):
         return None
     boxes = outputs[decoder.boxes_output]
@@ -31,7 +32,7 @@ def _decoded(task, outputs: list[np.ndarray]) -> list | None:
     if boxes.ndim != 3 or boxes.shape[2] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
         return None
     return detection.decode_boxes_scores(boxes, scores, box_format=decoder.box_format, confidence=detection.MAP_CONFIDENCE,
-                                         background_class=decoder.background_class)
+                                         background_class=decoder.background_class, nms_iou=task.nms_iou)
 
 
 def _detection(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
