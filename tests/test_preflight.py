@@ -205,3 +205,17 @@ def test_the_report_says_when_preflight_or_one_finding_failed():
     part = render({"preflight": {"float_ops": [{"op_type": "Exp", "count": 2, "nodes": ["a", "b"]}], "unknown_ops": [],
                                  "dynamic_dims": [], "macs": {"error": "x"}, "wide_joins": {"error": "y"}, "seconds": 0.01}})
     assert "Ops left float by the quantizer: Exp ×2" in part and "Not checked (failed): macs, wide_joins" in part
+
+
+def test_a_graph_with_control_flow_is_not_run(tmp_path):
+    # A Loop whose trip count makes every run take minutes (tests/test_bounded_runs.py): preflight
+    # reads its graph and leaves the run out, so the job reaches its steps at once.
+    import time
+
+    from tests.test_bounded_runs import slow_model
+
+    path = slow_model(tmp_path / "slow.onnx", trips=10**9)
+    started = time.monotonic()
+    checks = preflight(path, np.zeros((4, 1, 8, 8), np.float32))
+    assert time.monotonic() - started < 30  # a run would take far longer than this
+    assert checks["wide_joins"]["joins"] == [] and "Loop" in checks["wide_joins"]["skipped"]

@@ -32,6 +32,7 @@ QUANTIZABLE_OPS = frozenset(QLinearOpsRegistry) | frozenset(QDQRegistry)
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 JOIN_OPS = frozenset({"Concat", "Add"})
+CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If"})
 # Ops that move values without computing on them: a join reaching an output through them is what
 # the user reads, quantization error and all.
 PASS_THROUGH_OPS = frozenset({"Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze", "Flatten", "Identity",
@@ -227,7 +228,12 @@ def _joins(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> list[onn
 
 def wide_joins(model: onnx.ModelProto, input_name: str, sample: np.ndarray) -> dict:
     """One float run on the sample with every join's inputs fetched; the joins whose inputs' largest
-    magnitudes differ by WIDE_JOIN_RATIO or more, widest first."""
+    magnitudes differ by WIDE_JOIN_RATIO or more, widest first. A graph with control flow is not
+    run: its cost is not known before it runs (a Loop's trip count is data), and preflight is fast."""
+    flow = sorted({node.op_type for node in model.graph.node if node.op_type in CONTROL_FLOW_OPS})
+    if flow:
+        return {"joins": [], "checked": 0, "threshold": WIDE_JOIN_RATIO, "samples": 0,
+                "skipped": f"the graph has control flow ({', '.join(flow)}): not run before the job"}
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
