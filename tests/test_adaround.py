@@ -49,3 +49,26 @@ def test_adaround_learns_a_rounding_closer_to_the_float_layers(tmp_path, digits,
     assert before.keys() == after.keys() and len(before) == 4
     assert all(np.abs(before[k] - after[k]).max() <= 1 for k in before)
     assert sum(int((before[k] != after[k]).sum()) for k in before) == sum(layer["flipped"] for layer in report["per_layer"]) > 0
+
+
+def test_a_learned_rounding_never_leaves_the_quantizers_integer_range():
+    # Weights at 64.6 steps: nearest rounding gives 65, one past reduce_range's -64..64 (what ONNX
+    # Runtime uses on CPUs without VNNI, where 65 x 255 x 2 saturates a 16-bit sum).
+    import torch
+    from onnx import helper
+
+    from worker.engine.quantize.adaround import _Layer
+
+    rng = np.random.default_rng(0)
+    scale = np.full(4, 0.01, np.float32)
+    float_weight = (np.sign(rng.standard_normal((4, 2, 1, 1))) * 0.646).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    weight = numpy_helper.from_array(np.zeros((4, 2, 1, 1), np.int8), "w_q")
+    layer = _Layer(node, weight, scale, np.zeros(4, np.float32), 0, float_weight, None)
+    inputs = torch.from_numpy(rng.standard_normal((8, 2, 3, 3)).astype(np.float32))
+    target = torch.nn.functional.conv2d(inputs, torch.from_numpy(float_weight))
+    layer.learn(inputs, target, 20, (-64, 64))
+    learned = numpy_helper.to_array(weight).astype(np.int32)
+    assert np.abs(learned).max() == 64  # at the edge, not past it
+    layer.learn(inputs, target, 20, (-128, 127))
+    assert np.abs(numpy_helper.to_array(weight).astype(np.int32)).max() == 65  # the full range lets it round to 65
