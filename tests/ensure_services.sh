@@ -6,6 +6,8 @@ set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+# RabbitMQ: an AMQP broker the Celery worker can use instead of Redis (tests/test_amqp_broker.py).
+rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 
 if ! pg_up; then
   echo "starting PostgreSQL"
@@ -16,6 +18,11 @@ if ! redis_up; then
   mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+fi
+
+if ! rabbit_up && command -v rabbitmq-server >/dev/null 2>&1; then
+  echo "starting RabbitMQ"
+  rabbitmq-server -detached || true
 fi
 
 # The report test renders report.html in a real headless browser (Debian's chromium).
@@ -34,6 +41,7 @@ fi
 
 for _ in $(seq 1 30); do
   if pg_up && redis_up; then
+    rabbit_up && echo "RabbitMQ is up" || echo "RabbitMQ is not up (yet); the AMQP broker test will wait for it" >&2
     echo "PostgreSQL and Redis are up"
     exit 0
   fi
