@@ -143,3 +143,27 @@ def verification_pairs(classes: np.ndarray, *, count: int, seed: int) -> tuple[n
             pairs.append((a, b))
             same.append(want_same)
     return np.asarray(pairs, np.int64), np.asarray(same, np.bool_)
+
+
+def keypoint_scenes(digits: np.ndarray, *, count: int, size: int, scale: int, seed: int) -> Labelled:
+    """One digit (upscaled `scale` times) per noisy `size` x `size` canvas, placed so that it may
+    hang over an edge by up to a third of its side. Keypoints (N, 5, 3): the corners of the digit's
+    ink box (top-left, top-right, bottom-right, bottom-left) and its centre, x, y in pixels, then
+    COCO's visibility: 2 inside the canvas, 0 outside (not labelled)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 48, (count, 1, size, size)).astype(np.uint8)
+    side = 8 * scale
+    keypoints = np.zeros((count, 5, 3), np.float32)
+    canvas = np.zeros((size + 2 * side, size + 2 * side), np.uint8)  # room for the overhang
+    for index in range(count):
+        x, y = (int(v) for v in rng.integers(-side // 3, size - side + side // 3 + 1, 2))
+        patch = np.kron(digits[int(rng.integers(len(digits)))], np.ones((scale, scale), np.uint8))
+        canvas[:] = 0
+        canvas[y + side : y + 2 * side, x + side : x + 2 * side] = patch
+        np.maximum(images[index, 0], canvas[side : side + size, side : side + size], out=images[index, 0])
+        rows, cols = np.nonzero(patch > 32)
+        x1, y1, x2, y2 = x + cols.min(), y + rows.min(), x + cols.max() + 1, y + rows.max() + 1
+        points = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [(x1 + x2) / 2, (y1 + y2) / 2]], np.float32)
+        inside = (points >= 0).all(axis=1) & (points <= size).all(axis=1)
+        keypoints[index] = np.concatenate([points, np.where(inside, 2.0, 0.0)[:, None]], axis=1)
+    return Labelled(images, {"keypoints": keypoints})

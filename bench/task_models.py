@@ -1,6 +1,6 @@
 """Reference task models, ours and trained here on synthetic data (bench/task_data.py): a YOLO-style
-anchor-free detector, a CRNN-style CTC recognizer, an encoder-decoder segmenter and an embedding
-network. Each is seeded, exported to ONNX with a dynamic batch, and comes with a labelled eval .npz,
+anchor-free detector, a CRNN-style CTC recognizer, an encoder-decoder segmenter, an embedding
+network and a keypoints model (bench/task_keypoints.py). Each is seeded, exported to ONNX with a dynamic batch, and comes with a labelled eval .npz,
 an unlabelled calibration .npz and the task body a job gives. `tiny` trains in seconds (tests);
 `bench` in a few minutes on 2 cores (bench/tasks.py), cached under bench/out/.
 
@@ -276,12 +276,14 @@ CONFIGS = {
     "tiny": {"detector": dict(size=32, scale=1, objects=2, train=1200, eval=200, epochs=12, width=16, depth=2),
              "recognizer": dict(height=16, width=64, alphabet=TINY_ALPHABET, length=4, train=2400, eval=200, epochs=10, channels=32),
              "segmenter": dict(size=32, shapes=2, train=500, eval=100, epochs=8, width=8),
-             "embedder": dict(epochs=10, width=8, dimensions=16, pairs=400)},
+             "embedder": dict(epochs=10, width=8, dimensions=16, pairs=400),
+             "keypointer": dict(size=32, scale=2, train=2000, eval=200, epochs=12, width=16)},
     # bench: sized for a shared 2-core machine (about 3 CPU-minutes in all, one thread).
     "bench": {"detector": dict(size=64, scale=2, objects=4, train=2000, eval=400, epochs=10, width=16, depth=2),
               "recognizer": dict(height=16, width=96, alphabet=BENCH_ALPHABET, length=6, train=4000, eval=400, epochs=24, channels=32),
               "segmenter": dict(size=48, shapes=3, train=1200, eval=200, epochs=8, width=8),
-              "embedder": dict(epochs=15, width=16, dimensions=32, pairs=2000)},
+              "embedder": dict(epochs=15, width=16, dimensions=32, pairs=2000),
+              "keypointer": dict(size=48, scale=3, train=4000, eval=400, epochs=16, width=16)},
 }
 CALIBRATION = 128  # images in each calibration set (drawn from the training data)
 
@@ -319,6 +321,14 @@ def _build(name: str, config: dict, out: Path) -> tuple[dict, float]:
         held_out = task_data.Labelled(test_digits[:, None], {"pairs": pairs, "pair_same": same})
         model = train_embedder(Embedder(config["dimensions"], config["width"]), training.images, train_classes, epochs=config["epochs"])
         task = {"type": "embedding"}
+    elif name == "keypointer":
+        from bench.task_keypoints import Keypointer, train_keypointer
+
+        scene = dict(size=config["size"], scale=config["scale"])
+        training = task_data.keypoint_scenes(train_digits, count=config["train"], seed=1, **scene)
+        held_out = task_data.keypoint_scenes(test_digits, count=config["eval"], seed=2, **scene)
+        model = train_keypointer(Keypointer(config["size"], config["width"]), training, epochs=config["epochs"], fit=_fit)
+        task = {"type": "keypoints", "layout": "points"}
     else:
         raise ValueError(f"no task model named {name}")
     seconds = time.perf_counter() - started
@@ -331,7 +341,8 @@ def _build(name: str, config: dict, out: Path) -> tuple[dict, float]:
     return task, seconds
 
 
-NAMES = ("detector", "recognizer", "segmenter", "embedder")
+NAMES = ("detector", "recognizer", "segmenter", "embedder")  # bench/tasks.py's table
+ALL_NAMES = NAMES + ("keypointer",)
 
 
 def build(name: str, size: str, out_root: Path, force: bool = False) -> TaskModel:
@@ -347,12 +358,12 @@ def build(name: str, size: str, out_root: Path, force: bool = False) -> TaskMode
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="the tests' configuration")
-    parser.add_argument("--only", choices=NAMES, action="append")
+    parser.add_argument("--only", choices=ALL_NAMES, action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/out/task-models"))
     parser.add_argument("--force", action="store_true", help="train again even when cached")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    for name in args.only or NAMES:
+    for name in args.only or ALL_NAMES:
         model = build(name, "tiny" if args.tiny else "bench", args.out, args.force)
         print(f"{name}: trained in {model.train_seconds:.1f} s -> {model.onnx}")
 

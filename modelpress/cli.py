@@ -275,6 +275,12 @@ def cmd_models(args, client: Client) -> int:
             raise UsageError("models show needs a model id")
         model = client.model(args.target).raw
         _emit(args, model, json.dumps(model, indent=2))
+    elif args.action == "set-task":
+        if not args.target or args.task is None:
+            raise UsageError("models set-task needs a model id and --task (a type, a task as JSON, or null to clear)")
+        task = None if args.task.strip() == "null" else _parse_task(args.task)
+        model = client.update_model(args.target, task=task).raw
+        _emit(args, model, f"{model['id']}  task: {json.dumps(model['task'])}")
     else:
         if not args.target:
             raise UsageError("models upload needs a file")
@@ -341,12 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--output", help="folder for downloaded artifacts (wait, download)")
     jobs.set_defaults(handler=cmd_jobs)
 
-    models = commands.add_parser("models", parents=[common], help="list, show or upload models")
-    models.add_argument("action", choices=["list", "show", "upload"])
-    models.add_argument("target", nargs="?", help="a model id (show) or a file (upload)")
+    models = commands.add_parser("models", parents=[common], help="list, show, upload models or change a model's task")
+    models.add_argument("action", choices=["list", "show", "upload", "set-task"])
+    models.add_argument("target", nargs="?", help="a model id (show, set-task) or a file (upload)")
     models.add_argument("--name")
-    models.add_argument("--task", help="upload: what the model is for, a type (e.g. detection) or a task as JSON; "
-                        "its jobs use it unless they give their own (default: inferred per job)")
+    models.add_argument("--task", help="upload, set-task: what the model is for, a type (e.g. detection) or a task as "
+                        "JSON; its jobs use it unless they give their own (default: inferred per job). "
+                        "set-task --task null clears it")
     models.add_argument("--limit", type=int, default=20)
     models.set_defaults(handler=cmd_models)
 

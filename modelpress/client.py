@@ -8,7 +8,7 @@
     job.download("model.onnx", to="out/model.onnx")
 
 Transient failures (connection errors, 429, 5xx) are retried a bounded number of times with
-backoff; every POST carries a fresh `Idempotency-Key`, reused by its retries, so a retried submit
+backoff; every POST and PATCH carries a fresh `Idempotency-Key`, reused by its retries, so a retried submit
 never starts a second job. Waiting follows the job's event stream (SSE) and falls back to polling
 with backoff; downloads are streamed and verified against the sha256.
 Files above `upload_session_threshold` go up in resumable, checksummed parts (`modelpress.resumable`).
@@ -329,6 +329,12 @@ class Client:
         found = self._json("GET", "/v1/models", params={"sha256": digest.hexdigest(), "limit": 1})["items"]
         return Model.from_json(found[0]) if found else self.upload_model(path, name=name)
 
+    def update_model(self, model_id: str, *, task: Mapping[str, Any] | str | None) -> Model:
+        """Change the model's task (a task body or a type name), or clear it with None (its jobs
+        then infer theirs). Checked as at upload; jobs already accepted keep their task."""
+        body = {"task": None if task is None else _task_body(task)}
+        return Model.from_json(self._json("PATCH", f"/v1/models/{model_id}", json=body))
+
     def upload_dataset(self, path: str | os.PathLike, name: str | None = None) -> Dataset:
         return Dataset.from_json(self._upload("/v1/datasets", Path(path), name))
 
@@ -439,9 +445,9 @@ class Client:
         return self._parse(self._send(send, idempotent=False, keyed=True))
 
     def _json(self, method: str, path: str, **kwargs) -> dict:
-        if method == "POST":
+        if method in ("POST", "PATCH"):
             # A fresh key per call, the same for its retries: the server answers a retry of a POST
-            # that already ran with that first answer instead of running it again.
+            # (or PATCH) that already ran with that first answer instead of running it again.
             kwargs["headers"] = {"Idempotency-Key": new_idempotency_key(), **kwargs.get("headers", {})}
         keyed = "Idempotency-Key" in kwargs.get("headers", {})
         return self._parse(self._send(lambda: self.http.request(method, path, **kwargs), idempotent=method == "GET",

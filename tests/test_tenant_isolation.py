@@ -51,6 +51,7 @@ def _same_as_unknown(foreign, unknown, foreign_id, unknown_id):
 ID_ROUTES = {
     ("GET", "/v1/models/{model_id}"): "model_id",
     ("DELETE", "/v1/models/{model_id}"): "model_id",
+    ("PATCH", "/v1/models/{model_id}"): "model_id",
     ("GET", "/v1/datasets/{dataset_id}"): "dataset_id",
     ("DELETE", "/v1/datasets/{dataset_id}"): "dataset_id",
     ("GET", "/v1/jobs/{job_id}"): "job_id",
@@ -77,7 +78,7 @@ COLLECTION_ROUTES = {
     ("GET", "/v1/admin/tenants"), ("POST", "/v1/admin/tenants"), ("GET", "/v1/admin/keys"), ("POST", "/v1/admin/keys"),
     ("GET", "/v1/admin/audit"), ("POST", "/v1/uploads"), ("GET", "/v1/webhooks"), ("POST", "/v1/webhooks"),
 }
-BODIES = {("PATCH", "/v1/admin/tenants/{tenant_id}"): {"max_models": 1000}}
+BODIES = {("PATCH", "/v1/admin/tenants/{tenant_id}"): {"max_models": 1000}, ("PATCH", "/v1/models/{model_id}"): {"task": None}}
 
 
 def test_every_route_is_in_the_matrix(client):
@@ -159,7 +160,7 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
             assert mine[{"/v1/models": "model_id", "/v1/datasets": "dataset_id", "/v1/jobs": "job_id"}[path]] in as_a.get(path).text
         for method, path in ID_ROUTES:
             if method in ("GET", "PATCH") and "tenants" not in path:
-                response = as_a.request(method, path.format(**mine))
+                response = as_a.request(method, path.format(**mine), json=BODIES.get((method, path)))
                 assert response.status_code == 200, (path, response.text)
         own = as_a.get(f"/v1/admin/tenants/{a.id}")
         assert own.status_code == 200
@@ -176,7 +177,7 @@ def test_foreign_access_is_denied_and_own_allowed(backend_settings, reference):
         assert as_a.request("DELETE", f"/v1/admin/keys/{new_key['id']}").status_code == 204
         actions = [(e["action"], e["key_prefix"]) for e in as_a.get("/v1/admin/audit").json()["items"]]
         prefix = a.keys[ALL].split("_")[1]
-        for action in ("model.created", "dataset.created", "job.created", "model.deleted", "dataset.deleted", "key.created", "key.revoked",
+        for action in ("model.created", "model.task_changed", "dataset.created", "job.created", "model.deleted", "dataset.deleted", "key.created", "key.revoked",
                        "artifact.downloaded"):
             assert (action, prefix) in actions
         # B's attempts on A's things left no trace in A's log, and A's actions none in B's.

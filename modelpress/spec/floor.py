@@ -26,6 +26,7 @@ DEFAULT_FLOORS: dict[str, list[tuple[str, str, float]]] = {
     "segmentation": [("pixel_agreement", "min", 0.98)],
     "ctc": [("exact_match", "min", 0.95)],
     "embedding": [("mean_cosine", "min", 0.99)],
+    "keypoints": [("pck", "min", 0.9)],
 }
 
 FLOOR_METRICS = sorted({metric for floors in DEFAULT_FLOORS.values() for metric, _, _ in floors})

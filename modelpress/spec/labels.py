@@ -13,6 +13,9 @@ Kinds, as .npz arrays (all optional, loaded with allow_pickle=False):
   non-blank classes in class-id order, skipping the blank (blank 0, alphabet "ab": a = 1, b = 2;
   blank 2, alphabet "ab": a = 0, b = 1).
 - pairs: `pairs` (P, 2) int image indices, `pair_same` (P,) bool or 0/1.
+- keypoints: `keypoints` (N, K, 2) or (N, K, 3) float, x, y in the units of the model's decoded
+  keypoints (its output's units; heatmap cells for a heatmaps layout), then COCO's visibility
+  (0: not labelled, not scored; 1 or 2: labelled).
 """
 
 from pydantic import BaseModel
@@ -30,7 +33,8 @@ MAX_PAIRS = 1_000_000
 MAX_EVAL_SAMPLES = 2000
 
 # The task each label kind scores.
-TASK_OF_KIND = {"boxes": "detection", "masks": "segmentation", "sequences": "ctc", "texts": "ctc", "pairs": "embedding"}
+TASK_OF_KIND = {"boxes": "detection", "masks": "segmentation", "sequences": "ctc", "texts": "ctc", "pairs": "embedding",
+                "keypoints": "keypoints"}
 
 
 def kinds(has_labels: bool, labels: dict | None) -> list[str]:
@@ -111,6 +115,35 @@ def _pairs_misfit(summary: dict, count: int) -> str | None:
     return None
 
 
+def keypoint_summary(keypoints) -> dict:
+    """What the fit check reads of `keypoints` labels (N, K, 2|3): K, and the labelled keypoints' extent."""
+    import numpy as np  # here, not at the top: the client imports this module and needs no numpy
+
+    labelled = np.ones(keypoints.shape[:2], bool) if keypoints.shape[2] < 3 else keypoints[:, :, 2] > 0
+    points = keypoints[:, :, :2][labelled]
+    bounds = ({"min_x": float(points[:, 0].min()), "min_y": float(points[:, 1].min()),
+               "max_x": float(points[:, 0].max()), "max_y": float(points[:, 1].max())} if len(points) else {})
+    return {"count": int(len(keypoints)), "keypoints": int(keypoints.shape[1]), "columns": int(keypoints.shape[2]),
+            "labelled": int(labelled.sum()), **bounds}
+
+
+def _keypoints_misfit(task, summary: dict, output_shapes) -> str | None:
+    """The labels' K against the model's (the task's `keypoints`, else the output's K); for heatmaps
+    the labelled keypoints must lie on the maps."""
+    shape = output_shapes[(task.outputs or [0])[0]] if output_shapes else None
+    count = task.keypoints
+    if count is None and shape is not None and len(shape) in (3, 4):
+        count = _known(shape[1])
+    if count is not None and summary["keypoints"] != count:
+        return f"the labels have {summary['keypoints']} keypoints per image, but the model has {count}"
+    if task.layout == "heatmaps" and shape is not None and len(shape) == 4 and summary.get("max_x") is not None:
+        height, width = _known(shape[2]), _known(shape[3])
+        if summary["min_x"] < 0 or summary["min_y"] < 0 or (width and summary["max_x"] > width) or (height and summary["max_y"] > height):
+            return (f"a labelled keypoint lies outside the {height}x{width} heatmaps (x {summary['min_x']}..{summary['max_x']}, "
+                    f"y {summary['min_y']}..{summary['max_y']}): heatmap labels are in map cells")
+    return None
+
+
 def labels_misfit(task: dict | BaseModel | None, labels: dict | None, *, count: int,
                   input_shape: list | None, output_shapes: list) -> str | None:
     """Why a dataset's labels for its task cannot be scored on this model, or None. `task` None:
@@ -130,6 +163,8 @@ def labels_misfit(task: dict | BaseModel | None, labels: dict | None, *, count: 
             problem = _masks_misfit(task, summary, output_shapes)
         elif kind in ("sequences", "texts"):
             problem = _ctc_misfit(task, kind, summary, output_shapes)
+        elif kind == "keypoints":
+            problem = _keypoints_misfit(task, summary, output_shapes)
         else:
             problem = _pairs_misfit(summary, count)
         if problem is not None:

@@ -1,4 +1,4 @@
-"""Task labels in an uploaded .npz (boxes, masks, label sequences or texts, verification pairs):
+"""Task labels in an uploaded .npz (boxes, masks, label sequences or texts, verification pairs, keypoints):
 each array checked from its .npy header first (dtype, shape, size against the bounds), then read
 (small ones whole, masks in chunks) for the values, and summed up in the summary a job's fit check
 reads (modelpress/spec/labels.py). Every refusal is `invalid_labels`."""
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from modelpress.spec import labels as spec
-from modelpress.spec.configs.task import MAX_CLASSES
+from modelpress.spec.configs.task import MAX_CLASSES, MAX_KEYPOINTS
 from modelpress.spec.errors import Invalid
 
 INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}
@@ -162,6 +162,18 @@ def _pairs(archive, header, count: int) -> dict:
     return {"count": int(len(pairs)), "max_index": int(pairs.max()), "same": int(same.astype(bool).sum())}
 
 
+def _keypoints(archive, header, count: int) -> dict:
+    found, _ = _header(archive, "keypoints", header)
+    if len(found) != 3 or found[0] != count or found[2] not in (2, 3) or not 1 <= found[1] <= MAX_KEYPOINTS:
+        raise _refuse(f"'keypoints' has shape {list(found)}; expected [{count}, K, 2 or 3] with K in 1..{MAX_KEYPOINTS} "
+                      "(x, y[, visibility] per keypoint, one row per image)")
+    keypoints = _small(archive, "keypoints", header, dtypes=FLOAT_DTYPES | INT_DTYPES, shape=(count, None, None),
+                       limit=count).astype(np.float64)
+    if keypoints.shape[2] == 3 and keypoints[:, :, 2].min() < 0:
+        raise _refuse("'keypoints' visibility (third column) is negative; use COCO's 0 (not labelled), 1 or 2")
+    return spec.keypoint_summary(keypoints)
+
+
 def inspect_labels(archive: zipfile.ZipFile, infos: dict, *, header, scan: Scan, count: int, max_pixels: int) -> dict:
     """The summary of each task label kind present, by kind (modelpress/spec/labels.py TASK_OF_KIND)."""
     found = {}
@@ -177,4 +189,6 @@ def inspect_labels(archive: zipfile.ZipFile, infos: dict, *, header, scan: Scan,
         found["texts"] = _texts(archive, header, count)
     if _together(infos, ("pairs", "pair_same")):
         found["pairs"] = _pairs(archive, header, count)
+    if "keypoints.npy" in infos:
+        found["keypoints"] = _keypoints(archive, header, count)
     return found

@@ -1,4 +1,4 @@
-"""`Idempotency-Key` on POST requests, as ASGI middleware in front of every route.
+"""`Idempotency-Key` on POST and PATCH requests, as ASGI middleware in front of every route.
 
 The first request with a key runs; its answer (status, headers, body) is stored before it is sent,
 under the key, for the tenant, with a fingerprint: sha-256 of method, path, query, tenant and the
@@ -26,6 +26,9 @@ from service.idempotency import service as idempotency
 from service.idempotency.tables import MAX_KEY_CHARS
 
 HEADER = "idempotency-key"
+# The methods whose repeat could do something twice (a PATCH that changes a model's task, then a
+# retry arriving after another client's change, would undo it).
+KEYED_METHODS = {"POST", "PATCH"}
 REPLAYED = (b"idempotent-replayed", b"true")
 NOT_KEPT = {401, 403, 408, 429}
 WAIT_STEP_S = 0.1
@@ -62,7 +65,7 @@ class IdempotencyMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] not in KEYED_METHODS:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         key = headers.get(HEADER)

@@ -1,7 +1,9 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.jobs.schemas import TASK_DESCRIPTION
 
 
 class TensorSpec(BaseModel):
@@ -30,3 +32,13 @@ class ModelRead(BaseModel):
 class ModelList(BaseModel):
     items: list[ModelRead]
     next_cursor: str | None
+
+
+class ModelUpdate(BaseModel):
+    """PATCH /v1/models/{id}: the model's task, checked as the upload's `task` field is; null
+    clears it (its jobs then infer the task from the output shapes). Jobs already accepted keep
+    the task they were accepted with."""
+    model_config = ConfigDict(extra="forbid")
+
+    # Required: a PATCH that names nothing to change is a client's mistake, not a no-op.
+    task: dict[str, Any] | None = Field(json_schema_extra={"description": TASK_DESCRIPTION})

@@ -1,4 +1,4 @@
-"""Model records: create from an upload, read, list, delete. Keyword-only, no HTTP."""
+"""Model records: create from an upload, read, list, change the task, delete. Keyword-only, no HTTP."""
 
 import json
 from pathlib import Path
@@ -88,6 +88,16 @@ def get(*, session: Session, tenant_id: str, model_id: str) -> ModelRow:
     row = session.get(ModelRow, model_id)
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"model {model_id} does not exist", code="model_not_found", model_id=model_id)
+    return row
+
+
+def set_task(*, session: Session, tenant_id: str, model_id: str, task: dict | None) -> ModelRow:
+    """The model's task replaced (checked against its outputs as at upload) or cleared (None).
+    A job copies its task when it is accepted (service/jobs/service.py `_task`), so jobs already
+    accepted are not changed."""
+    row = get(session=session, tenant_id=tenant_id, model_id=model_id)
+    row.task = checked_task(task, row.outputs, model=f"model {model_id}")
+    session.flush()
     return row
 
 

@@ -7,7 +7,7 @@ from service.audit import service as audit
 from service.auth import ReadCaller, WriteCaller
 from service.deps import ContextDep, SessionDep
 from service.models import service
-from service.models.schemas import ModelList, ModelRead
+from service.models.schemas import ModelList, ModelRead, ModelUpdate
 from service.openapi import upload_body
 from service.uploads import receive_upload
 
@@ -45,6 +45,16 @@ def list_models(
 @router.get("/{model_id}", response_model=ModelRead)
 def get_model(model_id: str, session: SessionDep, caller: ReadCaller):
     return service.get(session=session, tenant_id=caller.tenant_id, model_id=model_id)
+
+
+@router.patch("/{model_id}", response_model=ModelRead)
+def update_model(model_id: str, body: ModelUpdate, session: SessionDep, caller: WriteCaller):
+    """Change the model's `task` (`{"task": {...}}`) or clear it (`{"task": null}`): checked as the
+    upload's `task` field is (`invalid_task`, `task_does_not_fit_model`). Jobs already accepted keep
+    the task they were accepted with; `Idempotency-Key` as on POSTs."""
+    row = service.set_task(session=session, tenant_id=caller.tenant_id, model_id=model_id, task=body.task)
+    audit.record(session=session, caller=caller, action="model.task_changed", resource_id=model_id)
+    return row
 
 
 @router.delete("/{model_id}", status_code=204)

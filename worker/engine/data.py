@@ -19,7 +19,7 @@ from modelpress.spec.shapes import InputLayout, check_dataset_fits, check_fits, 
 
 
 # Task label arrays of an .npz (modelpress/spec/labels.py), read as they were validated at upload.
-TARGET_ARRAYS = ("boxes", "box_classes", "box_images", "masks", "label_sequences", "texts", "pairs", "pair_same")
+TARGET_ARRAYS = ("boxes", "box_classes", "box_images", "masks", "label_sequences", "texts", "pairs", "pair_same", "keypoints")
 
 
 @dataclass
@@ -35,12 +35,13 @@ class Targets:
     texts: np.ndarray | None = None  # (N,) unicode
     pairs: np.ndarray | None = None  # (P, 2) int64 image indices
     pair_same: np.ndarray | None = None  # (P,) bool
+    keypoints: np.ndarray | None = None  # (N, K, 2|3) float64, x, y[, visibility]
 
     def take(self, indices: np.ndarray, count: int) -> "Targets":
         """The targets of images `indices` (of `count`), in that order."""
         position = np.full(count, -1, np.int64)
         position[indices] = np.arange(len(indices))
-        taken = replace(self, **{name: getattr(self, name)[indices] for name in ("masks", "label_sequences", "texts")
+        taken = replace(self, **{name: getattr(self, name)[indices] for name in ("masks", "label_sequences", "texts", "keypoints")
                                  if getattr(self, name) is not None})
         if self.boxes is not None:
             kept = position[self.box_images] >= 0
@@ -121,7 +122,7 @@ def _load_npz(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None, Tar
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise EngineError("invalid_dataset", f"the {role} dataset cannot be read: {exc}") from exc
     for name, array in found.items():
-        if name == "boxes":
+        if name in ("boxes", "keypoints"):
             found[name] = array.astype(np.float64)
         elif name == "pair_same":
             found[name] = array.astype(bool)

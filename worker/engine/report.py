@@ -135,7 +135,9 @@ def _quality(entry: dict | None) -> str:
 TASK_METRIC_NAMES = {"map50": "mAP@0.5", "map50_95": "mAP@0.5:0.95", "map75": "mAP@0.75", "miou": "mIoU",
                      "pixel_accuracy": "pixel accuracy", "exact_match": "exact match", "cer": "CER",
                      "verification_accuracy": "verification accuracy (best threshold)",
-                     "verification_accuracy_10fold": "verification accuracy (10 folds)"}
+                     "verification_accuracy_10fold": "verification accuracy (10 folds)",
+                     "pck": "PCK (task threshold)", "pck_0_2": "PCK@0.2", "oks": "OKS-style similarity",
+                     "mean_normalized_error": "mean normalised keypoint error"}
 
 
 def _task_metrics(scored: dict | None) -> str:

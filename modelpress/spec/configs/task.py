@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 # Bounds: no task names more classes, anchors or outputs than this.
 MAX_CLASSES = 100_000
 MAX_OUTPUTS = 64
+MAX_KEYPOINTS = 1024
 
 
 class _Task(BaseModel):
@@ -89,7 +90,31 @@ class EmbeddingTask(_Task):
 
 
 class KeypointsTask(_Task):
+    """Pose / landmark outputs, K keypoints per image, in one of three layouts:
+    - "points": (N, K, 2) x, y, or (N, K, 3) x, y and a visibility / confidence column;
+    - "flat": (N, K*2) or (N, K*3), the same rows flattened (`keypoints` = K is then required:
+      K*2 and K'*3 can be the same width);
+    - "heatmaps": (N, K, H, W), one map per keypoint, decoded by its argmax to (x, y) in map cells.
+    Coordinates are compared in the output's own units (pixels or 0..1); distances are normalised
+    by the object's size (`normalize`), so the units do not matter."""
     type: Literal["keypoints"] = "keypoints"
+    layout: Literal["points", "flat", "heatmaps"] = "points"
+    keypoints: int | None = Field(default=None, ge=1, le=MAX_KEYPOINTS)  # K; checked against the shape when known
+    # A keypoint is visible when its third column (after the activation) is at or above this.
+    visibility_threshold: float = Field(default=0.5, ge=-1e6, le=1e6)
+    visibility_activation: Literal["none", "sigmoid"] = "none"
+    # PCK: a keypoint is correct within this fraction of the normalising size of the original's.
+    pck_threshold: float = Field(default=0.05, gt=0.0, le=1.0)
+    # "object": per image, the diagonal of the box the original's (or the labels') visible keypoints
+    # span; "extent": one diagonal for the whole eval set (about the image size when the keypoints
+    # cover the image).
+    normalize: Literal["object", "extent"] = "object"
+
+    @model_validator(mode="after")
+    def _flat_needs_count(self) -> "KeypointsTask":
+        if self.layout == "flat" and self.keypoints is None:
+            raise ValueError('a "flat" keypoints layout needs `keypoints` (K): K*2 and K*3 columns can look alike')
+        return self
 
 
 class GenericTask(_Task):
@@ -168,6 +193,8 @@ def misfit(task: BaseModel, output_shapes: list[tuple | list | None]) -> str | N
         return f"a {task.type} task reads a rank-{expected} output, but output {first} has shape {list(shape)}"
     if task.type == "classification" and rank is not None and rank < 2:
         return f"a classification task reads (N, C) class scores, but output {first} has shape {list(shape)}"
+    if task.type == "keypoints":
+        return None if shape is None else keypoints_misfit(task, list(shape), first)
     if task.type == "detection" and rank == 3:
         rows = shape[1] if task.decoder.layout == "channels_first" else shape[2]
         needed = 6 if task.decoder.objectness else 5
@@ -200,4 +227,23 @@ def _boxes_scores_misfit(decoder: BoxesScoresDecoder, output_shapes: list) -> st
             return f"background_class is {decoder.background_class}, but the scores output has {classes} class(es)"
         if classes == 1:
             return "background_class leaves no class to detect: the scores output has 1 class"
+    return None
+
+
+def keypoints_misfit(task: KeypointsTask, shape: list, index: int) -> str | None:
+    """A keypoints layout against its output's shape, each dimension checked where it is known."""
+    known = _ranked(shape)
+    rank = {"points": 3, "flat": 2, "heatmaps": 4}[task.layout]
+    if len(shape) != rank:
+        wanted = {"points": "(N, K, 2|3)", "flat": "(N, K*2|K*3)", "heatmaps": "(N, K, H, W)"}[task.layout]
+        return f"a {task.layout} keypoints layout reads {wanted}, but output {index} has shape {list(shape)}"
+    if task.layout == "flat":
+        width = known[1]
+        if width is not None and not (width % task.keypoints == 0 and width // task.keypoints in (2, 3)):
+            return f"{task.keypoints} keypoints need {2 * task.keypoints} or {3 * task.keypoints} columns, but output {index} has {width}"
+        return None
+    if task.layout == "points" and known[2] is not None and known[2] not in (2, 3):
+        return f"a points keypoints layout reads (N, K, 2|3), but output {index} has {known[2]} columns per keypoint"
+    if task.keypoints is not None and known[1] is not None and known[1] != task.keypoints:
+        return f"the task names {task.keypoints} keypoints, but output {index} has {known[1]}"
     return None

@@ -7,7 +7,7 @@ import numpy as np
 from modelpress.spec.configs.task import misfit, resolve_task
 from modelpress.spec.floor import shortfalls
 from worker.engine.fidelity import top1_agreement
-from worker.engine.tasks import ctc, detection, embedding, groups, labelled, segmentation
+from worker.engine.tasks import ctc, detection, embedding, groups, keypoints, labelled, segmentation
 
 
 def _classification(task, ref: np.ndarray, cand: np.ndarray) -> dict:
@@ -78,8 +78,12 @@ def _embedding(task, ref: np.ndarray, cand: np.ndarray) -> dict:
     return embedding.embedding_agreement(ref, cand, task.top_k)
 
 
+def _keypoints(task, ref: np.ndarray, cand: np.ndarray) -> dict:
+    return keypoints.keypoint_agreement(task, ref, cand)  # the layout was checked against these shapes (misfit)
+
+
 MEASURES = {"classification": _classification, "detection": _detection, "segmentation": _segmentation,
-            "ctc": _ctc, "embedding": _embedding}
+            "ctc": _ctc, "embedding": _embedding, "keypoints": _keypoints}
 
 
 def task_fidelity(reference: list[np.ndarray], candidate: list[np.ndarray], given: dict | None = None,

@@ -1,18 +1,19 @@
 """The task metric of the original and of the compressed model against the eval data's labels
-(boxes, masks, label sequences or texts, verification pairs), and how much the compression cost."""
+(boxes, masks, label sequences or texts, verification pairs, keypoints), and how much the compression cost."""
 
 import numpy as np
 
 from modelpress.spec.configs.task import parse_task
-from modelpress.spec.labels import IGNORE_INDEX, labels_misfit, text_ids
+from modelpress.spec.labels import IGNORE_INDEX, keypoint_summary, labels_misfit, text_ids
 from worker.engine.data import Targets
-from worker.engine.tasks import ctc, detection, labelled, segmentation
+from worker.engine.tasks import ctc, detection, keypoints, labelled, segmentation
 
 # The figures compared, and which way is better: drop = original - compressed for a larger-is-better
 # figure, compressed - original for CER, so a positive drop always means the compressed model is worse.
 LARGER_IS_BETTER = {"map50": True, "map50_95": True, "map75": True, "miou": True, "pixel_accuracy": True,
                     "exact_match": True, "cer": False, "verification_accuracy": True,
-                    "verification_accuracy_10fold": True}
+                    "verification_accuracy_10fold": True, "pck": True, "pck_0_2": True, "oks": True,
+                    "mean_normalized_error": False}
 
 
 def _decoded(task, outputs: list[np.ndarray]) -> list | None:
@@ -77,6 +78,15 @@ def _embedding(task, outputs: list[np.ndarray], targets: Targets) -> dict | None
     return labelled.verification_accuracy(outputs[(task.outputs or [0])[0]], targets.pairs, targets.pair_same)
 
 
+def _keypoints(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
+    if targets.keypoints is None:
+        return None
+    output = outputs[(task.outputs or [0])[0]]
+    if len(output) != len(targets.keypoints):
+        return None
+    return keypoints.keypoint_scores(task, targets.keypoints, output)
+
+
 def label_summary(targets: Targets) -> dict:
     """What modelpress/spec/labels.py's fit check reads, from the arrays (the upload stored the same
     for the whole dataset): the worker checks again on the shapes the model really has."""
@@ -93,10 +103,13 @@ def label_summary(targets: Targets) -> dict:
         summary["sequences"] = {"ids": sorted(int(i) for i in np.unique(targets.label_sequences[targets.label_sequences >= 0]))}
     if targets.texts is not None:
         summary["texts"] = {"characters": "".join(sorted(set("".join(targets.texts.tolist()))))}
+    if targets.keypoints is not None:
+        summary["keypoints"] = keypoint_summary(targets.keypoints)
     return summary
 
 
-SCORES = {"detection": _detection, "segmentation": _segmentation, "ctc": _ctc, "embedding": _embedding}
+SCORES = {"detection": _detection, "segmentation": _segmentation, "ctc": _ctc, "embedding": _embedding,
+          "keypoints": _keypoints}
 
 
 def task_metrics(task: dict, reference: list[np.ndarray], candidate: list[np.ndarray], targets: Targets,
