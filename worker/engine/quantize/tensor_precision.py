@@ -1,6 +1,6 @@
 """Per-tensor precision of a QDQ model, chosen after it is built: each quantized tensor stays int8,
 moves to 16 bits (activations: uint16 Q/DQ from the same calibrated range, no new calibration) or
-to float (activations: its Q/DQ pair becomes an Identity; weights: the float weight of the model
+to float (activations: its Q/DQ pair becomes a Clip to the same range; weights: the float weight of the model
 that was quantized replaces its DequantizeLinear).
 
 A tensor is named by its key: an activation by the float tensor its QuantizeLinear reads (the
@@ -107,9 +107,10 @@ def apply_precision(model: onnx.ModelProto, choices: dict[str, str], weights: di
         for quantize in [n for n in consumers.get(key, []) if n.op_type == "QuantizeLinear"]:
             dequantizes = [n for n in consumers.get(quantize.output[0], []) if n.op_type == "DequantizeLinear"]
             if precision == "float":
+                bounds = _clip_bounds(model, key, quantize, initializers)
                 for dequantize in dequantizes:
                     removed.add(id(dequantize))
-                    added.append(helper.make_node("Identity", [key], [dequantize.output[0]], name=f"{dequantize.name}_float"))
+                    added.append(helper.make_node("Clip", [key, *bounds], [dequantize.output[0]], name=f"{dequantize.name}_float"))
                 removed.add(id(quantize))
             elif precision == "int16":
                 _to_uint16(model, key, quantize, dequantizes, initializers, added)
@@ -130,13 +131,28 @@ def _weight_to_float(model, key: str, value: np.ndarray, producers: dict, added:
             node.input[position] = float_name
 
 
-def _to_uint16(model, key: str, quantize, dequantizes: list, initializers: dict, added: list) -> None:
-    """The 8-bit range [(qmin - zp) * s, (qmax - zp) * s] spread over 0..65535."""
+def _range(quantize, initializers: dict) -> tuple[np.ndarray, np.ndarray]:
+    """What the 8-bit Q/DQ pair lets through: [(qmin - zp) * s, (qmax - zp) * s]. Kept by a tensor
+    moved up: ONNX Runtime's quantizer drops a Relu or Clip before a Q/DQ pair whose range already
+    clips as it did, so the range is part of the model's arithmetic."""
     scale = numpy_helper.to_array(initializers[quantize.input[1]]).astype(np.float64)
     zero_point = initializers[quantize.input[2]]
     zp = numpy_helper.to_array(zero_point).astype(np.float64)
     low, high = INTEGER_RANGES[zero_point.data_type]
-    minimum, maximum = (low - zp) * scale, (high - zp) * scale
+    return (low - zp) * scale, (high - zp) * scale
+
+
+def _clip_bounds(model, key: str, quantize, initializers: dict) -> tuple[str, str]:
+    minimum, maximum = _range(quantize, initializers)
+    names = (f"{key}_float_min", f"{key}_float_max")
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(minimum, np.float32).reshape(()), names[0]),
+                                    numpy_helper.from_array(np.array(maximum, np.float32).reshape(()), names[1])])
+    return names
+
+
+def _to_uint16(model, key: str, quantize, dequantizes: list, initializers: dict, added: list) -> None:
+    """The 8-bit range spread over 0..65535."""
+    minimum, maximum = _range(quantize, initializers)
     scale16 = np.maximum((maximum - minimum) / UINT16_MAX, 1e-12)
     zp16 = np.clip(np.round(-minimum / scale16), 0, UINT16_MAX)
     names = (f"{key}_scale16", f"{key}_zero16")
