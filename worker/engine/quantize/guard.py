@@ -17,7 +17,10 @@ The search, cheapest candidates first, each starting from the best so far:
    other calibration methods;
 2. static_int8 repairs (ladder `REPAIRS`, in order of cost): 16-bit activations for every Concat
    and every graph output (the tensors one 8-bit scale covers worst: a detector's joined pixel
-   boxes and 0..1 scores); then cross-layer equalization, AdaRound and sequential bias correction;
+   boxes and 0..1 scores); then per-tensor precision (precision_rung.py: the sensitivity of every
+   quantized tensor, activations and weights, by the promise itself, from the best candidate's own
+   ranges, and the fewest most sensitive ones moved to 16 bits or float: `tensor_precision`); then
+   cross-layer equalization, AdaRound and sequential bias correction;
 3. per-layer sensitivity (SQNR of each compute layer's output against the float model) ranks the
    layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A candidate that keeps
    every layer float is not a quantized model and never counts.

@@ -167,7 +167,8 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
         "reduce_range": reduce_range, **({"wide_activations": sorted(wide)} if wide else {}),
         **({"equalization": equalization} if equalization else {}),
-        **({"bias_correction": corrected} if corrected else {}), **({"tensor_precision": dict(sorted(precision.items()))} if precision else {}), **({"adaround": rounding} if rounding else {}),
+        **({"bias_correction": corrected} if corrected else {}), **({"adaround": rounding} if rounding else {}),
+        **({"tensor_precision": dict(sorted(precision.items()))} if precision else {}),
         "activation_type": selection["chosen"] if selection else config.activation_type,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
