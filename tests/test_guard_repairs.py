@@ -17,6 +17,11 @@ from worker.engine.registry import StepContext, handler_for
 from worker.recipe import decided_steps
 
 
+# These tests are about the weight repairs: the per-tensor precision rung, which comes before them,
+# would keep this model's broken per-tensor weights float instead (tests/test_precision_rung.py).
+WEIGHT_REPAIRS_ONLY = {"precision_repair": False}
+
+
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     images = load_digits().images.astype(np.float32)[:, None] / 16.0
@@ -25,7 +30,7 @@ def setting(tmp_path_factory):
 
 
 def run(path, data, workdir, guard):
-    params = {"method": "static_int8", "per_channel": False, "activation_type": "uint8", "guard": guard}
+    params = {"method": "static_int8", "per_channel": False, "activation_type": "uint8", "guard": guard, **WEIGHT_REPAIRS_ONLY}
     config = parse_step("quantize", params)
     workdir.mkdir()
     return params, handler_for(config)(config, StepContext(path, path, workdir, data, lambda s, f: None))
@@ -67,7 +72,7 @@ def test_a_used_up_budget_stops_the_search_with_the_best_candidate(tmp_path, set
 
 
 def run_unguarded(path, data, workdir, floor, **params):
-    params = {"method": "static_int8", "per_channel": False, "activation_type": "uint8", **params}
+    params = {"method": "static_int8", "per_channel": False, "activation_type": "uint8", **WEIGHT_REPAIRS_ONLY, **params}
     config = parse_step("quantize", params)
     workdir.mkdir()
     return handler_for(config)(config, StepContext(path, path, workdir, data, lambda s, f: None, floor=floor))

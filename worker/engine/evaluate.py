@@ -35,7 +35,8 @@ class RunSettings:
     time_budget_s: float = 1.5  # per batch size, after warm-up
 
 
-def open_session(path: Path, threads: int) -> ort.InferenceSession:
+def open_session(path: Path | bytes, threads: int) -> ort.InferenceSession:
+    """A session on a model file, or on a serialized model (`bytes`)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -43,7 +44,7 @@ def open_session(path: Path, threads: int) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise EngineError("model_not_runnable", f"ONNX Runtime cannot load the model: {str(exc)[:1000]}") from exc
 

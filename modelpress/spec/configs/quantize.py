@@ -88,6 +88,13 @@ class StaticInt8Config(Int8ExportFields):
     # ONNX Runtime runs on CPU): for tensors one 8-bit scale cannot cover, such as a detector's
     # concatenation of pixel boxes and 0..1 scores. Their consumers then compute in float.
     wide_activations: list[str] = Field(default_factory=list, max_length=1000)
+    # Per-tensor precision applied to the built QDQ model, by tensor key (an activation's float
+    # tensor name, or `weight:<node>`): "int16" (activations: 16-bit Q/DQ over the calibrated range)
+    # or "float". Usually decided by the repair ladder's per-tensor rung and written into the recipe;
+    # see worker/engine/quantize/tensor_precision.py.
+    tensor_precision: dict[Annotated[str, Field(max_length=1000)], Literal["int16", "float"]] = Field(default_factory=dict, max_length=1000)
+    # The repair ladder's per-tensor precision rung (worker/engine/quantize/precision_rung.py).
+    precision_repair: bool = True
     # Without a guard: when the result misses the job's safety floor (its task fidelity against
     # the step's input model), the guard's repair ladder runs by itself, judged by the floor, for
     # at most `repair_budget_s`; the best candidate is kept either way (worker/engine/quantize/guard.py).

@@ -17,7 +17,10 @@ The search, cheapest candidates first, each starting from the best so far:
    other calibration methods;
 2. static_int8 repairs (ladder `REPAIRS`, in order of cost): 16-bit activations for every Concat
    and every graph output (the tensors one 8-bit scale covers worst: a detector's joined pixel
-   boxes and 0..1 scores); then cross-layer equalization, AdaRound and sequential bias correction;
+   boxes and 0..1 scores); then per-tensor precision (precision_rung.py: the sensitivity of every
+   quantized tensor, activations and weights, by the promise itself, from the best candidate's own
+   ranges, and the fewest most sensitive ones moved to 16 bits or float: `tensor_precision`); then
+   cross-layer equalization, AdaRound and sequential bias correction;
 3. per-layer sensitivity (SQNR of each compute layer's output against the float model) ranks the
    layers, and the 1, 2, 4, ... most sensitive stay float (mixed precision). A candidate that keeps
    every layer float is not a quantized model and never counts.
@@ -43,6 +46,8 @@ from worker.engine.errors import GuardNotMet, JobCancelled, JobSuperseded, TimeL
 from worker.engine.evaluate import RunSettings, latency, open_session, run_outputs
 from worker.engine.fidelity import top1_agreement
 from worker.engine.quantize.layers import layer_sqnr, quantized_layers
+from worker.engine.quantize.precision_rung import PrecisionRung
+from worker.engine.quantize.tensor_precision import quantized_from
 from worker.engine.registry import StepContext, StepResult
 from worker.engine.tasks.floor import overrides_of
 from worker.engine.tasks.measure import task_fidelity
@@ -68,12 +73,14 @@ class Promise:
     floor: Any = "off"
 
     def score(self, path, data: ImageSet, reference: list[np.ndarray]) -> dict:
-        outputs = run_outputs(open_session(path, threads=1), data.images)
+        return self.score_outputs(run_outputs(open_session(path, threads=1), data.images), data.labels, reference)
+
+    def score_outputs(self, outputs: list[np.ndarray], labels: np.ndarray | None, reference: list[np.ndarray]) -> dict:
         score: dict = {}
         if self.guard is not None:
             score["top1_agreement"] = top1_agreement(reference[0], outputs[0])
-            if data.labels is not None:
-                score["accuracy"] = float(np.mean(outputs[0].argmax(1) == data.labels[: len(outputs[0])]))
+            if labels is not None:
+                score["accuracy"] = float(np.mean(outputs[0].argmax(1) == labels[: len(outputs[0])]))
         if self.floor != "off":
             overrides = overrides_of(self.floor)
             task = task_fidelity(reference, outputs, given=self.task, floor_overrides=overrides)
@@ -138,11 +145,14 @@ def _wide_joins(model_path, images: np.ndarray) -> list[str]:
     return [join["node"] for join in found if join["node"] in names]
 
 
-# static_int8 repairs, in order of cost: one more quantization with a few 16-bit tensors, then the
-# weight repairs (AdaRound learns every layer's rounding).
+# static_int8 repairs, in order of cost: one more quantization with a few 16-bit tensors; the
+# per-tensor precision rung (short runs of graph edits of the best candidate, then one more
+# quantization); then the weight repairs (AdaRound learns every layer's rounding). Each gives the
+# changes to the best candidate's config, or None where it does not apply.
 REPAIRS = (
-    ("16-bit joins and outputs", lambda model_path: {"wide_activations": _wide_candidates(model_path)}),
-    ("equalize, AdaRound, bias correction", lambda model_path: {"equalize": True, "adaround": True, "bias_correction": "sequential"}),
+    ("16-bit joins and outputs", lambda search: {"wide_activations": _wide_candidates(search.ctx.model_path)}),
+    ("per-tensor precision", lambda search: search.tensor_precision()),
+    ("equalize, AdaRound, bias correction", lambda search: {"equalize": True, "adaround": True, "bias_correction": "sequential"}),
 )
 
 
@@ -173,6 +183,7 @@ class _Search:
         # `activation_type: auto` is decided once, by the first candidate; the others reuse it
         # instead of timing both types again.
         self.activation_type: dict = {}
+        self.sensitivity: dict | None = None  # the per-tensor rung's report, once it ran
 
     def judge(self, label: str, result: StepResult) -> dict:
         score = self.promise.score(result.model_path, self.tune, self.float_tune)
@@ -245,10 +256,33 @@ class _Search:
         if self.config.method != "static_int8":
             return
         for label, change in REPAIRS:
-            changes = {**self.best[2], **change(self.ctx.model_path)}  # on top of the best so far
+            if time.monotonic() > self.deadline:
+                self.attempts.append({"attempt": label, "skipped": f"the search's budget of {self.budget_s:g} s is used up"})
+                continue
+            asked = change(self)
+            if asked is None:
+                continue
+            changes = {**self.best[2], **asked}  # on top of the best so far
             result, score = self.attempt(label, **changes)
             if result is not None and self.consider((result, score, changes, [])):
                 return
+
+    def tensor_precision(self) -> dict | None:
+        """The per-tensor rung's decision on the best candidate so far (precision_rung.py); None
+        when it is off or finds no set of tensors that keeps the promise on the tuning data."""
+        if not getattr(self.config, "precision_repair", False):
+            return None
+        labels = self.tune.labels
+
+        def judge(outputs, reference, count):
+            score = self.promise.score_outputs(outputs, None if labels is None else labels[:count], reference)
+            return self.promise.meets(score, self.original_tune), self.promise.value(score)
+
+        base = self.best[0].model_path
+        rung = PrecisionRung(base, quantized_from(base.parent, self.ctx.model_path), judge,
+                             self.tune.images, self.float_tune, self.deadline)
+        choices, self.sensitivity = rung.decide()
+        return {"tensor_precision": {**self.best[2].get("tensor_precision", {}), **choices}} if choices else None
 
     def sensitive_layers_float(self) -> None:
         base_result, _, changes, _ = self.best
@@ -285,6 +319,7 @@ class _Search:
             "kept_float": [{"layer": layer["layer"], "reason": f"sensitive: SQNR {layer['sqnr_db']:.1f} dB when quantized"}
                            for layer in sensitive],
             "tune_samples": len(self.tune), "attempts": self.attempts,
+            **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
             "pareto": self.pareto(result),
         }
         return result, score, changes, summary

@@ -20,6 +20,7 @@ from worker.engine.quantize.adaround import adaround
 from worker.engine.quantize.bias_correction import correct_biases
 from worker.engine.quantize.equalize import equalize
 from worker.engine.quantize.ops import count_compute_nodes, excluded_nodes
+from worker.engine.quantize.tensor_precision import set_precision
 from worker.engine.registry import StepContext, StepResult
 
 CALIBRATION_BATCH = 16
@@ -158,12 +159,16 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     if getattr(config, "bias_correction", "off") != "off":
         ctx.progress("bias correction", 0.8)
         corrected = correct_biases(prepared, output, images, config.bias_correction, ctx.workdir)
+    precision = getattr(config, "tensor_precision", {})
+    if precision:  # last: on the weights AdaRound and bias correction left, as the rung measured them
+        set_precision(output, precision, prepared)
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
         "reduce_range": reduce_range, **({"wide_activations": sorted(wide)} if wide else {}),
         **({"equalization": equalization} if equalization else {}),
         **({"bias_correction": corrected} if corrected else {}), **({"adaround": rounding} if rounding else {}),
+        **({"tensor_precision": dict(sorted(precision.items()))} if precision else {}),
         "activation_type": selection["chosen"] if selection else config.activation_type,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
