@@ -77,7 +77,7 @@ def examples_section(examples: dict | None, pictures: dict[str, bytes]) -> str:
         figures.append(f'<figure class="example"><img id="{escape(entry["element_id"])}" src="{uri}" width="{entry["width"]}" '
                        f'height="{entry["height"]}" alt="eval image {entry["index"]}">'
                        f"<figcaption><small>eval image {entry['index']}: {_described(entry)}</small></figcaption></figure>")
-    return f'<div id="examples">{key}{"".join(figures)}</div>'
+    return f'<div id="examples">{key}<div class="examples">{"".join(figures)}</div></div>'
 
 
 def section(metrics: dict, pictures: dict[str, bytes] | None) -> str:

@@ -18,9 +18,9 @@ COLOURS = {"original": "#%02x%02x%02x" % draw.ORIGINAL, "compressed": "#%02x%02x
 
 
 def informative(disagreement: np.ndarray, content: np.ndarray, limit: int = MAX_EXAMPLES) -> list[int]:
-    """Up to `limit - 1` (at least one) images where the models differ most (disagreement > 0, largest first), then
-    the ones that agree best (ties: the most content first, e.g. the most detections) to fill up."""
-    by_difference = np.lexsort((np.arange(len(disagreement)), -disagreement))
+    """Up to `limit - 1` (at least one) images where the models differ most (disagreement > 0, largest
+    first), then the ones that agree best to fill up; ties: the most content first (e.g. detections)."""
+    by_difference = np.lexsort((np.arange(len(disagreement)), -content, -disagreement))
     differing = [int(i) for i in by_difference if disagreement[i] > 0][:max(1, limit - 1)]
     by_agreement = np.lexsort((np.arange(len(disagreement)), -content, disagreement))
     agreeing = [int(i) for i in by_agreement if int(i) not in differing]

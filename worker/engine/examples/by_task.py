@@ -33,12 +33,10 @@ class Detection:
         self.pairs = [detection.matched_pairs(r, c, task.iou) for r, c in zip(self.original, self.compressed, strict=True)]
 
     def disagreement(self) -> tuple[np.ndarray, np.ndarray]:
-        """Lost plus new confident detections, and the largest matched score error (under 1) to rank ties."""
-        differs = []
-        for ref, cand, pairs in zip(self.original, self.compressed, self.pairs, strict=True):
-            errors = [abs(ref[1][i] - cand[1][j]) for i, j in pairs]
-            differs.append(len(ref[0]) + len(cand[0]) - 2 * len(pairs) + (max(errors) if errors else 0.0))
-        return np.asarray(differs), np.asarray([len(ref[0]) for ref in self.original], dtype=np.float64)
+        """Lost plus new confident detections; the original's count to rank ties (the richest image
+        first). Score changes are left out: nearly every image has some, an agreeing one is wanted too."""
+        differs = [len(ref[0]) + len(cand[0]) - 2 * len(pairs) for ref, cand, pairs in zip(self.original, self.compressed, self.pairs, strict=True)]
+        return np.asarray(differs, np.float64), np.asarray([len(ref[0]) for ref in self.original], dtype=np.float64)
 
     def _entries(self, decoded, matched: set, odd: str, unit: np.ndarray) -> list[dict]:
         boxes, scores, classes = decoded
@@ -57,8 +55,9 @@ class Detection:
         original = self._entries(ref, {i for i, _ in pairs}, "lost", unit)
         compressed = self._entries(cand, {j for _, j in pairs}, "new", unit)
         # The compressed model's first, the original's on top: a lost box is never covered.
-        draw.draw_boxes(picture, compressed, draw.COMPRESSED, scale, below=True)
-        draw.draw_boxes(picture, original, draw.ORIGINAL, scale)
+        labels: list[tuple] = []
+        draw.draw_boxes(picture, compressed, draw.COMPRESSED, scale, below=True, taken=labels)
+        draw.draw_boxes(picture, original, draw.ORIGINAL, scale, taken=labels)
         lost, new = len(ref[0]) - len(pairs), len(cand[0]) - len(pairs)
         caption = [[("original", draw.ORIGINAL), (f": {len(ref[0])} detection(s), {lost} lost", draw.INK)],
                    [("compressed", draw.COMPRESSED), (f": {len(cand[0])} detection(s), {new} new", draw.INK)]]
@@ -83,7 +82,8 @@ class Segmentation:
         picture = draw.as_picture(self.images[index])
         if picture is None:
             raise ValueError(f"an input of shape {list(self.images[index].shape)} is not an image")
-        scale = draw.display_scale(*ref.shape)  # per mask cell: a whole factor for small masks
+        # Per mask cell: a whole factor for small masks; four panels side by side, so each smaller.
+        scale = draw.display_scale(*ref.shape, min_side=draw.MIN_SIDE * 5 // 8)
         size = (max(1, round(ref.shape[1] * scale)), max(1, round(ref.shape[0] * scale)))
         picture = picture.resize(size, Image.Resampling.BILINEAR)
         sheet, panels = draw.side_by_side([("image", picture), ("original", draw.mask_overlay(picture, ref)),

@@ -12,11 +12,12 @@ DIFFERS = (220, 30, 30)  # red: where the two disagree
 INK, PAPER = (29, 35, 48), (255, 255, 255)
 # A picture's longer side: tiny inputs are enlarged by a whole factor (nearest: pixels stay pixels,
 # so a mask cell maps to an exact block), large ones reduced to MAX_SIDE.
-MIN_SIDE, MAX_SIDE = 192, 480
+MIN_SIDE, MAX_SIDE = 320, 480
 MAX_PNG_BYTES = 300 * 1024  # per image; a larger PNG is redrawn at half the size
-# Mask classes, in turn (a class id past the end reuses a colour: the disagreement map stays exact).
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+# Mask classes 1, 2, ... in turn (class 0, the background by convention, is left untinted; an id
+# past the end reuses a colour: the disagreement map stays exact). None is the models' or the map's colour.
+PALETTE = ((60, 180, 75), (255, 225, 25), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
+           (0, 128, 128), (170, 110, 40), (128, 128, 0), (250, 190, 212))
 
 
 def font(size: int = 12) -> ImageFont.ImageFont:
@@ -46,12 +47,12 @@ def as_picture(image: np.ndarray) -> Image.Image | None:
     return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
 
 
-def display_scale(height: int, width: int) -> float:
+def display_scale(height: int, width: int, min_side: int = MIN_SIDE) -> float:
     """Pixels of the drawn picture per input pixel: a whole factor up, or a fraction down."""
     longer = max(height, width)
     if longer > MAX_SIDE:
         return MAX_SIDE / longer
-    return float(max(1, MIN_SIDE // longer))
+    return float(max(1, min_side // longer))
 
 
 def resized(picture: Image.Image, scale: float) -> Image.Image:
@@ -59,11 +60,18 @@ def resized(picture: Image.Image, scale: float) -> Image.Image:
     return picture.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR)
 
 
-def draw_boxes(picture: Image.Image, boxes: list[dict], colour: tuple, scale: float, *, below: bool = False) -> None:
+def _overlaps(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def draw_boxes(picture: Image.Image, boxes: list[dict], colour: tuple, scale: float, *, below: bool = False,
+               taken: list[tuple] | None = None) -> None:
     """Each {"box" xyxy in input pixels, "class", "score", "status"} as a rectangle with its label;
     a lost or new one drawn thicker and so named. `below`: labels under the box (the second model's,
-    so the two models' labels of one object do not cover each other)."""
+    so the two models' labels of one object do not cover each other); `taken`: label rectangles
+    already drawn, which a new label steps away from (a few tries) and then joins."""
     draw, text_font = ImageDraw.Draw(picture), font(11)
+    taken = [] if taken is None else taken
     for entry in boxes:
         x0, y0, x1, y1 = (float(v) * scale for v in entry["box"])
         x0, x1 = sorted((x0, x1))
@@ -72,18 +80,27 @@ def draw_boxes(picture: Image.Image, boxes: list[dict], colour: tuple, scale: fl
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=3 if odd else 1)
         label = f"{entry['class']} {entry['score']:.2f}" + (f" {entry['status'].upper()}" if odd else "")
         left, top, right, bottom = draw.textbbox((0, 0), label, font=text_font)
-        y = y1 + 1 if below else y0 - (bottom - top) - 3
-        y = min(max(0, y), picture.height - (bottom - top) - 2)
+        step = bottom - top + 3
+        y = y1 + 1 if below else y0 - step
         x = min(max(0, x0), max(0, picture.width - (right - left) - 2))
-        draw.rectangle((x, y, x + right - left + 2, y + bottom - top + 2), fill=colour)
+        for _ in range(4):
+            y = min(max(0, y), picture.height - step + 1)
+            label_box = (x, y, x + right - left + 2, y + step - 1)
+            if not any(_overlaps(label_box, other) for other in taken):
+                break
+            y += step if below or y - step < 0 else -step
+        taken.append(label_box)
+        draw.rectangle(label_box, fill=colour)
         draw.text((x + 1 - left, y + 1 - top), label, fill=PAPER, font=text_font)
 
 
 def mask_overlay(picture: Image.Image, mask: np.ndarray) -> Image.Image:
     """The picture (already at the mask's size times a whole factor) half-covered by class colours."""
-    colours = np.asarray(PALETTE, dtype=np.uint8)[np.asarray(mask, np.int64) % len(PALETTE)]
+    mask = np.asarray(mask, np.int64)
+    colours = np.asarray(PALETTE, dtype=np.uint8)[(mask - 1) % len(PALETTE)]
     coloured = Image.fromarray(colours, "RGB").resize(picture.size, Image.Resampling.NEAREST)
-    return Image.blend(picture, coloured, 0.5)
+    tinted = Image.fromarray(np.asarray(mask != 0, np.uint8) * 255).resize(picture.size, Image.Resampling.NEAREST)
+    return Image.composite(Image.blend(picture, coloured, 0.55), picture, tinted)
 
 
 def disagreement_map(picture: Image.Image, reference: np.ndarray, candidate: np.ndarray) -> Image.Image:
