@@ -13,6 +13,9 @@ from worker.engine.examples import draw
 from worker.engine.examples.by_task import SHOWN
 
 MAX_EXAMPLES = 4
+# The eval images searched for the informative ones: bounds the extra decoding (a detector's NMS is
+# the cost) whatever the eval set's size. Measured in docs/METRICS.md ("Example images").
+MAX_SCANNED = 256
 COLOURS = {"original": "#%02x%02x%02x" % draw.ORIGINAL, "compressed": "#%02x%02x%02x" % draw.COMPRESSED,
            "differs": "#%02x%02x%02x" % draw.DIFFERS}
 
@@ -29,16 +32,16 @@ def informative(disagreement: np.ndarray, content: np.ndarray, limit: int = MAX_
 
 def task_examples(task: dict, images: np.ndarray, reference: list[np.ndarray], candidate: list[np.ndarray],
                   out_dir: Path, limit: int = MAX_EXAMPLES) -> dict:
-    """{"images": [metadata, ...], "colours"} with `out_dir/<i>.png` written, or {"note"} when the
+    """{"task", "scanned", "images": [metadata, ...], "colours"} with `out_dir/<i>.png` written, or {"note"} when the
     task has nothing to show, or {"error"} when drawing failed."""
     try:
         parsed = parse_task(task)
         shown = SHOWN.get(parsed.type)
         if shown is None:
             return {"images": [], "note": f"nothing is drawn for a {parsed.type} task"}
-        count = min(len(images), len(reference[0]))
-        measured = shown(parsed, images[:count], [r[:count].astype(np.float64) for r in reference],
-                         [c[:count].astype(np.float64) for c in candidate])
+        count = min(len(images), len(reference[0]), MAX_SCANNED)
+        # Views, not float64 copies: a detector's raw outputs of 256 images can be a gigabyte in float64.
+        measured = shown(parsed, images[:count], [r[:count] for r in reference], [c[:count] for c in candidate])
         drawn = []
         out_dir.mkdir(parents=True, exist_ok=True)
         for index in informative(*measured.disagreement(), limit=limit):
@@ -52,6 +55,6 @@ def task_examples(task: dict, images: np.ndarray, reference: list[np.ndarray], c
             drawn.append({"index": index, "file": f"examples/{number}.png", "element_id": f"example-{number}",
                           "png_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "width": stored.width,
                           "height": stored.height, "reduced": round(stored.width / picture.width, 4), **meta})
-        return {"task": parsed.type, "images": drawn, "colours": COLOURS}
+        return {"task": parsed.type, "scanned": count, "images": drawn, "colours": COLOURS}
     except Exception as exc:  # noqa: BLE001 — a picture must never cost the job its result
         return {"error": f"{exc.__class__.__name__}: {str(exc)[:500]}"}

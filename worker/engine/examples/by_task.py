@@ -13,6 +13,7 @@ from worker.engine.tasks import ctc, detection, segmentation
 from worker.engine.tasks.scored import decoded_detections
 
 MAX_BOXES = 25  # drawn per model and image: lost and new ones first, then the most confident
+DECODE_CHUNK = 16  # images per decoder call
 
 
 def _base(image: np.ndarray) -> tuple[Image.Image, float]:
@@ -26,11 +27,18 @@ def _base(image: np.ndarray) -> tuple[Image.Image, float]:
 class Detection:
     def __init__(self, task, images, reference, candidate):
         self.task, self.images = task, images
-        self.original = decoded_detections(task, reference, confidence=task.confidence)
-        self.compressed = decoded_detections(task, candidate, confidence=task.confidence)
-        if self.original is None or self.compressed is None:
-            raise ValueError("the outputs do not fit the task's decoder")
+        self.original, self.compressed = self._decoded(reference), self._decoded(candidate)
         self.pairs = [detection.matched_pairs(r, c, task.iou) for r, c in zip(self.original, self.compressed, strict=True)]
+
+    def _decoded(self, outputs: list[np.ndarray]) -> list:
+        """Confident detections, decoded DECODE_CHUNK images at a time (the decoder works in float64)."""
+        decoded = []
+        for start in range(0, len(outputs[0]), DECODE_CHUNK):
+            chunk = decoded_detections(self.task, [o[start:start + DECODE_CHUNK] for o in outputs], confidence=self.task.confidence)
+            if chunk is None:
+                raise ValueError("the outputs do not fit the task's decoder")
+            decoded += chunk
+        return decoded
 
     def disagreement(self) -> tuple[np.ndarray, np.ndarray]:
         """Lost plus new confident detections; the original's count to rank ties (the richest image
@@ -136,8 +144,8 @@ class Classification:
     def __init__(self, task, images, reference, candidate):
         index = (task.outputs or [0])[0]
         self.images = images
-        self.original = _probabilities(reference[index].reshape(len(reference[index]), -1))
-        self.compressed = _probabilities(candidate[index].reshape(len(candidate[index]), -1))
+        self.original = _probabilities(reference[index].reshape(len(reference[index]), -1).astype(np.float64))
+        self.compressed = _probabilities(candidate[index].reshape(len(candidate[index]), -1).astype(np.float64))
 
     def disagreement(self) -> tuple[np.ndarray, np.ndarray]:
         top = self.original.argmax(axis=1)
@@ -159,7 +167,7 @@ class Classification:
 class Embedding:
     def __init__(self, task, images, reference, candidate):
         index = (task.outputs or [0])[0]
-        ref, cand = (x.reshape(len(x), -1) for x in (reference[index], candidate[index]))
+        ref, cand = (x.reshape(len(x), -1).astype(np.float64) for x in (reference[index], candidate[index]))
         norms = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-12)
         self.images, self.cosine = images, (ref * cand).sum(axis=1) / norms
 

@@ -13,7 +13,7 @@ INK, PAPER = (29, 35, 48), (255, 255, 255)
 # A picture's longer side: tiny inputs are enlarged by a whole factor (nearest: pixels stay pixels,
 # so a mask cell maps to an exact block), large ones reduced to MAX_SIDE.
 MIN_SIDE, MAX_SIDE = 320, 480
-MAX_PNG_BYTES = 300 * 1024  # per image; a larger PNG is redrawn at half the size
+MAX_PNG_BYTES = 200 * 1024  # per image (4 at most in a report); a larger PNG is redrawn at half the size
 # Mask classes 1, 2, ... in turn (class 0, the background by convention, is left untinted; an id
 # past the end reuses a colour: the disagreement map stays exact). None is the models' or the map's colour.
 PALETTE = ((60, 180, 75), (255, 225, 25), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
