@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.examples_check import check_detector, check_recognizer, check_segmenter
+from tests.examples_check import check_detector, check_recognizer, check_segmenter, embedded_images
 from tests.jobs_flow import download, upload_dataset, wait_finished
 
 NAMES = ("detector", "recognizer", "segmenter", "embedder")
@@ -164,3 +164,6 @@ def test_a_default_int8_job_reports_fidelity_of_the_right_task(client, task_mode
     else:
         cosine = np.sum(original * int8, axis=1) / (np.linalg.norm(original, axis=1) * np.linalg.norm(int8, axis=1))
         assert abs(fidelity["mean_cosine"] - cosine.mean()) < 1e-6
+        shown = [entry for entry, _ in embedded_images(client, job)]
+        assert [e["index"] for e in shown[:3]] == list(np.argsort(cosine, kind="stable")[:3])  # the farthest first
+        assert all(abs(e["cosine"] - cosine[e["index"]]) < 1e-5 for e in shown)
