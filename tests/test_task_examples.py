@@ -104,7 +104,9 @@ def test_the_two_decoded_strings_are_written_under_a_text_line(tmp_path):
     first, second = shown["images"]
     assert (first["original"], first["compressed"], first["edit_distance"]) == ("abc", "abd", 1)
     assert (second["original"], second["compressed"], second["edit_distance"]) == ("da", "da", 0)
-    assert reddish(decoded(tmp_path / "0.png")[first["height"] - 40:]).any()  # the mismatch is marked in red
+    pixels = decoded(tmp_path / "0.png")
+    # The mismatch is marked in red on both lines under the image: "c" of the original's, "d" of the compressed's.
+    assert reddish(pixels[-38:-20]).any() and reddish(pixels[-20:]).any()
     assert not reddish(decoded(tmp_path / "1.png")).any()  # an agreeing one has none
 
 
