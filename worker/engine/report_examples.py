@@ -7,6 +7,11 @@ from html import escape
 from modelpress.spec.floor import DEFAULT_FLOORS
 
 
+# How to read the drawings of each task (the legend's tail).
+READING = {"detection": "; a lost or new detection is drawn thick and named", "segmentation": "; the last panel is red "
+           "where the two masks differ", "ctc": "; mismatched characters are red", "classification": "; a changed top-1 is red"}
+
+
 def _number(value) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else escape(str(value))
 
@@ -67,7 +72,7 @@ def examples_section(examples: dict | None, pictures: dict[str, bytes]) -> str:
     key = (f'<p><span style="color:{colours["original"]}">■ original</span> · '
            f'<span style="color:{colours["compressed"]}">■ compressed</span> · '
            f'<span style="color:{colours["differs"]}">■ differs</span>. Images where the two differ most by the '
-           "task's own measure, then one where they agree; a lost or new detection is drawn thick and named.</p>")
+           f"task's own measure, then one where they agree{READING.get(examples.get('task'), '')}.</p>")
     figures = []
     for entry in examples["images"]:
         data = pictures.get(entry["file"])
