@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The shared checks of a job's example images assert in a helper module: pytest explains their failures too.
+pytest.register_assert_rewrite("tests.examples_check")
+
 from tests.processes import VENV_BIN, Process, free_port, wait_for
 from tests.stack import S3_ENV
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.examples_check import check_detector, check_recognizer, check_segmenter, embedded_images
 from tests.jobs_flow import download, upload_dataset, wait_finished
 
 NAMES = ("detector", "recognizer", "segmenter", "embedder")
@@ -153,10 +154,16 @@ def test_a_default_int8_job_reports_fidelity_of_the_right_task(client, task_mode
     if name == "detector":
         a, b = original[:, 4:].ravel(), int8[:, 4:].ravel()
         assert abs(fidelity["scores_cosine"] - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1e-6
+        check_detector(client, job, original, int8)  # the report's drawn eval images show these detections
     elif name == "recognizer":
         assert fidelity["exact_match"] == np.mean([a == b for a, b in zip(greedy(original), greedy(int8))])
+        check_recognizer(client, job, original, int8, model.task["alphabet"])
     elif name == "segmenter":
         assert fidelity["pixel_agreement"] == np.mean(original.argmax(axis=1) == int8.argmax(axis=1))
+        check_segmenter(client, job, original, int8)
     else:
         cosine = np.sum(original * int8, axis=1) / (np.linalg.norm(original, axis=1) * np.linalg.norm(int8, axis=1))
         assert abs(fidelity["mean_cosine"] - cosine.mean()) < 1e-6
+        shown = [entry for entry, _ in embedded_images(client, job)]
+        assert [e["index"] for e in shown[:3]] == list(np.argsort(cosine, kind="stable")[:3])  # the farthest first
+        assert all(abs(e["cosine"] - cosine[e["index"]]) < 1e-5 for e in shown)

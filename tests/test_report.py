@@ -24,10 +24,13 @@ def test_report_renders_in_chromium_with_the_numbers(client, reference, tmp_path
     report.write_bytes(response.content)
     html = report.read_text()
 
-    # Self-contained: no scripts, stylesheets, images or fonts fetched from anywhere.
-    assert not re.search(r"<(script|link|img|iframe)\b", html, re.I)
+    # Self-contained: no scripts, stylesheets or fonts fetched from anywhere; the example images
+    # (one <img> each) are inline PNG data URIs.
+    assert not re.search(r"<(script|link|iframe)\b", html, re.I)
     assert "url(" not in html and "@import" not in html
-    assert not re.search(r"(src|href)\s*=", html, re.I)
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", html, re.I)
+    assert len(sources) == len(re.findall(r"<img\b", html, re.I)) == len(job["metrics"]["examples"]["images"]) > 0
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
 
     rendered = chromium("--dump-dom", report.as_uri(), profile=tmp_path / "profile")
     assert rendered.returncode == 0, rendered.stderr[-2000:]

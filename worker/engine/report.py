@@ -3,6 +3,8 @@ the before/after table and charts, readable without the service."""
 
 from html import escape
 
+from worker.engine.report_examples import section as task_section
+
 BEFORE, AFTER = "#8a94a6", "#2f6fde"
 
 
@@ -42,7 +44,8 @@ def _latency(section: dict, key: str) -> float | None:
     return entry["p50_ms"] if entry else None
 
 
-def render(metrics: dict, *, job_id: str = "") -> str:
+def render(metrics: dict, *, job_id: str = "", pictures: dict[str, bytes] | None = None) -> str:
+    """`pictures`: the PNG bytes of metrics.examples' images by their `file`, embedded as data URIs."""
     before, after = metrics.get("original", {}), metrics.get("compressed", {})
     comparison = metrics.get("comparison", {})
     acc_before = (before.get("accuracy") or {}).get("top1")
@@ -91,6 +94,8 @@ table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem 
 th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0; }} figcaption {{ font-weight: 600; }}
 .warnings {{ border: 2px solid #c62828; background: #fdecea; color: #8e1b1b; padding: .6rem 1rem; border-radius: 4px; }}
 tr.warn td, tr.warn th, li.warn {{ color: #c62828; font-weight: 700; }}
+div.examples {{ display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }} figure.example {{ max-width: 100%; }}
+figure.example figcaption {{ font-weight: 400; max-width: 22rem; }} figure.example img {{ image-rendering: pixelated; max-width: 100%; height: auto; border: 1px solid #dde2ea; }}
 .label {{ font-size: 12px; fill: #1d2330; }} .value {{ font-size: 12px; fill: #1d2330; }} small {{ color: #667085; font-weight: 400; }}
 </style></head><body>
 <h1>Compression report</h1>
@@ -107,6 +112,7 @@ tr.warn td, tr.warn th, li.warn {{ color: #c62828; font-weight: 700; }}
 <tbody>{fidelity_rows}</tbody></table>
 {_task(comparison.get('task'))}
 {_task_metrics(metrics.get('task_metrics'))}
+{task_section(metrics, pictures)}
 {_preflight(metrics.get('preflight'))}
 {f'<h2>Per-layer error (SQNR, dB; lowest first)</h2><table id="layers"><thead><tr><th>layer</th><th>op</th><th>SQNR dB</th></tr></thead><tbody>{layer_rows}</tbody></table>' if layers else ''}
 <h2>Steps</h2><ol>{steps}</ol>

@@ -31,7 +31,9 @@ def write_and_store(job, token: str, deps, work: Path, metrics: dict, model: Pat
     metrics_file = work / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2, allow_nan=False))
     report_file = work / "report.html"
-    report_file.write_text(render_report(metrics, job_id=job.id))
+    # The drawn eval images go inside the report (data URIs): one self-contained file.
+    pictures = {entry["file"]: (work / entry["file"]).read_bytes() for entry in (metrics.get("examples") or {}).get("images", [])}
+    report_file.write_text(render_report(metrics, job_id=job.id, pictures=pictures))
     # A complete POST /v1/jobs body, every default filled in and every measured choice decided:
     # posting it back builds the same model (worker/recipe.py).
     steps_decided, decisions = decided_steps(job.spec["steps"], metrics["steps"])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from worker.engine import evaluate
 from worker.engine.data import ImageSet
+from worker.engine.examples import task_examples
 from modelpress.spec.errors import EngineError
 from worker.engine.fidelity import fidelity
 from worker.engine.registry import StepResult
@@ -14,9 +15,10 @@ from worker.engine.tasks.scored import task_metrics
 
 
 def evaluate_job(original: Path, compressed: Path, last_result: StepResult | None, eval_data: ImageSet | None,
-                 threads: int, progress, task: dict | None = None, floor="default") -> dict:
+                 threads: int, progress, task: dict | None = None, floor="default", examples_dir: Path | None = None) -> dict:
     """`task`: the job's given task (None: inferred from the outputs); `floor`: the job's floor,
-    whose bounds the task's shortfalls are measured against (the runner decides what they do)."""
+    whose bounds the task's shortfalls are measured against (the runner decides what they do);
+    `examples_dir`: where the drawn eval images go (`metrics.examples`; None: none drawn)."""
     settings = evaluate.RunSettings(threads=threads)
     if eval_data is None:
         raise EngineError("eval_data_required", "the job has no dataset to evaluate on (data.eval or data.calibration)")
@@ -38,6 +40,8 @@ def evaluate_job(original: Path, compressed: Path, last_result: StepResult | Non
         targets = eval_data.head(min(settings.max_eval_samples, len(reference[0]))).targets
         result["task_metrics"] = task_metrics(comparison["task"]["task"], reference, outputs, targets,
                                               input_shape=[None, *eval_data.images.shape[1:]])
+    if examples_dir is not None and comparison["task"].get("fits") is not False:
+        result["examples"] = task_examples(comparison["task"]["task"], eval_data.images, reference, outputs, examples_dir)
     if last_result is not None and last_result.measure is not None:
         progress("layers", 0.9)
         result.update(last_result.measure(eval_data.images))

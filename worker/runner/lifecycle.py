@@ -260,7 +260,8 @@ def _execute(job: ClaimedJob, token: str, deps: RunnerDeps, progress: Progress, 
     run = run_steps(job, inputs, deps.store, progress, work)
     task, floor = job.spec.get("task"), job.spec.get("floor", "default")
     evaluation = evaluate_job(inputs.original, run.current, run.last_result, inputs.eval_data, deps.settings.bench_threads,
-                              progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"), task=task, floor=floor)
+                              progress.span(LOAD_SHARE + STEPS_SHARE, EVALUATE_SHARE, "evaluate"), task=task, floor=floor,
+                              examples_dir=work / "examples")
     data_spec, split_spec = job.spec["data"], job.spec["data"].get("split")
     metrics = finite({
         "schema_version": METRICS_SCHEMA_VERSION,

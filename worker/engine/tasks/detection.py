@@ -86,20 +86,25 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def _match(ref, cand, iou: float) -> tuple[int, list[float]]:
-    """Greedy, highest reference score first: same class, IoU ≥ `iou`, each candidate used once."""
-    (ref_boxes, ref_scores, ref_classes), (cand_boxes, cand_scores, cand_classes) = ref, cand
+def matched_pairs(ref, cand, iou: float) -> list[tuple[int, int]]:
+    """(reference index, candidate index) of each match. Greedy, highest reference score first:
+    same class, IoU ≥ `iou`, each candidate used once."""
+    (ref_boxes, ref_scores, ref_classes), (cand_boxes, _, cand_classes) = ref, cand
     overlap = iou_matrix(ref_boxes, cand_boxes)
     used = np.zeros(len(cand_boxes), dtype=bool)
-    matched, score_errors = 0, []
+    pairs = []
     for i in np.argsort(-ref_scores):
         fits = (overlap[i] >= iou) & (cand_classes == ref_classes[i]) & ~used
         if fits.any():
             j = int(np.argmax(np.where(fits, overlap[i], -1)))
             used[j] = True
-            matched += 1
-            score_errors.append(abs(float(ref_scores[i] - cand_scores[j])))
-    return matched, score_errors
+            pairs.append((int(i), j))
+    return pairs
+
+
+def _match(ref, cand, iou: float) -> tuple[int, list[float]]:
+    pairs = matched_pairs(ref, cand, iou)
+    return len(pairs), [abs(float(ref[1][i] - cand[1][j])) for i, j in pairs]
 
 
 def detection_agreement(reference: list, candidate: list, *, iou: float = 0.5) -> dict:

@@ -16,15 +16,16 @@ LARGER_IS_BETTER = {"map50": True, "map50_95": True, "map75": True, "miou": True
                     "mean_normalized_error": False}
 
 
-def _decoded(task, outputs: list[np.ndarray]) -> list | None:
-    """The model's detections down to the mAP cut, as its decoder reads them (None: shapes that do not fit)."""
+def decoded_detections(task, outputs: list[np.ndarray], confidence: float = detection.MAP_CONFIDENCE) -> list | None:
+    """The model's detections down to `confidence` (the mAP cut unless told), suppressed and read as
+    its decoder reads them (None: shapes that do not fit)."""
     decoder = task.decoder
     if decoder.kind == "yolo":
         output = outputs[(task.outputs or [0])[0]]
         if output.ndim != 3:
             return None
         return detection.decode_yolo(output, channels_first=decoder.layout == "channels_first", box_format=decoder.box_format,
-                                     objectness=decoder.objectness, confidence=detection.MAP_CONFIDENCE, nms_iou=task.nms_iou,
+                                     objectness=decoder.objectness, confidence=confidence, nms_iou=task.nms_iou,
                                      score_activation=decoder.score_activation)
     if max(decoder.boxes_output, decoder.scores_output) >= len(outputs):
         return None
@@ -32,12 +33,12 @@ def _decoded(task, outputs: list[np.ndarray]) -> list | None:
     scores = detection.score_probabilities(outputs[decoder.scores_output], decoder.score_activation)
     if boxes.ndim != 3 or boxes.shape[2] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
         return None
-    return detection.decode_boxes_scores(boxes, scores, box_format=decoder.box_format, confidence=detection.MAP_CONFIDENCE,
+    return detection.decode_boxes_scores(boxes, scores, box_format=decoder.box_format, confidence=confidence,
                                          background_class=decoder.background_class, nms_iou=task.nms_iou)
 
 
 def _detection(task, outputs: list[np.ndarray], targets: Targets) -> dict | None:
-    predicted = None if targets.boxes is None else _decoded(task, outputs)
+    predicted = None if targets.boxes is None else decoded_detections(task, outputs)
     if predicted is None:
         return None
     truth = [(targets.boxes[targets.box_images == i], targets.box_classes[targets.box_images == i]) for i in range(len(predicted))]
