@@ -251,5 +251,16 @@ def test_uploads_are_read_by_confined_children_in_the_app(client, reference):
     if not available(Confinement.of(settings.data_dir, inbox_root=settings.tmp_dir / "sandbox")):
         pytest.skip("this kernel refuses user namespaces")
     assert client.app.state.context.model_reader._sandbox.confinement is not None
+    assert client.get("/readyz").json()["upload_parsers"] == "namespaces"  # the local user sees details
     for path in (reference.onnx, reference.pt2, reference.torchscript):
         assert upload(client, path.read_bytes(), path.name).status_code == 201
+
+
+def test_namespaces_can_be_turned_off_and_readyz_says_so(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from worker.serve import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data", parse_namespaces=False))) as client:
+        assert client.app.state.context.model_reader._sandbox.confinement is None
+        assert client.get("/readyz").json()["upload_parsers"] == "rlimits only"
