@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     parse_warm_children: int = Field(
         1, ge=0, le=8, validation_alias=AliasChoices("MODELPRESS_PARSE_WARM_CHILDREN", "parse_warm_children"),
     )
+    # Upload parsers in their own user, mount and network namespaces where the kernel allows it
+    # (service/confine.py: no network, the data folder and storage root covered); false: rlimits only.
+    parse_namespaces: bool = Field(True, validation_alias=AliasChoices("MODELPRESS_PARSE_NAMESPACES", "parse_namespaces"))
     # Host names this instance answers to (comma-separated); empty: any. `python -m service` bound
     # to loopback sets the loopback names, so a 127.0.0.1 instance cannot be reached by DNS rebinding.
     allowed_hosts: str = Field("", validation_alias=AliasChoices("MODELPRESS_ALLOWED_HOSTS", "allowed_hosts"))

@@ -2,14 +2,17 @@
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
 from service.api_docs import install_api_docs
+from service import confine
 from service.auth import authenticate
 from service.config import Settings, get_settings
+from service.confine import Confinement
 from service.datasets.sandboxed import SandboxedDatasetReader
 from service.datasets.views import router as datasets_router
 from service.db import make_engine, make_session_factory
@@ -43,6 +46,21 @@ class NotReady(DomainError):
 def _ping_database(context: AppContext) -> None:
     with context.session_factory() as session:
         session.execute(text("SELECT 1"))
+
+
+def _parse_confinement(settings: Settings) -> Confinement | None:
+    """The namespaces upload parsers run in, when this kernel allows them (probed once, logged)."""
+    if not settings.parse_namespaces:
+        return None
+    folders = [settings.data_dir]
+    if "://" not in settings.effective_storage_url:
+        folders.append(Path(settings.effective_storage_url))
+    confinement = Confinement.of(*folders, inbox_root=settings.tmp_dir / "sandbox")
+    if confine.available(confinement):
+        log.info("upload parsers run without network and without sight of %d data folder(s)", len(confinement.hidden))
+        return confinement
+    log.warning("upload parsers run with rlimits only: this kernel refuses user namespaces")
+    return None
 
 
 def _shows_details(request: Request, context: AppContext) -> bool:
@@ -88,8 +106,11 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
     store = open_store(settings.effective_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     dispatcher = make_dispatcher(settings, session_factory, store, embedded_worker)
     limiter = RequestLimiter(settings.effective_rate_limit_storage_url)
-    model_reader = SandboxedModelReader(limits=settings.model_parse_limits, spares=settings.parse_warm_children)
-    dataset_reader = SandboxedDatasetReader(limits=settings.dataset_parse_limits, spares=settings.parse_warm_children)
+    confinement = _parse_confinement(settings)
+    model_reader = SandboxedModelReader(limits=settings.model_parse_limits, spares=settings.parse_warm_children,
+                                        confinement=confinement)
+    dataset_reader = SandboxedDatasetReader(limits=settings.dataset_parse_limits, spares=settings.parse_warm_children,
+                                            confinement=confinement)
     context = AppContext(settings=settings, session_factory=session_factory, store=store, dispatcher=dispatcher,
                          limiter=limiter, model_reader=model_reader, dataset_reader=dataset_reader)
     _log_auth_mode(settings)
@@ -167,7 +188,8 @@ def create_app(settings: Settings | None = None, embedded_worker: DispatcherFact
             raise NotReady("a dependency is unreachable", checks=checks)
         body = {"status": "ready", "checks": checks}
         if details:
-            body |= {"worker": "embedded" if settings.embedded_worker else "celery", "auth": settings.auth_mode}
+            body |= {"worker": "embedded" if settings.embedded_worker else "celery", "auth": settings.auth_mode,
+                     "upload_parsers": "namespaces" if confinement else "rlimits only"}
         return body
 
     return app

@@ -6,9 +6,10 @@ an address-space and a CPU-time limit (setrlimit), a wall-clock timeout (killed 
 group), an environment with nothing of ours in it (no keys, database or broker URLs), and an
 empty temporary folder as its working directory. It answers with one JSON object on stdout.
 
-What it does not get (a gap, documented in docs/ARCHITECTURE.md): a separate user or mount
-namespace, so it could still read the files the server can read. It never gets torch or the
-worker: the entry modules are torch-free, like the rest of the service.
+Where the kernel allows it, a warm child also runs in its own user, mount and network namespaces
+(service/confine.py): no network, the data folder covered, the upload hard-linked into a folder of
+its own. It never gets torch or the worker: the entry modules are torch-free, like the rest of the
+service.
 """
 
 import json
@@ -23,6 +24,8 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+
+from service import confine
 
 # The only variables a child sees: enough for Python and the C libraries to start, nothing secret.
 _SAFE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
@@ -50,12 +53,15 @@ class SandboxFailed(Exception):
     """The child died or answered something that is not one JSON object."""
 
 
-def _limit_child(limits: Limits, *, cpu_hard_s: int | None = None):
+def _limit_child(limits: Limits, *, cpu_hard_s: int | None = None,
+                 confinement: confine.Confinement | None = None, folder: str = ""):
     def apply() -> None:  # runs in the child between fork and exec
         os.setsid()  # its own process group: a timeout kills the child and anything it started
         resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, cpu_hard_s or limits.cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if confinement is not None:
+            confine.enter(confinement, folder)
     return apply
 
 
@@ -130,8 +136,9 @@ class WarmSandbox:
     cold start run_json always pays.
     """
 
-    def __init__(self, entry: str, *, limits: Limits, spares: int = 1):
-        self.entry, self.limits, self.spares = entry, limits, spares
+    def __init__(self, entry: str, *, limits: Limits, spares: int = 1, confinement: confine.Confinement | None = None):
+        """confinement: the namespaces each child enters (None: rlimits only; see confine.available)."""
+        self.entry, self.limits, self.spares, self.confinement = entry, limits, spares, confinement
         self._lock = threading.Lock()
         self._idle: list[_Child] = []
         self._closed = False
@@ -148,9 +155,11 @@ class WarmSandbox:
             self._closed = True
         self._finalizer()
 
-    def run_json(self, args: list[str]) -> dict:
+    def run_json(self, args: list[str], *, inputs: tuple[Path, ...] = ()) -> dict:
+        """inputs: the files among args that the child reads; a confined child gets each as a
+        name in its own folder (a hard link), the only path of ours it can open."""
         try:
-            return self._take().serve(args, self.limits)
+            return self._take().serve(args, self.limits, inputs if self.confinement else ())
         finally:
             # After the answer, not before: the replacement's imports (~0.7 s of CPU) would compete
             # with this request's parse on a small machine (measured: 220 ms instead of 50 ms).
@@ -168,13 +177,13 @@ class WarmSandbox:
                 if child.process.poll() is None:
                     return child
                 child.discard()  # died while idle (killed from outside): never hand it a request
-        return _Child.start(self.entry, self.limits)
+        return _Child.start(self.entry, self.limits, self.confinement)
 
     def _refill(self) -> None:
         with self._lock:
             if self._closed or len(self._idle) >= self.spares:
                 return
-        child = _Child.start(self.entry, self.limits)  # outside the lock: a fork is not free
+        child = _Child.start(self.entry, self.limits, self.confinement)  # outside the lock: a fork is not free
         with self._lock:
             if not self._closed and len(self._idle) < self.spares:
                 self._idle.append(child)
@@ -197,17 +206,27 @@ class _Child:
     folder: str
 
     @classmethod
-    def start(cls, entry: str, limits: Limits) -> "_Child":
-        folder = tempfile.mkdtemp(prefix="modelpress-sandbox-")
+    def start(cls, entry: str, limits: Limits, confinement: confine.Confinement | None = None) -> "_Child":
+        if confinement is not None:
+            os.makedirs(confinement.inbox_root, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="modelpress-sandbox-", dir=confinement.inbox_root if confinement else None)
         process = subprocess.Popen(
             python_module("service.sandbox_child", entry, str(limits.cpu_s)), cwd=folder, env=dict(_SAFE_ENV),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             # Hard CPU limit: the imports (at most cpu_s, the soft limit until the request) plus the request's.
-            preexec_fn=_limit_child(limits, cpu_hard_s=2 * limits.cpu_s + 1), close_fds=True,
+            preexec_fn=_limit_child(limits, cpu_hard_s=2 * limits.cpu_s + 1, confinement=confinement, folder=folder),
+            close_fds=True,
         )
         return cls(process, folder)
 
-    def serve(self, args: list[str], limits: Limits) -> dict:
+    def serve(self, args: list[str], limits: Limits, inputs: tuple[Path, ...] = ()) -> dict:
+        for number, source in enumerate(inputs):
+            name = f"input-{number}{source.suffix[:16]}"
+            try:
+                os.link(source, os.path.join(self.folder, name))
+            except OSError:  # another filesystem: a copy costs time, never access
+                shutil.copyfile(source, os.path.join(self.folder, name))
+            args = [name if arg in (str(source), str(source.resolve())) else arg for arg in args]
         request = json.dumps({"args": args}).encode() + b"\n"
         try:
             try:

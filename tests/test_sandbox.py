@@ -198,3 +198,69 @@ def test_a_warm_child_that_died_while_waiting_is_never_handed_an_upload(tmp_path
             time.sleep(0.05)  # dead, not yet reaped: what the next upload finds
         assert upload(client, reference.onnx.read_bytes(), "a.onnx").status_code == 201
         assert not is_running(waiting)
+
+
+# --- namespaces (service/confine.py) -------------------------------------------------------------
+
+def probe_parser(tmp_path, *, confined: bool) -> dict:
+    """What the test-only entry tests/sandbox_probe_entry.py reaches from a warm child."""
+    import socket
+
+    from service.confine import Confinement, available
+
+    data = tmp_path / "data"
+    (data / "objects").mkdir(parents=True)
+    (data / "tmp").mkdir()
+    secret = data / "modelpress.db"
+    secret.write_text("secret")
+    the_upload = data / "tmp" / "upload-1.onnx"
+    the_upload.write_text("the upload")
+    confinement = Confinement.of(data, data / "objects", inbox_root=data / "tmp" / "sandbox")
+    if confined and not available(confinement):
+        pytest.skip("this kernel refuses user namespaces: the sandbox runs with rlimits only")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        box = sandbox.WarmSandbox("tests.sandbox_probe_entry", limits=GENEROUS, spares=1,
+                                  confinement=confinement if confined else None)
+        box.start()
+        try:
+            port = str(listener.getsockname()[1])
+            return box.run_json([str(the_upload), str(secret), port, str(data)], inputs=(the_upload,))["info"]
+        finally:
+            box.close()
+
+
+def test_a_confined_parser_reads_its_upload_and_nothing_else_of_ours(tmp_path):
+    seen = probe_parser(tmp_path, confined=True)
+    assert seen["upload"] == "the upload"  # handed in, as a name in the child's own folder
+    assert seen["secret"].startswith("refused")  # the database file, beside the upload
+    assert seen["network"].startswith("refused")  # loopback: a server of ours listens there
+    assert seen["data_folder"] == ["inbox"]  # an empty tmpfs, with the child's own folder
+
+
+def test_the_probe_entry_reaches_both_when_not_confined(tmp_path):
+    """The control: the entry does reach the file and the port when nothing stops it."""
+    seen = probe_parser(tmp_path, confined=False)
+    assert (seen["upload"], seen["secret"], seen["network"]) == ("the upload", "secret", "connected")
+    assert "modelpress.db" in seen["data_folder"]
+
+
+def test_uploads_are_read_by_confined_children_in_the_app(client, reference):
+    from service.confine import Confinement, available
+
+    settings = client.app.state.context.settings
+    if not available(Confinement.of(settings.data_dir, inbox_root=settings.tmp_dir / "sandbox")):
+        pytest.skip("this kernel refuses user namespaces")
+    assert client.app.state.context.model_reader._sandbox.confinement is not None
+    assert client.get("/readyz").json()["upload_parsers"] == "namespaces"  # the local user sees details
+    for path in (reference.onnx, reference.pt2, reference.torchscript):
+        assert upload(client, path.read_bytes(), path.name).status_code == 201
+
+
+def test_namespaces_can_be_turned_off_and_readyz_says_so(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from worker.serve import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data", parse_namespaces=False))) as client:
+        assert client.app.state.context.model_reader._sandbox.confinement is None
+        assert client.get("/readyz").json()["upload_parsers"] == "rlimits only"

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import sandbox
+from service.confine import Confinement
 from service.datasets.inspect import DatasetInfo
 
 ENTRY = "service.datasets.inspect_entry"
@@ -20,8 +21,8 @@ class DatasetBounds:
 class SandboxedDatasetReader:
     """The API's dataset inspection: each upload read by a warm child that serves it alone."""
 
-    def __init__(self, *, limits: sandbox.Limits, spares: int = 1):
-        self._sandbox = sandbox.WarmSandbox(ENTRY, limits=limits, spares=spares)
+    def __init__(self, *, limits: sandbox.Limits, spares: int = 1, confinement: Confinement | None = None):
+        self._sandbox = sandbox.WarmSandbox(ENTRY, limits=limits, spares=spares, confinement=confinement)
 
     def start(self) -> None:
         self._sandbox.start()
@@ -35,5 +36,5 @@ class SandboxedDatasetReader:
     def inspect(self, path: Path, *, bounds: DatasetBounds, layout: str | None) -> DatasetInfo:
         args = [str(path.resolve()), str(bounds.max_bytes), str(bounds.max_samples), str(bounds.max_image_pixels),
                 layout or ""]
-        info = sandbox.answer_or_refuse(lambda: self._sandbox.run_json(args), subject="dataset", code_prefix="dataset")
+        info = sandbox.answer_or_refuse(lambda: self._sandbox.run_json(args, inputs=(path.resolve(),)), subject="dataset", code_prefix="dataset")
         return DatasetInfo(**info)

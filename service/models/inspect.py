@@ -4,8 +4,6 @@ Nothing here executes the upload: pickles are only *scanned* opcode by opcode (p
 parsed as protobuf, a torch.export archive's signature is read from its JSON. torch is not imported.
 """
 
-import json
-import pickletools
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ from typing import Any
 
 from modelpress.spec.errors import Invalid  # not service.errors: the sandboxed child need not import FastAPI
 from modelpress.spec.quantized import holds_quantized_ops
+from modelpress.uploads.pickles import code_references
 
 ONNX = "onnx"
 TORCH_EXPORT = "torch_export"
@@ -22,12 +21,6 @@ TORCHSCRIPT = "torchscript"
 MAX_METADATA_MEMBER_BYTES = 256 * 1024 * 1024
 MAX_SUBGRAPH_DEPTH = 16
 MAX_LOOP_TRIPS = 100_000
-# Globals a plain `torch.save(state_dict)` file references; anything else means the pickle would
-# rebuild arbitrary objects (an nn.Module, or worse) when loaded.
-WEIGHTS_ONLY_GLOBALS = {
-    "collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter",
-    "torch._utils _rebuild_parameter_with_state", "torch device", "torch._tensor _rebuild_from_type_v2",
-}
 # torch.export serialises ScalarType as these numbers (torch/_export/serde/schema.py).
 _EXPORT_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32", 8: "float64", 12: "bool", 13: "bfloat16"}
 
@@ -57,26 +50,9 @@ def inspect_model(path: Path, *, max_unpacked_bytes: int = 8 * 1024**3) -> Model
     return _inspect_onnx(path, head)
 
 
-def _code_references(data: bytes) -> list[str]:
-    """Globals a pickle would import when loaded, other than those of plain tensors."""
-    globals_used: set[str] = set()
-    recent_strings: list[str] = []
-    try:
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("GLOBAL", "INST"):
-                globals_used.add(str(arg))
-            elif opcode.name == "STACK_GLOBAL":
-                globals_used.add(" ".join(recent_strings[-2:]) if len(recent_strings) >= 2 else "?")
-            elif isinstance(arg, str):
-                recent_strings.append(arg)
-    except Exception:
-        globals_used.add("?")
-    return sorted(g for g in globals_used if g not in WEIGHTS_ONLY_GLOBALS and not _is_storage(g))
-
-
 def _refuse_pickle(data: bytes) -> None:
     """Always raises: a pickle is never a model we accept; say which kind it is."""
-    code_refs = _code_references(data)
+    code_refs = code_references(data)
     if not code_refs:
         raise Invalid(
             "this is a plain weights file (a state_dict): it has no architecture to compress. Upload "
@@ -91,11 +67,6 @@ def _refuse_pickle(data: bytes) -> None:
     )
 
 
-def _is_storage(global_name: str) -> bool:
-    module, _, name = global_name.partition(" ")
-    return module in ("torch", "torch.storage") and name.endswith("Storage")
-
-
 def _inspect_zip(path: Path, max_unpacked_bytes: int) -> ModelInfo:
     try:
         archive = zipfile.ZipFile(path)
@@ -105,7 +76,7 @@ def _inspect_zip(path: Path, max_unpacked_bytes: int) -> ModelInfo:
     with archive:
         if any(n.lower().endswith(".onnx") for n in names):
             return _inspect_onnx_zip(archive, names, max_unpacked_bytes)
-        if any(n.endswith("/models/model.json") for n in names):
+        if any(n.count("/") == 2 and n.split("/")[1] == "models" and n.endswith(".json") for n in names):
             return _inspect_torch_export(archive, names)
         if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
             from service.models.torchscript_code import check_torchscript_code
@@ -218,52 +189,15 @@ def _read_member(archive: zipfile.ZipFile, name: str, default: bytes | None = No
     return archive.read(name)
 
 
-def _refuse_code_in_export(archive: zipfile.ZipFile, names: list[str]) -> None:
-    """torch.export.load falls back to the full unpickler for payloads marked `use_pickle` (and
-    when a safe load fails), so an archive is accepted only if every pickle in it, nested
-    torch.save files included, would rebuild plain tensors and nothing else."""
-    for name in names:
-        if name.endswith("_config.json"):
-            if b'"use_pickle": true' in _read_member(archive, name).replace(b'"use_pickle":true', b'"use_pickle": true'):
-                raise Invalid(f"{name} stores pickled objects; they are refused (loading them runs code)", code="pickle_refused")
-            continue
-        if "/data/weights/" in name or "/data/constants/" in name:
-            continue  # raw tensor bytes (use_pickle is refused above), never unpickled
-        with archive.open(name) as handle:
-            head = handle.read(4)
-        if head[:1] == b"\x80":
-            refs = _code_references(_read_member(archive, name))
-        elif head == b"PK\x03\x04":
-            refs = _nested_zip_references(_read_member(archive, name))
-        else:
-            continue
-        if refs:
-            raise Invalid(f"{name} holds pickled Python objects; they are refused (loading them runs code)",
-                          code="pickle_refused", references=refs[:20])
-
-
-def _nested_zip_references(data: bytes) -> list[str]:
-    import io
-
-    with zipfile.ZipFile(io.BytesIO(data)) as inner:
-        refs = []
-        for info in inner.infolist():
-            if info.filename.endswith(".pkl"):
-                if info.file_size > MAX_METADATA_MEMBER_BYTES:
-                    return ["? (pickle too large to inspect)"]
-                refs += _code_references(inner.read(info.filename))
-        return refs
-
-
 def _inspect_torch_export(archive: zipfile.ZipFile, names: list[str]) -> ModelInfo:
     from pydantic import TypeAdapter, ValidationError
 
+    from modelpress.uploads.pt2_archive import check_export_archive
     from service.models.schemas import TensorSpec
 
-    _refuse_code_in_export(archive, names)
-    member = next(n for n in names if n.endswith("/models/model.json"))
+    check_archive_names(names)
+    program = check_export_archive(archive, names)
     try:
-        program = json.loads(_read_member(archive, member))
         graph_module = program["graph_module"]
         tensors = graph_module["graph"]["tensor_values"]
         signature = graph_module["signature"]

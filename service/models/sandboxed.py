@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from service import sandbox
+from service.confine import Confinement
 from service.models.inspect import ModelInfo
 
 ENTRY = "service.models.inspect_entry"
@@ -12,8 +13,8 @@ class SandboxedModelReader:
     """The API's model inspection: each upload read by a warm child that serves it alone (built
     once by create_app, started and closed with the app)."""
 
-    def __init__(self, *, limits: sandbox.Limits, spares: int = 1):
-        self._sandbox = sandbox.WarmSandbox(ENTRY, limits=limits, spares=spares)
+    def __init__(self, *, limits: sandbox.Limits, spares: int = 1, confinement: Confinement | None = None):
+        self._sandbox = sandbox.WarmSandbox(ENTRY, limits=limits, spares=spares, confinement=confinement)
 
     def start(self) -> None:
         self._sandbox.start()
@@ -25,7 +26,7 @@ class SandboxedModelReader:
         return self._sandbox.idle_pids()
 
     def inspect(self, path: Path, *, max_unpacked_bytes: int) -> ModelInfo:
-        return _answer(lambda: self._sandbox.run_json(_args(path, max_unpacked_bytes)))
+        return _answer(lambda: self._sandbox.run_json(_args(path, max_unpacked_bytes), inputs=(path.resolve(),)))
 
 
 def inspect_model_sandboxed(path: Path, *, max_unpacked_bytes: int, limits: sandbox.Limits) -> ModelInfo:

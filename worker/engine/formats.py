@@ -18,6 +18,7 @@ Every ONNX model is then normalised (`normalize_onnx`), so techniques see one sh
 import os
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,21 @@ def check_torchscript_graph(module) -> None:
                           f"the TorchScript model calls operators that reach outside its tensors: {', '.join(refused[:20])}")
 
 
+def check_export_structure(path: Path) -> None:
+    """The upload's structure check again, before torch.export.load: that load evals the archive's
+    shape expressions and `.module()` execs its guards, weights-only flag or not."""
+    from modelpress.spec.errors import Invalid
+    from modelpress.uploads.pt2_archive import check_export_archive
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            check_export_archive(archive, archive.namelist())
+    except Invalid as exc:
+        raise EngineError(exc.code, exc.message) from exc
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error) as exc:
+        raise EngineError("invalid_archive", f"the torch.export archive cannot be read: {exc}") from exc
+
+
 def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | None, *, packed: bool = False) -> Path:
     """`packed`: the upload was a zip of an .onnx and its external data (decided at upload by its
     first bytes; never re-guessed here, so a file that is both ONNX and zip cannot switch paths)."""
@@ -78,6 +94,7 @@ def to_onnx(path: Path, model_format: str, workdir: Path, example: np.ndarray | 
 
     try:
         if model_format == "torch_export":
+            check_export_structure(path)
             module = torch.export.load(str(path)).module()
         elif model_format == "torchscript":
             module = torch.jit.load(str(path), map_location="cpu")

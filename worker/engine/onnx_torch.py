@@ -303,6 +303,9 @@ def trainable_module(path, model_format: str) -> nn.Module:
     if model_format == "onnx":
         return onnx_to_torch(path)
     if model_format == "torch_export":
+        from worker.engine.formats import check_export_structure
+
+        check_export_structure(path)
         return torch.export.load(str(path)).module()
     if model_format == "torchscript":
         from worker.engine.formats import check_torchscript_graph

@@ -1,0 +1,1 @@
+"""Upload formats read without running them, shared by the API (at upload) and the worker (before it loads)."""
