@@ -14,6 +14,31 @@ PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql://postgres@127.0
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
+def service_environment_names() -> set[str]:
+    """Every environment variable `Settings` reads, lower-cased (pydantic-settings matches names
+    case-insensitively): each field's aliases, and the field's own name where it has none."""
+    from service.config import Settings
+
+    names = set()
+    for field_name, field in Settings.model_fields.items():
+        aliases = getattr(field.validation_alias, "choices", None) or [field.validation_alias or field_name]
+        names.update(alias.lower() for alias in aliases if isinstance(alias, str))
+    return names
+
+
+def _forget_service_environment() -> None:
+    # A test's settings and the servers it starts are built only from what the test gives: an
+    # exported production environment (DATABASE_URL, BROKER_URL, MODELPRESS_AUTH=on ...) would
+    # otherwise turn an embedded test into one against that database, or change its limits. The test
+    # harness's own variables (MODELPRESS_TEST_PG, MODELPRESS_TEST_REDIS) are no setting, so stay.
+    names = service_environment_names()
+    for key in [key for key in os.environ if key.lower() in names]:
+        del os.environ[key]
+
+
+_forget_service_environment()
+
+
 def _terminated(signum, frame):
     # SIGTERM (a CI timeout, `kill`) ends the run as Ctrl-C does: pytest runs the fixtures' teardown,
     # and tests.processes stops what is still running, so no worker outlives the run.
