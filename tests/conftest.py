@@ -1,3 +1,4 @@
+import inspect
 import os
 import signal
 import uuid
@@ -15,6 +16,31 @@ from tests.stack import S3_ENV
 
 PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def service_environment_names() -> set[str]:
+    """Every environment variable `Settings` reads, lower-cased (pydantic-settings matches names
+    case-insensitively): each field's aliases, and the field's own name where it has none."""
+    from service.config import Settings
+
+    names = set()
+    for field_name, field in Settings.model_fields.items():
+        aliases = getattr(field.validation_alias, "choices", None) or [field.validation_alias or field_name]
+        names.update(alias.lower() for alias in aliases if isinstance(alias, str))
+    return names
+
+
+def _forget_service_environment() -> None:
+    # A test's settings and the servers it starts are built only from what the test gives: an
+    # exported production environment (DATABASE_URL, BROKER_URL, MODELPRESS_AUTH=on ...) would
+    # otherwise turn an embedded test into one against that database, or change its limits. The test
+    # harness's own variables (MODELPRESS_TEST_PG, MODELPRESS_TEST_REDIS) are no setting, so stay.
+    names = service_environment_names()
+    for key in [key for key in os.environ if key.lower() in names]:
+        del os.environ[key]
+
+
+_forget_service_environment()
 
 
 def _terminated(signum, frame):
@@ -45,17 +71,20 @@ class Reference:
     module: object  # the trained torch module
 
 
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory) -> Reference:
-    from bench.reference import ResNetSmall, export_all, load_digits_split, train
+REFERENCE_WIDTHS = (8, 16, 32)
 
-    out = tmp_path_factory.mktemp("reference")
+
+def _train_reference(out: Path) -> None:
+    """Train and export the reference CNN, and write its data sets, into `out`."""
     import torch
+
+    from bench.reference import ResNetSmall, export_all, load_digits_split, train
 
     train_split, test_split = load_digits_split()
     torch.manual_seed(0)  # the initial weights too: every session tests the same model
-    model = train(ResNetSmall(widths=(8, 16, 32)), train_split, epochs=4)
-    paths = export_all(model, test_split.images, out, "resnet")
+    model = train(ResNetSmall(widths=REFERENCE_WIDTHS), train_split, epochs=4)
+    export_all(model, test_split.images, out, "resnet")
+    torch.save(model.state_dict(), out / "resnet.state.pt")
     images, labels = test_split.images, test_split.labels
     np.savez(out / "eval.npz", images=images, labels=labels)
     np.savez(out / "calib.npz", images=train_split.images[:200])
@@ -64,8 +93,26 @@ def reference(tmp_path_factory) -> Reference:
     np.savez(out / "nhwc.npz", images=images.transpose(0, 2, 3, 1), labels=labels)
     np.savez(out / "nhw.npz", images=images[:, 0], labels=labels)
     np.savez(out / "wrong.npz", images=np.zeros((20, 1, 12, 12), np.uint8))
-    return Reference(paths["onnx"], paths["pt2"], paths["torchscript"], out / "eval.npz", out / "calib.npz", out / "train.npz", out / "train-unlabelled.npz",
-                     out / "nhwc.npz", out / "nhw.npz", out / "wrong.npz", images, labels, model)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Reference:
+    import torch
+
+    from bench.reference import ResNetSmall
+    from tests.trained import ROOT, cached, code_key, copy_of
+
+    # Trained once per version of the code that decides it (bench/reference.py, `_train_reference`),
+    # shared by both pytest processes and later sessions; each session works on its own copy.
+    key = code_key(ROOT / "bench" / "reference.py", extra=inspect.getsource(_train_reference) + repr(REFERENCE_WIDTHS))
+    out = copy_of(cached("reference", key, _train_reference), tmp_path_factory.mktemp("reference"))
+    model = ResNetSmall(widths=REFERENCE_WIDTHS)
+    model.load_state_dict(torch.load(out / "resnet.state.pt"))
+    with np.load(out / "eval.npz") as archive:
+        images, labels = archive["images"], archive["labels"]
+    return Reference(out / "resnet.onnx", out / "resnet.pt2", out / "resnet.ts.pt", out / "eval.npz", out / "calib.npz",
+                     out / "train.npz", out / "train-unlabelled.npz", out / "nhwc.npz", out / "nhw.npz", out / "wrong.npz",
+                     images, labels, model.eval())
 
 
 @pytest.fixture

@@ -58,6 +58,21 @@ def production_stack(logs: Path, *, postgres_url: str, redis_url: str, s3_endpoi
         worker.stop()
 
 
+@contextmanager
+def stack_client(request, bucket: str, *, redis_url: str | None = None, extra_env: dict | None = None):
+    """A module's production stack on the session's PostgreSQL, Redis (or `redis_url`) and S3, its
+    logs in a folder of its own, and a client of its API: yields (http, worker, api). `bucket` names
+    its S3 bucket, broker keys and worker, so no two stacks share a queue."""
+    import httpx
+
+    logs = request.getfixturevalue("tmp_path_factory").mktemp(bucket)
+    with production_stack(logs, postgres_url=request.getfixturevalue("postgres_url"),
+                          redis_url=redis_url or request.getfixturevalue("redis_url"),
+                          s3_endpoint=request.getfixturevalue("s3_endpoint"), bucket=bucket, extra_env=extra_env) as (url, worker, api):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield http, worker, api
+
+
 def wait_ready(worker: Process, timeout: float = 120) -> None:
     wait_for(lambda: "ready" in worker.output() or not worker.alive(), timeout, "celery worker")
     assert worker.alive(), worker.output()

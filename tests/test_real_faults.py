@@ -11,7 +11,6 @@ batches) take more than 30 s to calibrate; one training step of 16 images 1 to 4
 import time
 from datetime import datetime, timezone
 
-import httpx
 import numpy as np
 import onnx
 import pytest
@@ -19,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.jobs_flow import submit, upload_dataset, upload_model, wait_finished
 from tests.processes import wait_for
-from tests.stack import own_worker, production_stack
+from tests.stack import own_worker, stack_client
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +70,9 @@ def wide_convnet(path):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
-    logs = tmp_path_factory.mktemp("real-faults")
-    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
-                          bucket="modelpress-real-faults") as (url, worker, api):
-        with httpx.Client(base_url=url, timeout=30) as http:
-            yield http, worker
+def stack(request):
+    with stack_client(request, "modelpress-real-faults") as (http, worker, _):
+        yield http, worker
 
 
 @pytest.fixture(scope="module")

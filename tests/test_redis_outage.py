@@ -8,7 +8,7 @@ import pytest
 
 from tests.jobs_flow import upload_dataset, upload_model, wait_finished
 from tests.processes import Process, free_port, wait_for
-from tests.stack import production_stack
+from tests.stack import stack_client
 from tests.test_models_api import assert_problem
 
 pytestmark = pytest.mark.integration
@@ -38,15 +38,12 @@ class OwnRedis:
 
 
 @pytest.fixture(scope="module")
-def outage(tmp_path_factory, postgres_url, s3_endpoint):
-    logs = tmp_path_factory.mktemp("redis-outage")
-    redis = OwnRedis(logs)
+def outage(request, tmp_path_factory):
+    redis = OwnRedis(tmp_path_factory.mktemp("redis-outage"))
     redis.start()
     try:
-        with production_stack(logs, postgres_url=postgres_url, redis_url=redis.url, s3_endpoint=s3_endpoint,
-                              bucket="modelpress-redis-outage") as (url, worker, api):
-            with httpx.Client(base_url=url, timeout=30) as http:
-                yield http, redis, worker
+        with stack_client(request, "modelpress-redis-outage", redis_url=redis.url) as (http, worker, _):
+            yield http, redis, worker
     finally:
         if redis.process.alive():
             redis.stop()

@@ -3,6 +3,7 @@ really learned their tasks, judged by this test's own implementation of each tas
 held-out data; and a default static int8 job through the API on each reports the task fidelity of
 the right task type, with the floor judged on it and the job's status following the floor."""
 
+import inspect
 import itertools
 import json
 
@@ -17,14 +18,26 @@ NAMES = ("detector", "recognizer", "segmenter", "embedder")
 TASK_TYPES = {"detector": "detection", "recognizer": "ctc", "segmenter": "segmentation", "embedder": "embedding"}
 
 
+def _train_task_models(out):
+    from bench.task_models import build
+
+    for name in NAMES:
+        build(name, "tiny", out)
+
+
 @pytest.fixture(scope="module")
 def task_models(tmp_path_factory):
     import torch
 
     from bench.task_models import build
+    from tests.trained import ROOT, cached, code_key, copy_of
 
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("task-models")
+    # Trained once per version of bench/task_models.py and bench/task_data.py (tests/trained.py);
+    # `build` finds the trained files in this session's copy and does not train again.
+    key = code_key(ROOT / "bench" / "task_models.py", ROOT / "bench" / "task_data.py",
+                   extra=inspect.getsource(_train_task_models) + "threads=1")
+    out = copy_of(cached("task-models", key, _train_task_models), tmp_path_factory.mktemp("task-models"))
     return {name: build(name, "tiny", out) for name in NAMES}
 
 

@@ -1,26 +1,22 @@
 """The production shape, really started: the API under uvicorn and a Celery worker process, both on
 PostgreSQL, Redis and S3 (moto's server), configured by environment variables only."""
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, inspect
 
 from service.migrate import downgrade, upgrade
 from tests.jobs_flow import check_quantized_job, submit, upload_dataset, upload_model, wait_finished
 from tests.processes import wait_for
-from tests.stack import own_worker, production_stack
+from tests.stack import own_worker, stack_client
 from tests.test_models_api import assert_problem
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
-    logs = tmp_path_factory.mktemp("stack")
-    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
-                          bucket="modelpress-stack") as (url, worker, api):
-        with httpx.Client(base_url=url, timeout=30) as http:
-            yield http, worker, api
+def stack(request):
+    with stack_client(request, "modelpress-stack") as (http, worker, api):
+        yield http, worker, api
 
 
 def test_ready_reports_every_dependency(stack):

@@ -513,16 +513,11 @@ def test_tenants_see_and_hear_only_their_own(tmp_path, reference):
 # --- the production shape: API under uvicorn, a Celery worker's sender, PostgreSQL, Redis, S3 -------
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
-    import httpx
+def stack(request):
+    from tests.stack import stack_client
 
-    from tests.stack import production_stack
-
-    logs = tmp_path_factory.mktemp("webhooks-stack")
-    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
-                          bucket=f"modelpress-hooks-{uuid.uuid4().hex[:8]}") as (url, worker, api):
-        with httpx.Client(base_url=url, timeout=30) as http:
-            yield http, worker, api
+    with stack_client(request, f"modelpress-hooks-{uuid.uuid4().hex[:8]}") as (http, worker, api):
+        yield http, worker, api
 
 
 @pytest.mark.integration

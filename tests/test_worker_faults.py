@@ -9,12 +9,11 @@ import os
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.jobs_flow import upload_dataset, upload_model, wait_finished
 from tests.processes import wait_for
-from tests.stack import own_worker, production_stack
+from tests.stack import own_worker, stack_client
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +21,9 @@ ARTIFACTS = {"model.onnx", "metrics.json", "report.html", "recipe.json"}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, postgres_url, redis_url, s3_endpoint):
-    logs = tmp_path_factory.mktemp("faults")
-    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
-                          bucket="modelpress-faults") as (url, worker, api):
-        with httpx.Client(base_url=url, timeout=30) as http:
-            yield http, worker
+def stack(request):
+    with stack_client(request, "modelpress-faults") as (http, worker, _):
+        yield http, worker
 
 
 def two_waits(http, reference, second_s: float, eval_npz=None) -> dict:
