@@ -3,7 +3,7 @@ the before/after table and charts, readable without the service."""
 
 from html import escape
 
-from worker.engine.report_examples import section as task_section
+from worker.engine.report_examples import STYLE as EXAMPLES_STYLE, section as task_section
 
 BEFORE, AFTER = "#8a94a6", "#2f6fde"
 
@@ -94,8 +94,7 @@ table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ padding: .3rem 
 th:first-child, td:first-child {{ text-align: left; }} figure {{ margin: .6rem 0; }} figcaption {{ font-weight: 600; }}
 .warnings {{ border: 2px solid #c62828; background: #fdecea; color: #8e1b1b; padding: .6rem 1rem; border-radius: 4px; }}
 tr.warn td, tr.warn th, li.warn {{ color: #c62828; font-weight: 700; }}
-div.examples {{ display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }} figure.example {{ max-width: 100%; }}
-figure.example figcaption {{ font-weight: 400; max-width: 22rem; }} figure.example img {{ image-rendering: pixelated; max-width: 100%; height: auto; border: 1px solid #dde2ea; }}
+{EXAMPLES_STYLE}
 .label {{ font-size: 12px; fill: #1d2330; }} .value {{ font-size: 12px; fill: #1d2330; }} small {{ color: #667085; font-weight: 400; }}
 </style></head><body>
 <h1>Compression report</h1>
@@ -216,7 +215,6 @@ def _warnings(warnings: list[dict]) -> str:
         return ""
     items = "".join(f"<li>{escape(w['message'])}</li>" for w in warnings)
     return f'<div class="warnings" role="alert"><strong>⚠ Quality warning</strong><ul>{items}</ul></div>'
-
 
 
 def _step_details(index: int, step: dict) -> str:

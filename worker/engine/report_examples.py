@@ -7,6 +7,9 @@ from html import escape
 from modelpress.spec.floor import DEFAULT_FLOORS
 
 
+STYLE = ("div.examples { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; } "
+         "figure.example { max-width: 100%; } figure.example figcaption { font-weight: 400; max-width: 22rem; } "
+         "figure.example img { image-rendering: pixelated; max-width: 100%; height: auto; border: 1px solid #dde2ea; }")
 # How to read the drawings of each task (the legend's tail).
 READING = {"detection": "; a lost or new detection is drawn thick and named", "segmentation": "; the last panel is red "
            "where the two masks differ", "ctc": "; mismatched characters are red", "classification": "; a changed top-1 is red"}
