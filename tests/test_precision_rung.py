@@ -3,11 +3,13 @@
 The model: the reference digit classifier behind a front end whose one activation no 8-bit scale
 covers: t = (x, 1000 + x) (a Mul and an Add, not a compute layer), then a 1x1 conv that gives back
 0.5 * x + 0.5 * (1000 + x) - 500 = x. Both of t's channels carry the image: min-max and percentile
-ranges (0..1001, a step of 3.9) lose x in both, an entropy range clips the second. No calibration,
-16-bit join/output, weight repair or float compute layer mends it (t stays quantized as the Add's
-output whichever conv is float); t at 16 bits (a step of 0.015) does. Measured on AMD EPYC (2 cores,
-AVX2, no VNNI; load 10-14): the default job's top-1 agreement with the float model 0.10 (minmax)
-without the rung, 1.0 with it, t moved to int16 and nothing else.
+ranges (0..1001, a step of 3.9) lose x in both, an entropy range clips the second. No calibration
+mends it (measured below), nor by construction a 16-bit join/output, a weight repair or a float
+compute layer (t stays quantized as the Add's output whichever conv is float; the off job's 20 s
+budget stops the ladder after the calibrations, to keep the test short); t at 16 bits (a step of 0.015) does. Measured on an Intel Xeon
+(2 cores, avx512_vnni; load 12-16) on the 360 held-out digits: top-1 agreement with the float
+model 0.114 (minmax), 0.136 (percentile), 0.114 (entropy) without the rung, the job failing the
+floor; 0.964 with it, t (the Add's output) moved to int16 and nothing else.
 """
 
 import numpy as np
@@ -65,7 +67,8 @@ def the_wide_tensor(path) -> str:
 
 
 def test_the_tensor_that_breaks_the_model_ranks_first(tmp_path, reference, wide_model):
-    """Its agreement alone quantized is the lowest (0.10 measured; every other tensor alone >= 0.99)."""
+    """Its agreement alone quantized is the lowest: 0.11 on 128 images, every other tensor alone
+    0.97 (measured in the job's run, which ranks the same way)."""
     images = images_of(reference)
     config = parse_step("quantize", {"method": "static_int8", "repair": False})
     built = handler_for(config)(config, StepContext(wide_model, wide_model, tmp_path, {"calibration": ImageSet(images[:128], None)},
