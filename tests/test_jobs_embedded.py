@@ -32,7 +32,7 @@ def test_defaults_are_filled_in(client, reference):
         "version": 2, "method": "static_int8", "bits": 8, "per_channel": True, "calibration": "minmax",
         "percentile": 99.999, "activation_type": "auto", "weight_type": "int8", "calibration_samples": 256,
         "exclude": [], "guard": None, "equalize": False, "bias_correction": "off", "adaround": False,
-        "wide_activations": [], "repair": True, "repair_budget_s": 600.0,
+        "wide_activations": [], "tensor_precision": {}, "precision_repair": True, "repair": True, "repair_budget_s": 600.0,
     }
     finished, _ = wait_finished(client, job["id"])
     # Where the time went: the job's phases, and the step's own stages, which add up to its wall time.

@@ -96,6 +96,8 @@ def test_excluded_layers_stay_float(client, reference, ids, tmp_path):
     ({"method": "dynamic_int8", "adaround": True}, "invalid_step_params"),
     ({"method": "static_int8", "bias_correction": "always"}, "invalid_step_params"),
     ({"method": "static_int8", "wide_activations": ["Concat"] * 1001}, "invalid_step_params"),
+    ({"method": "static_int8", "tensor_precision": {"conv1_out": "int4"}}, "invalid_step_params"),
+    ({"method": "static_int8", "tensor_precision": {"x" * 1001: "float"}}, "invalid_step_params"),
 ])
 def test_bad_parameters(client, ids, params, code):
     model_id, data_id = ids

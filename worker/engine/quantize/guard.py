@@ -279,6 +279,7 @@ class _Search:
             return self.promise.meets(score, self.original_tune), self.promise.value(score)
 
         base = self.best[0].model_path
+        self.ctx.progress("guard: per-tensor sensitivity", min(0.9, 0.1 + 0.1 * len(self.attempts)))  # its own stage timing
         rung = PrecisionRung(base, quantized_from(base.parent, self.ctx.model_path), judge,
                              self.tune.images, self.float_tune, self.deadline)
         choices, self.sensitivity = rung.decide()

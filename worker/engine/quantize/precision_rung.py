@@ -54,6 +54,7 @@ class PrecisionRung:
 
     def decide(self) -> tuple[dict[str, str], dict]:
         """(the chosen precisions, a report: the most sensitive tensors and each move's figure)."""
+        started = time.monotonic()
         model = onnx.load(str(self.base))
         tensors = quantized_tensors(model)[:MAX_TENSORS]
         weights = float_weights(onnx.load(str(self.float_model)), [t["tensor"] for t in tensors if t["kind"] == "weight"])
@@ -69,7 +70,7 @@ class PrecisionRung:
             if meets:
                 break
         report = {"tensors": len(tensors), "rank_samples": min(RANK_SAMPLES, len(self.images)),
-                  "most_sensitive": ranked[:REPORTED], "moves": moves}
+                  "most_sensitive": ranked[:REPORTED], "moves": moves, "seconds": round(time.monotonic() - started, 2)}
         return (choices if moves and meets else {}), report
 
     def rank(self, model: onnx.ModelProto, tensors: list[dict], weights: dict) -> list[dict]:
