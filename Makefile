@@ -50,7 +50,8 @@ test: $(TEST_STAMP)
 	bash tests/ensure_services.sh
 	# The import contracts of .importlinter: service without torch/onnxruntime/runner, engine without web or db.
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile
+	# Whole files in collection order, the longest first (LONG_FILES in tests/conftest.py), not xdist's most-tests-first.
+	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
 
 # Production shape, by hand: a worker for the cpu queue (set DATABASE_URL, BROKER_URL, STORAGE_URL).
 worker: $(BASE_STAMP)

@@ -52,6 +52,40 @@ def _terminated(signum, frame):
 signal.signal(signal.SIGTERM, _terminated)
 
 
+# The test files that take longest in one pytest process, longest first (LONG_FILES_MEASURED). `make
+# test` hands out whole files (`--dist loadfile`) in collection order (`--no-loadscope-reorder`):
+# these start first, so the last file to finish is a short one and neither process idles long at
+# the end. xdist's default order (most tests first) left the few-test, slow fault files for last.
+LONG_FILES_MEASURED = "2026-12-07, one process each, 2-core Intel Xeon at load 12-18 (idle: about a sixth)"
+LONG_FILES = (
+    "test_jobs_embedded.py",  # ~550 s at that load
+    "test_distill.py",  # ~540 s
+    "test_formats.py",  # ~550 s alone
+    "test_client_cli.py",  # ~400 s: an embedded server and a production stack
+    "test_stack.py",  # two worker kills inside real training, each waiting out a stale heartbeat
+    "test_real_faults.py",  # cancel, deadline and kill inside ORT calibration and torch training
+    "test_webhooks.py",
+    "test_worker_faults.py",
+    "test_reference_task_models.py",
+    "test_error_codes_jobs.py",
+    "test_quantize_methods.py",
+    "test_label_uploads.py",
+    "test_floor_jobs.py",
+    "test_resumable_uploads.py",
+    "test_prune.py",
+    "test_idempotency.py",
+    "test_bounded_runs.py",
+    "test_metrics_endpoint.py",
+    "test_redis_outage.py",
+)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping by fixture: a stable sort keeps it within each file
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: place for place, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @dataclass
 class Reference:
     """A small ResNet-style CNN trained on scikit-learn digits, in every upload format, and data."""

@@ -64,7 +64,7 @@ def test_client_end_to_end(server_url, reference, tmp_path):
         assert model.id in [m.id for m in client.models()]
 
 
-def test_client_raises_coded_errors(server_url, reference):
+def test_client_raises_coded_errors(server_url, reference, tmp_path):
     with Client(server_url) as client:
         with pytest.raises(ModelpressError) as missing:
             client.job("job_nope")
@@ -72,7 +72,7 @@ def test_client_raises_coded_errors(server_url, reference):
         already = client.submit(client.upload_model(reference.onnx), [{"type": "quantize"}],
                                 data={"calibration": client.upload_dataset(reference.calib_npz)})
         already.wait(timeout=600, progress=False)
-        quantized = client.upload_model(already.download("model.onnx", to=reference.onnx.parent / "q.onnx"))
+        quantized = client.upload_model(already.download("model.onnx", to=tmp_path / "q.onnx"))
         failing = client.submit(quantized, [{"type": "quantize"}], data={"calibration": already.raw["data"]["calibration"]})
         with pytest.raises(JobFailed) as failed:
             failing.wait(timeout=600, progress=False)

@@ -1,6 +1,6 @@
 """The on-disk cache of trained test models (tests/trained.py): one build per key, shared by
 processes that ask at once, never a half-built entry, a new key when the training code changes, and
-private copies for the tests."""
+private copies for the tests; and the long-files-first order of conftest names real files."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import trained
+from tests import conftest, trained
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_two_processes_asking_at_once_build_once(cache, tmp_path):
     program = f"""
 import sys, time
 from pathlib import Path
-from tests import trained
+from tests import conftest, trained
 trained.CACHE = Path({str(cache)!r})
 started = Path({str(tmp_path)!r})
 def build(folder):
@@ -97,3 +97,10 @@ def test_a_copy_is_private(cache, tmp_path):
     assert (entry / "model.bin").read_bytes() == b"weights" and not (entry / "extra.npz").exists()
     assert not (copy / trained.COMPLETE).exists()
 
+
+
+def test_the_long_files_that_start_first_exist():
+    # A renamed file would silently drop out of the order: each name must still be a test file here.
+    assert conftest.LONG_FILES, "the list is empty: every file would start in collection order"
+    assert [name for name in conftest.LONG_FILES if not (ROOT / "tests" / name).is_file()] == []
+    assert len(set(conftest.LONG_FILES)) == len(conftest.LONG_FILES)
