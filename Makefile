@@ -15,7 +15,7 @@ EXAMPLE_STAMP := $(VENV)/.example-installed
 TEST_PROCESSES ?= 2
 EXAMPLE_OUT ?= example
 
-.PHONY: run test worker migrate bench example clean
+.PHONY: run test soak worker migrate bench example clean
 
 $(BASE_STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "modelpress needs Python 3.11"'
@@ -52,6 +52,15 @@ test: $(TEST_STAMP)
 	$(VENV)/bin/lint-imports
 	# Whole files in collection order, the longest first (LONG_FILES in tests/conftest.py), not xdist's most-tests-first.
 	$(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
+
+# The slow fault scenarios, repeated (outside `make test`, bounded to 15 min): worker SIGKILLs at two
+# points of a 2-step job, a Redis and a PostgreSQL outage, the hostile-input corpora; tests/soak.py
+# repeats them SOAK_ROUNDS times and prints the table of figures (cases, 5xx, hangs, faults, jobs lost...).
+SOAK_ROUNDS ?= 2
+soak: $(TEST_STAMP)
+	bash tests/ensure_services.sh
+	MODELPRESS_SOAK_ROUNDS=$(SOAK_ROUNDS) MODELPRESS_SOAK_BUDGET_S=780 timeout 900 $(PY) -m pytest -p tests.soak -q \
+		tests/test_worker_faults.py tests/test_redis_outage.py tests/test_hostile_inputs.py tests/test_pt2_archive.py
 
 # Production shape, by hand: a worker for the cpu queue (set DATABASE_URL, BROKER_URL, STORAGE_URL).
 worker: $(BASE_STAMP)
