@@ -39,6 +39,7 @@ class _CalibrationReader:
         # Equal batches only: a fixed-batch model cannot take a short last batch, and ORT's
         # histogram calibrators (percentile, entropy) stack the batches' outputs.
         usable = len(images) - len(images) % batch
+        self.images, self.batch = images, batch
         self.batches = [images[i : i + batch] for i in range(0, usable, batch)]
         self.input_name = input_name
         self.position = 0
@@ -67,28 +68,12 @@ class _CalibrationReader:
 def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelProto | None = None, *,
                 range_overrides: dict | None = None) -> StepResult:
     """`range_overrides`: activation ranges already known (learned by qat), by tensor name."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     calibration = ctx.data.get("calibration")
     if calibration is None:
         raise EngineError("calibration_data_required", "static int8 needs a calibration dataset (data.calibration)")
-
-    ctx.progress("preprocess", 0.05)
-    prepared = ctx.workdir / "prepared.onnx"
-    try:
-        quant_pre_process(str(ctx.model_path), str(prepared), skip_symbolic_shape=True)
-    except Exception:
-        # Pre-processing is an optimisation; quantizing the model as it is still works.
-        prepared = ctx.model_path
-
-    equalization = None
-    if getattr(config, "equalize", False):
-        ctx.progress("equalize", 0.1)
-        equalized = onnx.load(str(prepared))
-        equalization = equalize(equalized)
-        prepared = ctx.workdir / "equalized.onnx"
-        onnx.save(equalized, str(prepared))
+    prepared, equalization = _prepared(config, ctx)
 
     session = open_session(prepared, threads=1)
     images = calibration.images[: config.calibration_samples]
@@ -101,29 +86,11 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
     del session
 
     ctx.progress("calibrate", 0.2)
-    # minmax and percentile are ORT's own; entropy and mse ranges are computed here and handed to
-    # ORT as per-tensor overrides (see calibration_ranges).
-    method = CalibrationMethod.Percentile if config.calibration == "percentile" else CalibrationMethod.MinMax
-    options = {"CalibPercentile": config.percentile}
-    if config.calibration == "mse":
-        options["TensorQuantOverrides"] = calibration_ranges.mse_ranges(prepared, images, batch, ctx.workdir)
-    elif config.calibration == "entropy":
-        options["TensorQuantOverrides"] = calibration_ranges.entropy_ranges(prepared, reader, ctx.workdir)
-    if range_overrides:
-        known = {out for node in onnx.load(str(prepared), load_external_data=False).graph.node for out in node.output}
-        options["TensorQuantOverrides"] = {**options.get("TensorQuantOverrides", {}),
-                                           **{k: v for k, v in range_overrides.items() if k in known}}
-    graph = onnx.load(str(prepared), load_external_data=False)
-    excluded = excluded_nodes(graph, config.exclude)
+    method, options, wide = _calibration_options(config, prepared, reader, ctx, range_overrides)
+    excluded = excluded_nodes(onnx.load(str(prepared), load_external_data=False), config.exclude)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    wide = wide_tensors(graph, getattr(config, "wide_activations", []))
-    if wide:
-        overrides = options.get("TensorQuantOverrides", {})
-        options["TensorQuantOverrides"] = {**overrides, **{
-            name: [{**overrides.get(name, [{}])[0], "quant_type": QuantType.QUInt16}] for name in wide}}
-
     # Without VNNI, u8s8 int8 kernels can saturate their 16-bit intermediate sums: 7-bit weights
-    # (reduce_range) avoid it. With VNNI (this project's CPUs) the full range is safe.
+    # (reduce_range) avoid it. With VNNI the full range is safe.
     reduce_range = not environment(1)["vnni"]
 
     def build(activation_type: str, stage: str = "calibrate", start: float = 0.2, width: float = 0.45) -> Path:
@@ -144,34 +111,86 @@ def static_int8(config: Int8ExportFields, ctx: StepContext, model: onnx.ModelPro
         return output
 
     if config.activation_type != "auto":
-        output = build(config.activation_type)
-        selection = None
+        output, selection = build(config.activation_type), None
     else:
         output, selection = select_fastest(build, prepared, images, ctx)
     compact(output)
-    rounding = None
-    if getattr(config, "adaround", False):
-        ctx.progress("adaround", 0.7)
-        chosen = selection["chosen"] if selection else config.activation_type
-        weights_reduced = reduce_range and chosen == "uint8"  # as build() quantized them
-        rounding = adaround(prepared, output, images, ctx.workdir, weight_range=(-64, 64) if weights_reduced else (-128, 127))
-    corrected = None
-    if getattr(config, "bias_correction", "off") != "off":
-        ctx.progress("bias correction", 0.8)
-        corrected = correct_biases(prepared, output, images, config.bias_correction, ctx.workdir)
-    precision = getattr(config, "tensor_precision", {})
-    if precision:  # last: on the weights AdaRound and bias correction left, as the rung measured them
-        set_precision(output, precision, prepared)
+    chosen = selection["chosen"] if selection else config.activation_type
+    repairs = _repairs_on_the_result(config, prepared, output, images, ctx,
+                                     weights_reduced=reduce_range and chosen == "uint8")  # as build() quantized them
     ctx.progress("inspect", 0.9)
     return StepResult(output, metrics={
         "method": config.method, "calibration": config.calibration, "calibration_samples": len(images),
         "reduce_range": reduce_range, **({"wide_activations": sorted(wide)} if wide else {}),
-        **({"equalization": equalization} if equalization else {}),
-        **({"bias_correction": corrected} if corrected else {}), **({"adaround": rounding} if rounding else {}),
-        **({"tensor_precision": dict(sorted(precision.items()))} if precision else {}),
-        "activation_type": selection["chosen"] if selection else config.activation_type,
+        **({"equalization": equalization} if equalization else {}), **repairs, "activation_type": chosen,
         **({"type_selection": selection} if selection else {}), **count_compute_nodes(output, ctx.workdir),
     })
+
+
+def _prepared(config: Int8ExportFields, ctx: StepContext) -> tuple[Path, dict | None]:
+    """The model the quantizer reads: ORT's pre-processing (shape inference, graph clean-up), then
+    cross-layer equalization when asked; and the equalization's figures."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    ctx.progress("preprocess", 0.05)
+    prepared = ctx.workdir / "prepared.onnx"
+    try:
+        quant_pre_process(str(ctx.model_path), str(prepared), skip_symbolic_shape=True)
+    except Exception:
+        # Pre-processing is an optimisation; quantizing the model as it is still works.
+        prepared = ctx.model_path
+    if not getattr(config, "equalize", False):
+        return prepared, None
+    ctx.progress("equalize", 0.1)
+    equalized = onnx.load(str(prepared))
+    equalization = equalize(equalized)
+    prepared = ctx.workdir / "equalized.onnx"
+    onnx.save(equalized, str(prepared))
+    return prepared, equalization
+
+
+def _calibration_options(config: Int8ExportFields, prepared: Path, reader: "_CalibrationReader", ctx: StepContext,
+                         range_overrides: dict | None) -> tuple[object, dict, set[str]]:
+    """ORT's calibration method and `extra_options`, with every per-tensor override merged: ranges
+    of our own (entropy, mse, qat's learned ones) and 16-bit activations; and the 16-bit tensors."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    # minmax and percentile are ORT's own; entropy and mse ranges are computed here and handed to
+    # ORT as per-tensor overrides (see calibration_ranges).
+    method = CalibrationMethod.Percentile if config.calibration == "percentile" else CalibrationMethod.MinMax
+    overrides: dict = {}
+    if config.calibration == "mse":
+        overrides = calibration_ranges.mse_ranges(prepared, reader.images, reader.batch, ctx.workdir)
+    elif config.calibration == "entropy":
+        overrides = calibration_ranges.entropy_ranges(prepared, reader, ctx.workdir)
+    graph = onnx.load(str(prepared), load_external_data=False)
+    if range_overrides:
+        known = {out for node in graph.graph.node for out in node.output}
+        overrides = {**overrides, **{k: v for k, v in range_overrides.items() if k in known}}
+    wide = wide_tensors(graph, getattr(config, "wide_activations", []))
+    overrides = {**overrides, **{
+        name: [{**overrides.get(name, [{}])[0], "quant_type": QuantType.QUInt16}] for name in wide}}
+    options = {"CalibPercentile": config.percentile, **({"TensorQuantOverrides": overrides} if overrides else {})}
+    return method, options, wide
+
+
+def _repairs_on_the_result(config: Int8ExportFields, prepared: Path, output: Path, images: np.ndarray,
+                           ctx: StepContext, *, weights_reduced: bool) -> dict:
+    """The repairs that rewrite the QDQ model in place (AdaRound, bias correction, per-tensor
+    precision), in that order; their figures by name, for the step's metrics."""
+    figures: dict = {}
+    if getattr(config, "adaround", False):
+        ctx.progress("adaround", 0.7)
+        figures["adaround"] = adaround(prepared, output, images, ctx.workdir,
+                                       weight_range=(-64, 64) if weights_reduced else (-128, 127))
+    if getattr(config, "bias_correction", "off") != "off":
+        ctx.progress("bias correction", 0.8)
+        figures["bias_correction"] = correct_biases(prepared, output, images, config.bias_correction, ctx.workdir)
+    precision = getattr(config, "tensor_precision", {})
+    if precision:  # last: on the weights AdaRound and bias correction left, as the rung measured them
+        set_precision(output, precision, prepared)
+        figures["tensor_precision"] = dict(sorted(precision.items()))
+    return {name: value for name, value in figures.items() if value}
 
 
 def wide_tensors(model: onnx.ModelProto, names: list[str]) -> set[str]:
