@@ -22,8 +22,9 @@ FAULT_TESTS = {"test_a_database_outage_is_503_with_retry_after_and_service_retur
 # The first pattern a failure's text matches names the figure it counts under.
 HOSTILE_FAILURES = [("hangs", r"Timeout|timed out"), ("5xx", r"\b5\d\d\b"), ("code executed", r"code-ran|MARKER"),
                     ("files escaped", r"stored_objects|outside")]
-FAULT_FAILURES = [("jobs stuck", r"Timeout|timed out|did not finish|running"), ("jobs corrupt", r"sha256|digest"),
-                  ("jobs duplicated", r"attempts|sorted\(names\)"), ("jobs lost", r".")]
+FAULT_FAILURES = [("jobs stuck", r"Timeout|timed out|wait_finished|did not finish"), ("jobs corrupt", r"sha256|digest"),
+                  ("jobs duplicated", r"attempts|sorted\(names\)"), ("jobs lost", r"worker_lost|succeeded"),
+                  ("other failures", r".")]
 
 figures: dict[str, int] = {}
 started = time.monotonic()
