@@ -131,3 +131,26 @@ def test_the_report_embeds_each_drawn_image(tmp_path):
         uri = re.search(f'id="{entry["element_id"]}" src="data:image/png;base64,([^"]+)"', html).group(1)
         assert base64.b64decode(uri) == pictures[entry["file"]]
         assert Image.open(io.BytesIO(base64.b64decode(uri))).size == (entry["width"], entry["height"])
+
+
+def test_a_missed_keypoint_is_joined_to_the_originals_by_a_red_line(tmp_path):
+    images = np.full((3, 1, 32, 32), 0.5, np.float32)
+    images[:, :, :4] = 1.0
+    corners = np.array([[4.0, 4, 1], [28, 4, 1], [28, 28, 1], [4, 28, 1], [16, 16, 0]], np.float32)  # the last hidden
+    reference = np.repeat(corners[None], 3, axis=0)
+    candidate = reference.copy()
+    candidate[:, :, :2] += 0.3  # everywhere: within 0.05 of the 34-pixel diagonal
+    candidate[1, 2, :2] = (16, 20)  # image 1 misses keypoint 2 by 14 pixels
+    task = {"type": "keypoints", "layout": "points"}
+    shown = task_examples(task, images, [reference], [candidate], tmp_path, limit=2)
+    first, second = shown["images"]
+    assert first["index"] == 1 and first["missed"] == [2] and second["missed"] == []
+    assert [point["k"] for point in first["original"]] == [0, 1, 2, 3]  # the hidden one is not drawn
+    assert first["point_units"] == "pixels"
+    pixels, scale = decoded(tmp_path / "0.png"), first["scale"]
+    # The line from the compressed dot (16, 20) to the original's ring (28, 28) is red half-way.
+    mid_x, mid_y = round(22 * scale), round(24 * scale)
+    assert reddish(pixels[mid_y - 2:mid_y + 3, mid_x - 2:mid_x + 3]).any()
+    # The ring of keypoint 0 is orange, 6 pixels left of its centre; nothing red on image 2.
+    assert (pixels[round(4 * scale), round(4 * scale) - 6] == draw.ORIGINAL).all()
+    assert not reddish(decoded(tmp_path / "1.png")[: round(32 * scale)]).any()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from modelpress.spec.labels import text_ids
 from worker.engine.examples import draw
-from worker.engine.tasks import ctc, detection, segmentation
+from worker.engine.tasks import ctc, detection, keypoints, segmentation
 from worker.engine.tasks.scored import decoded_detections
 
 MAX_BOXES = 25  # drawn per model and image: lost and new ones first, then the most confident
@@ -132,6 +132,64 @@ class Ctc:
         return meta, draw.with_caption(picture, lines)
 
 
+class Keypoints:
+    """The original's keypoints as numbered rings, the compressed model's as dots; a keypoint farther
+    than the task's PCK threshold from the original's (a miss, as the fidelity counts it) joined by a
+    red line. Only keypoints the model calls visible are drawn (all, without a visibility column)."""
+
+    def __init__(self, task, images, reference, candidate):
+        index = (task.outputs or [0])[0]
+        self.task, self.images, self.shape = task, images, reference[index].shape
+        self.original, self.visible = keypoints.decode(task, reference[index])
+        self.compressed, self.compressed_visible = keypoints.decode(task, candidate[index])
+        judged = np.ones(self.original.shape[:2], bool) if self.visible is None else self.visible
+        sizes = keypoints.normalising_sizes(self.original, judged, task.normalize)
+        self.judged = judged
+        self.distance = np.linalg.norm(self.compressed - self.original, axis=2) / sizes[:, None]
+
+    def disagreement(self) -> tuple[np.ndarray, np.ndarray]:
+        """Misses per image, plus its mean normalised error to rank images with as many misses."""
+        missed = ((self.distance > self.task.pck_threshold) & self.judged).sum(axis=1)
+        error = np.where(self.judged, self.distance, 0).sum(axis=1) / np.maximum(self.judged.sum(axis=1), 1)
+        return missed + np.minimum(error, 0.99), self.judged.sum(axis=1).astype(np.float64)
+
+    def _unit(self, height: float, width: float) -> tuple[np.ndarray, str]:
+        """Input pixels per output unit: heatmap cells (centres), fractions of the image, or pixels."""
+        if self.task.layout == "heatmaps":
+            return np.asarray([width / self.shape[3], height / self.shape[2]]), "cells"
+        every = np.abs(np.concatenate([self.original.ravel(), self.compressed.ravel()]))
+        if max(height, width) > 4 and len(every) and float(every.max()) <= 1.5:
+            return np.asarray([width, height]), "fraction"
+        return np.ones(2), "pixels"
+
+    def example(self, index: int) -> tuple[dict, Image.Image]:
+        picture, scale = _base(self.images[index])
+        unit, units = self._unit(picture.height / scale, picture.width / scale)
+        offset = 0.5 if units == "cells" else 0.0  # a heatmap cell's centre
+
+        def at(point) -> tuple[float, float]:
+            return tuple(round(float(v), 2) for v in (np.asarray(point) + offset) * unit)
+
+        compressed_visible = self.compressed_visible[index] if self.compressed_visible is not None else self.judged[index]
+        original, compressed, missed = [], [], []
+        for k in range(self.original.shape[1]):
+            if self.judged[index, k]:
+                original.append({"k": k, "x": at(self.original[index, k])[0], "y": at(self.original[index, k])[1]})
+            if compressed_visible[k]:
+                entry = {"k": k, "x": at(self.compressed[index, k])[0], "y": at(self.compressed[index, k])[1]}
+                if self.judged[index, k] and self.distance[index, k] > self.task.pck_threshold:
+                    missed.append(k)
+                    entry["to"] = at(self.original[index, k])
+                compressed.append(entry)
+        draw.draw_points(picture, original, draw.ORIGINAL, scale, ring=True)
+        draw.draw_points(picture, compressed, draw.COMPRESSED, scale, ring=False)
+        caption = [[("original", draw.ORIGINAL), (f": {len(original)} keypoint(s)", draw.INK)],
+                   [("compressed", draw.COMPRESSED), (f": {len(missed)} farther than {self.task.pck_threshold:g} of the size",
+                                                      draw.DIFFERS if missed else draw.INK)]]
+        meta = {"original": original, "compressed": compressed, "missed": missed, "scale": scale, "point_units": units}
+        return meta, draw.with_caption(picture, caption)
+
+
 def _probabilities(rows: np.ndarray) -> np.ndarray:
     """Rows as they are when they already are distributions, else softmax (logits)."""
     if rows.min() >= 0 and np.allclose(rows.sum(axis=1), 1, atol=1e-3):
@@ -182,4 +240,4 @@ class Embedding:
 
 
 SHOWN = {"detection": Detection, "segmentation": Segmentation, "ctc": Ctc, "classification": Classification,
-         "embedding": Embedding}
+         "embedding": Embedding, "keypoints": Keypoints}

@@ -94,6 +94,21 @@ def draw_boxes(picture: Image.Image, boxes: list[dict], colour: tuple, scale: fl
         draw.text((x + 1 - left, y + 1 - top), label, fill=PAPER, font=text_font)
 
 
+def draw_points(picture: Image.Image, points: list[dict], colour: tuple, scale: float, *, ring: bool) -> None:
+    """Each {"k", "x", "y"} (input pixels) as a ring (`ring`: the original's, with its number) or a
+    dot (the compressed model's, drawn over the rings); a missed one joined to its `to` by a red line."""
+    draw, text_font = ImageDraw.Draw(picture), font(11)
+    for point in points:
+        x, y = point["x"] * scale, point["y"] * scale
+        if "to" in point:
+            draw.line((x, y, point["to"][0] * scale, point["to"][1] * scale), fill=DIFFERS, width=2)
+        if ring:
+            draw.ellipse((x - 6, y - 6, x + 6, y + 6), outline=colour, width=2)
+            draw.text((x + 7, y - 7), str(point["k"]), fill=colour, font=text_font)
+        else:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+
+
 def mask_overlay(picture: Image.Image, mask: np.ndarray) -> Image.Image:
     """The picture (already at the mask's size times a whole factor) half-covered by class colours."""
     mask = np.asarray(mask, np.int64)
