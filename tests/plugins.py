@@ -13,13 +13,19 @@ started: list[float] = []
 @register_config("wait")
 class WaitConfig(StepConfig):
     seconds: float = 30.0
+    # Quiet: no progress until the end, like a long library call that never checks in; a cancel
+    # is then settled by the job's heartbeat, not by the step.
+    quiet: bool = False
 
 
 @register(WaitConfig)
 def wait(config: WaitConfig, ctx: StepContext) -> StepResult:
     started.append(time.monotonic())
     deadline = time.monotonic() + config.seconds
+    if config.quiet:
+        time.sleep(config.seconds)
     while time.monotonic() < deadline:
         ctx.progress("waiting", 1 - (deadline - time.monotonic()) / config.seconds)
         time.sleep(0.05)
+    ctx.progress("waiting", 1.0)
     return StepResult(ctx.model_path)

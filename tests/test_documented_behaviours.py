@@ -114,10 +114,13 @@ def test_a_two_step_job_leaves_no_checkpoint_behind(client, settings, reference)
     model = upload_model(client, reference.onnx)["id"]
     calibration = upload_dataset(client, reference.calib_npz)["id"]
     # prune, then a wait step that holds the job while step 1's checkpoint is in storage, then quantize.
+    # The held job's wait is quiet (a long call that never checks in): its cancel is settled by the
+    # heartbeat, and the step, when it returns, finds its job gone. Checkpoints go on that path too.
     steps = [{"type": "prune", "params": {"method": "channels", "ratio": 0.25, "round_to": 4}},
              {"type": "wait", "params": {"seconds": 600}},
              {"type": "quantize", "params": {"method": "static_int8"}}]
-    held = start(client, model, steps, {"calibration": calibration})
+    quiet = [steps[0], {"type": "wait", "params": {"seconds": 15, "quiet": True}}, steps[2]]
+    held = start(client, model, quiet, {"calibration": calibration})
     deadline = time.monotonic() + 300
     while "checkpoints/step-0/result.json" not in stored_files(root, held["id"]):  # written last
         assert time.monotonic() < deadline, ("no checkpoint of step 1 was stored", stored_files(root, held["id"]))

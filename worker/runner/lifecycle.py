@@ -112,6 +112,7 @@ class Progress:
         self.deadline = time.monotonic() + deps.settings.job_time_limit_s
         self.stage, self.fraction = "starting", 0.0
         self.verdict = Heartbeat.CONTINUE
+        self.settled = False  # the heartbeat ended the job itself (a cancel or the deadline)
         self.last_write = 0.0
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -159,7 +160,7 @@ class Progress:
     def _settle(self, status: JobStatus, **values) -> None:
         with self.lock:
             if runner_api.finish(sessions=self.deps.session_factory, job_id=self.job_id, token=self.token, status=status, **values):
-                self.verdict = Heartbeat.SUPERSEDED
+                self.settled, self.verdict = True, Heartbeat.SUPERSEDED
 
     def check(self) -> None:
         if self.verdict is Heartbeat.CANCEL:
@@ -214,13 +215,17 @@ def _run_claimed(job: ClaimedJob, token: str, deps: RunnerDeps) -> Outcome:
     settings, job_id = deps.settings, job.id
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
 
-    def finish(status: JobStatus, **values) -> None:
-        runner_api.finish(sessions=deps.session_factory, job_id=job_id, token=token, status=status, **values)
+    def drop_checkpoints() -> None:
         try:  # checkpoints only serve a re-delivery of an unfinished job
             deps.store.delete_prefix(f"jobs/{job_id}/checkpoints/")
         except Exception:
             log.warning("job %s: checkpoints not deleted", job_id, exc_info=True)
 
+    def finish(status: JobStatus, **values) -> None:
+        runner_api.finish(sessions=deps.session_factory, job_id=job_id, token=token, status=status, **values)
+        drop_checkpoints()
+
+    progress: Progress | None = None
     try:
         with (Progress(deps, job_id, token) as progress, stopping_with(progress.runs),
               make_workdir(settings.tmp_dir, job_id, token) as tmp):
@@ -237,6 +242,10 @@ def _run_claimed(job: ClaimedJob, token: str, deps: RunnerDeps) -> Outcome:
         finish(JobStatus.CANCELLED)
         return Outcome.CANCELLED
     except JobSuperseded:
+        if progress is not None and progress.settled:
+            # This delivery's heartbeat ended the job while a step was inside a long call: the job
+            # is finished, so its checkpoints go as after any end.
+            drop_checkpoints()
         return Outcome.RELEASED
     except WorkerStopping:
         return Outcome.RELEASED
