@@ -61,6 +61,17 @@ def _job(client, model_id, data, steps):
     return job
 
 
+def _misses(original: np.ndarray, int8: np.ndarray, threshold: float) -> list[list[int]]:
+    """Per image, the keypoints (visible in the original) farther than `threshold` of the diagonal
+    of the box the original's visible keypoints span (an image spanning no box: the median one)."""
+    visible = original[:, :, 2] >= 0.5
+    diagonals = np.array([np.linalg.norm(p[v, :2].max(axis=0) - p[v, :2].min(axis=0)) if v.sum() > 1 else 0.0
+                          for p, v in zip(original, visible)])
+    diagonals = np.where(diagonals > 0, diagonals, np.median(diagonals[diagonals > 0]))
+    far = np.linalg.norm(int8[:, :, :2] - original[:, :, :2], axis=2) / diagonals[:, None] > threshold
+    return [[int(k) for k in np.flatnonzero(row)] for row in far & visible]
+
+
 def test_default_int8_jobs_report_keypoint_fidelity_with_and_without_labels_and_a_broken_one_fails(client, keypointer, tmp_path):
     uploaded = client.post("/v1/models", files={"file": ("model.onnx", keypointer.onnx.read_bytes())},
                            data={"task": json.dumps(keypointer.task)})
@@ -90,6 +101,13 @@ def test_default_int8_jobs_report_keypoint_fidelity_with_and_without_labels_and_
         fidelity = task["fidelity"]
         assert abs(fidelity["pck"] - agreement) < 1e-9 and abs(fidelity["mean_normalized_error"] - error) < 1e-9
         assert fidelity["visibility_agreement"] == np.mean(visible == (int8[:, :, 2] >= 0.5))
+        # The report's pictures: each image's misses are the test's own (beyond 5% of the box the
+        # original's visible keypoints span), the image with the most misses drawn first.
+        shown = job["metrics"]["examples"]["images"]
+        assert shown and all(image["point_units"] == "pixels" for image in shown)
+        misses = _misses(original, int8, 0.05)
+        assert [image["missed"] for image in shown] == [misses[image["index"]] for image in shown]
+        assert len(shown[0]["missed"]) == max(len(m) for m in misses[:256])
         scored = job["metrics"]["task_metrics"]
         if eval_id != labelled_eval["id"]:
             assert scored is None

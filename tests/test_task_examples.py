@@ -6,6 +6,7 @@ failure to draw recorded rather than raised."""
 import base64
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -154,3 +155,16 @@ def test_a_missed_keypoint_is_joined_to_the_originals_by_a_red_line(tmp_path):
     # The ring of keypoint 0 is orange, 6 pixels left of its centre; nothing red on image 2.
     assert (pixels[round(4 * scale), round(4 * scale) - 6] == draw.ORIGINAL).all()
     assert not reddish(decoded(tmp_path / "1.png")[: round(32 * scale)]).any()
+
+
+def test_keypoint_images_are_described_in_the_report_and_a_bad_entry_never_fails_it(tmp_path):
+    images = np.random.default_rng(5).uniform(0, 1, (2, 1, 16, 16)).astype(np.float32)
+    reference = np.array([[[2.0, 2], [12, 3], [8, 13]], [[3.0, 3], [13, 3], [8, 12]]], np.float32)
+    candidate = reference.copy()
+    candidate[0, 1] = (4, 12)
+    shown = task_examples({"type": "keypoints", "layout": "points"}, images, [reference], [candidate], tmp_path)
+    pictures = {entry["file"]: (tmp_path / Path(entry["file"]).name).read_bytes() for entry in shown["images"]}
+    html = render({"examples": shown}, job_id="job_x", pictures=pictures)
+    assert "missed (beyond the PCK threshold): 1." in html and html.count('<img id="example-') == 2
+    broken = {**shown, "images": [{**shown["images"][0], "original": None}]}
+    assert "could not be shown" in render({"examples": broken}, job_id="job_x", pictures=pictures)

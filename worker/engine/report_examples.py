@@ -12,7 +12,8 @@ STYLE = ("div.examples { display: flex; flex-wrap: wrap; gap: 1rem; align-items:
          "figure.example img { image-rendering: pixelated; max-width: 100%; height: auto; border: 1px solid #dde2ea; }")
 # How to read the drawings of each task (the legend's tail).
 READING = {"detection": "; a lost or new detection is drawn thick and named", "segmentation": "; the last panel is red "
-           "where the two masks differ", "ctc": "; mismatched characters are red", "classification": "; a changed top-1 is red"}
+           "where the two masks differ", "ctc": "; mismatched characters are red", "classification": "; a changed top-1 is red",
+           "keypoints": "; the original's keypoints are numbered rings, the compressed model's dots, a miss joined by a red line"}
 
 
 def _number(value) -> str:
@@ -60,6 +61,9 @@ def _described(entry: dict) -> str:
                 f"(edit distance {entry['edit_distance']}).")
     if "cosine" in entry:
         return f"cosine {entry['cosine']:.4f}."
+    if "missed" in entry:
+        missed = ", ".join(str(k) for k in entry["missed"]) or "none"
+        return f"{len(entry['original'])} keypoint(s); missed (beyond the PCK threshold): {escape(missed)}."
     return (f"top-1: original class {entry['original']['class']} ({entry['original']['score']:.3f}), "
             f"compressed class {entry['compressed']['class']} ({entry['compressed']['score']:.3f}).")
 
@@ -91,7 +95,10 @@ def examples_section(examples: dict | None, pictures: dict[str, bytes]) -> str:
 def section(metrics: dict, pictures: dict[str, bytes] | None) -> str:
     floor = floor_section(metrics.get("floor"), ((metrics.get("comparison") or {}).get("task") or {}).get("fidelity"),
                           metrics.get("steps", []))
-    shown = examples_section(metrics.get("examples"), pictures or {})
+    try:
+        shown = examples_section(metrics.get("examples"), pictures or {})
+    except Exception as exc:  # noqa: BLE001 — the pictures only report: never the job's failure
+        shown = f'<p id="examples">The example images could not be shown: {escape(exc.__class__.__name__)}</p>'
     if not floor and not shown:
         return ""
     return f"<h2>What the task sees</h2>{floor}{shown}"
