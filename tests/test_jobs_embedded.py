@@ -1,5 +1,6 @@
 """Jobs end to end on the embedded default (SQLite, local folder, in-process worker)."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -84,23 +85,28 @@ def test_cancel_of_finished_or_unknown_job(client, reference):
     assert_problem(client.post("/v1/jobs/job_nope/cancel"), 404, "job_not_found")
 
 
-def test_models_in_use_cannot_be_deleted(client, settings, reference):
-    from service.db import make_engine, make_session_factory
-    from service.jobs.tables import JobRow
+def test_models_in_use_cannot_be_deleted(client, reference):
+    """A running job holds its model and datasets (the real state machine: a test-only wait step
+    keeps it running); once it is cancelled they can go."""
+    import tests.plugins  # noqa: F401 (the wait step)
 
     model = upload_model(client, reference.onnx)
     data = upload_dataset(client, reference.calib_npz)
-    job, _ = wait_finished(client, submit(client, model["id"], data["id"], None)["id"])
-    # Put the job back to queued by hand to hold the model as a queued job would.
-    session = make_session_factory(make_engine(settings.effective_database_url))()
-    session.get(JobRow, job["id"]).status = "queued"
-    session.commit()
+    response = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"type": "wait", "params": {"seconds": 600}}],
+                                             "data": {"calibration": data["id"]}, "floor": "off"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    deadline = time.monotonic() + 300  # a hang detector: the embedded worker takes it at once when idle
+    while client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+        assert time.monotonic() < deadline, client.get(f"/v1/jobs/{job_id}").json()
+        time.sleep(0.05)
     assert_problem(client.delete(f"/v1/models/{model['id']}"), 409, "model_in_use")
     assert_problem(client.delete(f"/v1/datasets/{data['id']}"), 409, "dataset_in_use")
-    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
-    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    cancelled, _ = wait_finished(client, job_id, timeout=180)
+    assert cancelled["status"] == "cancelled"
     assert client.delete(f"/v1/models/{model['id']}").status_code == 204
-    session.close()
+    assert client.delete(f"/v1/datasets/{data['id']}").status_code == 204
 
 
 def test_job_whose_model_was_deleted_fails_cleanly(client, reference, settings):
