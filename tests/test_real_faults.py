@@ -159,3 +159,35 @@ def test_deadline_inside_training_fails_the_job_in_bounded_time_and_cleans_its_f
         # The heartbeat settled the job; the run stops at its next batch and its work folder goes.
         wait_for(lambda: not any(folder.name.startswith(f"{job_id}-") for folder in work_folders.iterdir()),
                  DEADLINE_OVERRUN_BOUND_S, "the job's work folder to be removed", interval=0.1)
+
+
+# Celery's own soft time limit, the backstop behind the runner's deadline: a step inside a call that
+# never checks in (the quiet wait step sleeps 600 s) holds the worker after the heartbeat has failed
+# the job; the soft limit (limit + 30 s) interrupts it, and the worker takes the next job long before
+# Celery's hard limit (limit + 120 s) would kill the child.
+BACKSTOP_LIMIT_S = 5
+
+
+# Its waits: a worker start (120 s at most), the failure (60 s), the follower (300 s).
+@pytest.mark.timeout(600)
+def test_celerys_soft_limit_frees_a_worker_stuck_in_a_call_that_never_checks_in(stack, reference):
+    from worker.celery_app import SOFT_LIMIT_GRACE_S
+
+    http, template = stack
+    model = upload_model(http, reference.onnx)
+    calibration = upload_dataset(http, reference.calib_npz)
+    with own_worker(template, "real-backstop", env={"MODELPRESS_JOB_TIME_LIMIT_S": str(BACKSTOP_LIMIT_S)}) as worker:
+        steps = [{"type": "wait", "params": {"seconds": 600, "quiet": True}}]
+        response = http.post("/v1/jobs", json={"model_id": model["id"], "steps": steps,
+                                               "data": {"calibration": calibration["id"]}, "floor": "off"})
+        assert response.status_code == 202, response.text
+        stuck, _ = wait_finished(http, response.json()["id"], timeout=BACKSTOP_LIMIT_S + 60)
+        assert (stuck["status"], stuck["error"]["code"]) == ("failed", "time_limit_exceeded")
+        follower, _ = wait_finished(http, submit(http, model["id"], calibration["id"], None)["id"], timeout=300)
+        assert follower["status"] == "succeeded", follower["error"]
+        freed = seconds_between(stuck["started_at"], follower["started_at"])
+        print(f"Celery soft limit: next job claimed {freed:.1f} s after the stuck one started")
+        # Soft limit at 35 s after the task started (its claim, `started_at`, comes a moment later:
+        # measured 34.7 s); the hard limit would free it only at 125 s, the sleep at 600 s.
+        assert BACKSTOP_LIMIT_S + SOFT_LIMIT_GRACE_S - 5 <= freed < BACKSTOP_LIMIT_S + SOFT_LIMIT_GRACE_S + 60
+        assert "SoftTimeLimitExceeded" in worker.output() or "Soft time limit" in worker.output()
