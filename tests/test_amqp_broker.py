@@ -27,11 +27,11 @@ def rabbitmq_up() -> bool:
 
 
 @pytest.fixture(scope="module")
-def amqp_stack(tmp_path_factory, postgres_url, s3_endpoint):
+def amqp_stack(tmp_path_factory, s3_endpoint):
     # ensure_services.sh starts it detached; a cold start takes a few seconds.
     wait_for(rabbitmq_up, 60, "RabbitMQ on 127.0.0.1:5672")
     logs = tmp_path_factory.mktemp("amqp")
-    with production_stack(logs, postgres_url=postgres_url, redis_url=AMQP_URL, s3_endpoint=s3_endpoint,
+    with production_stack(logs, redis_url=AMQP_URL, s3_endpoint=s3_endpoint,
                           bucket="modelpress-amqp") as (url, worker, api):
         with httpx.Client(base_url=url, timeout=30) as http:
             yield http, worker

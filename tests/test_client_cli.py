@@ -29,8 +29,7 @@ def server_url(request, tmp_path_factory):
         with embedded_server(logs / "data") as (url, _):
             yield url
     else:
-        with production_stack(logs, postgres_url=request.getfixturevalue("postgres_url"),
-                              redis_url=request.getfixturevalue("redis_url"),
+        with production_stack(logs, redis_url=request.getfixturevalue("redis_url"),
                               s3_endpoint=request.getfixturevalue("s3_endpoint"), bucket="modelpress-client") as (url, _, _):
             yield url
 

@@ -103,8 +103,7 @@ def served(request, tmp_path_factory):
         with embedded_server(logs / "data") as (url, _):
             yield url, logs / "data" / "modelpress.db"
     else:
-        with production_stack(logs, postgres_url=request.getfixturevalue("postgres_url"),
-                              redis_url=request.getfixturevalue("redis_url"),
+        with production_stack(logs, redis_url=request.getfixturevalue("redis_url"),
                               s3_endpoint=request.getfixturevalue("s3_endpoint"), bucket="modelpress-idem") as (url, _, _):
             yield url, None
 

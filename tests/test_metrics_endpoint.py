@@ -168,10 +168,10 @@ def test_json_log_lines_carry_the_request_id(capsys):
 
 @pytest.mark.integration
 @pytest.mark.timeout(420)
-def test_one_request_id_in_the_api_and_worker_logs_and_metrics_on_the_stack(tmp_path_factory, postgres_url, redis_url,
+def test_one_request_id_in_the_api_and_worker_logs_and_metrics_on_the_stack(tmp_path_factory, redis_url,
                                                                              s3_endpoint, reference):
     logs = tmp_path_factory.mktemp("ops-stack")
-    with production_stack(logs, postgres_url=postgres_url, redis_url=redis_url, s3_endpoint=s3_endpoint,
+    with production_stack(logs, redis_url=redis_url, s3_endpoint=s3_endpoint,
                           bucket="modelpress-ops", extra_env={"MODELPRESS_LOG_FORMAT": "json"}) as (url, worker, api):
         with httpx.Client(base_url=url, timeout=30) as http:
             model = upload_model(http, reference.onnx)

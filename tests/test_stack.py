@@ -26,14 +26,14 @@ def test_ready_reports_every_dependency(stack):
     assert body["worker"] == "celery"
 
 
-def test_static_int8_job_through_celery_postgres_and_s3(stack, reference, tmp_path, postgres_url):
-    http, template, _ = stack
+def test_static_int8_job_through_celery_postgres_and_s3(stack, reference, tmp_path):
+    http, template, api = stack
     with own_worker(template, "worker-1") as worker:
         job = check_quantized_job(http, reference, tmp_path, reference.onnx)
     assert job["attempts"] == 1
     assert job["id"] in worker.output()
     # The job's rows are in PostgreSQL, its objects in the bucket: nothing in the local data folder.
-    engine = create_engine(postgres_url)
+    engine = create_engine(api.env["DATABASE_URL"])  # the stack's own database
     with engine.connect() as connection:
         assert connection.exec_driver_sql(f"SELECT status FROM jobs WHERE id = '{job['id']}'").scalar() == "succeeded"
         keys = [row[0] for row in connection.exec_driver_sql(f"SELECT storage_key FROM artifacts WHERE job_id = '{job['id']}'")]
